@@ -1,0 +1,16 @@
+"""nqlib: optimal quantization for matrix multiplication.
+
+Two matrices ``A`` (n x a) and ``B`` (n x b) are compressed separately to
+``R`` bits per entry; a decoder estimates ``A.T @ B``. nqlib implements the
+nested-lattice construction of Ordentlich & Polyanskiy (arXiv 2410.13780) and
+its practical follow-ups, with honest rate accounting and fast kernels.
+
+Importing nqlib imports neither torch, triton nor numba: kernels are loaded on
+first use.
+"""
+
+from nqlib import theory
+
+__version__ = "0.1.0"
+
+__all__ = ["theory", "__version__"]

@@ -1,0 +1,37 @@
+"""Test configuration shared by the whole suite.
+
+* ``TRITON_INTERPRET=1`` is set before anything imports triton when no CUDA
+  device is present, so Triton kernels run (exactly, slowly) on CPU tensors.
+* ``NUMBA_NUM_THREADS=1`` keeps two pytest-xdist workers from oversubscribing
+  the cores.
+* Markers: ``slow``, ``gpu`` (needs real hardware; skipped otherwise),
+  ``notebook`` (executes a book chapter).
+"""
+
+import os
+import shutil
+import subprocess
+
+
+def _cuda_visible() -> bool:
+    # No torch import here: probing with nvidia-smi keeps torch out of
+    # the processes that do not need it.
+    return shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True
+    ).returncode == 0
+
+
+if not _cuda_visible():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_visible():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

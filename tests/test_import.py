@@ -1,0 +1,23 @@
+"""`import nqlib` must stay light: no torch, numba or triton."""
+
+import subprocess
+import sys
+
+
+def test_import_pulls_in_no_heavy_modules():
+    code = (
+        "import sys, nqlib\n"
+        "heavy = [m for m in ('torch', 'numba', 'triton') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "", f"import nqlib imported {out.stdout.strip()}"
+
+
+def test_version_and_public_names():
+    import nqlib
+
+    assert isinstance(nqlib.__version__, str)
+    for name in nqlib.__all__:
+        assert hasattr(nqlib, name), name
