@@ -12,7 +12,6 @@ export NQBOOK_SCALE ?= ci
 export NUMBA_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: all install test test-lib test-chapters book book-only notebooks \
