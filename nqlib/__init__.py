@@ -9,8 +9,13 @@ Importing nqlib imports neither torch, triton nor numba: kernels are loaded on
 first use.
 """
 
-from nqlib import theory
+from nqlib import lattices, theory
+from nqlib.lattices import A2, D4, E8, Dn, Lattice, Zn, lattice
+from nqlib.quantizers.voronoi import VoronoiCode
 
 __version__ = "0.1.0"
 
-__all__ = ["theory", "__version__"]
+__all__ = [
+    "theory", "lattices", "Lattice", "Zn", "Dn", "A2", "D4", "E8", "lattice",
+    "VoronoiCode", "__version__",
+]

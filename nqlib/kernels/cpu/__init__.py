@@ -1,0 +1,1 @@
+"""Numba kernels (CPU). Arrays in, arrays out; no allocation policy, no RNG."""

@@ -1,0 +1,1 @@
+"""Quantizers built on lattices: Voronoi (nested-lattice) codes."""

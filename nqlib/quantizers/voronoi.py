@@ -1,0 +1,279 @@
+"""Nested-lattice (Voronoi) codes.
+
+For a fine lattice ``L = G Z^d`` and an integer nesting ratio ``q >= 2`` the
+coarse lattice is ``qL`` and the codebook is ``L ∩ q V(L)``: the fine points in
+the coarse Voronoi cell. It has exactly ``q^d`` points, one per coset of
+``qL`` in ``L``, so a point costs ``d log2 q`` bits -- ``log2 q`` per entry.
+With a scale ``beta`` and a dither ``z``:
+
+    encode:  t = Q_L(x / beta + z),   c = (G^-1 t) mod q   (d integers in [0, q))
+             overload  <=>  Q_L(t / q) != 0
+    decode:  y = G c,   x_hat = beta ((y - q Q_L(y / q)) - z)
+
+Without overload, ``x_hat = beta (Q_L(x / beta + z) - z)``: the fine-lattice
+quantizer, with the coarse lattice only wrapping the index. With overload the
+decoder is off by a coarse-lattice vector.
+
+Book: chapter "Nested lattices and Voronoi codes", label ``ch-voronoi``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from nqlib import _backend, _checks
+from nqlib.lattices import Lattice, _check_tensor
+
+__all__ = ["VoronoiCode", "code_dtype"]
+
+
+def code_dtype(q: int) -> np.dtype:
+    """Smallest unsigned integer dtype holding the values ``0 .. q - 1``."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if q - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+class VoronoiCode:
+    """The nested-lattice code ``L ∩ q V(L)``, scaled by ``beta``.
+
+    Parameters
+    ----------
+    lattice : Lattice
+        The fine lattice ``L`` (e.g. ``nqlib.lattices.E8()``).
+    q : int
+        Nesting ratio, any integer >= 2. The code has ``q**dim`` points and a
+        rate of ``log2(q)`` bits per entry.
+    beta : float, default 1.0
+        Scale: the code quantizes ``x / beta``, so its points are ``beta``
+        times lattice points.
+
+    Notes
+    -----
+    The codes are the coordinates of the fine point in the basis ``G``
+    (columns), reduced mod ``q``. The tie rules of
+    :meth:`nqlib.lattices.Lattice.closest_point` apply in both the encoder
+    and the decoder, so encoding and decoding agree bit for bit across
+    backends. Book: chapter "Nested lattices and Voronoi codes", label
+    ``ch-voronoi``.
+
+    Examples
+    --------
+    >>> import numpy as np, nqlib
+    >>> code = nqlib.VoronoiCode(nqlib.lattices.E8(), q=4, beta=0.5)
+    >>> codes, overload = code.encode(np.full(8, 0.3))
+    >>> code.decode(codes)
+    array([0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25])
+    """
+
+    def __init__(self, lattice: Lattice, q: int, beta: float = 1.0):
+        if not isinstance(lattice, Lattice):
+            raise ValueError(f"lattice must be an nqlib Lattice, got {lattice!r}")
+        self.lattice = lattice
+        self.q = _checks.check_int(q, "q", minimum=2)
+        self.beta = _checks.check_positive(beta, "beta")
+
+    @property
+    def dim(self) -> int:
+        return self.lattice.dim
+
+    @property
+    def bits_per_entry(self) -> float:
+        """``log2(q)``: the rate of the code in bits per entry."""
+        return math.log2(self.q)
+
+    @property
+    def size(self) -> int:
+        """Number of codewords, ``q**dim``."""
+        return self.q ** self.dim
+
+    @property
+    def code_dtype(self) -> np.dtype:
+        return code_dtype(self.q)
+
+    def __repr__(self) -> str:
+        return (f"VoronoiCode({self.lattice.name}, q={self.q}, beta={self.beta:g}, "
+                f"{self.bits_per_entry:.4g} bit/entry)")
+
+    # ------------------------------------------------------------------ utils
+    def _dither_rows(self, dither, m):
+        """Dither as a float64 (1, d) or (m, d) array."""
+        d = self.dim
+        if dither is None:
+            return np.zeros((1, d))
+        if _backend.is_torch_tensor(dither):
+            dither = dither.detach().cpu().numpy()
+        z = _checks.as_float_array(dither, "dither", last_dim=d, dtype=np.float64)
+        if z.ndim == 1:
+            return z.reshape(1, d)
+        z = z.reshape(-1, d)
+        if z.shape[0] not in (1, m):
+            raise ValueError(f"dither must have shape ({d},) or match x's "
+                             f"{m} vectors, got {z.shape[0]} vectors")
+        return np.ascontiguousarray(z)
+
+    # ---------------------------------------------------------------- encode
+    def encode(self, x, dither=None, *, backend: str = "auto"):
+        """Encode each vector of ``x``.
+
+        Parameters
+        ----------
+        x : ndarray or torch.Tensor, shape (..., dim)
+            Finite real vectors.
+        dither : array_like, shape (dim,) or (..., dim), optional
+            Subtractive dither ``z`` (shared with the decoder), one for all
+            vectors or one per vector. None means no dither.
+        backend : {"auto", "numba", "numpy", "triton"}
+            As for :meth:`nqlib.lattices.Lattice.closest_point`.
+
+        Returns
+        -------
+        codes : ndarray or torch.Tensor, shape (..., dim)
+            Integers in ``[0, q)``, of the smallest unsigned dtype that holds
+            them (``uint8`` for q <= 256); for torch input, ``int16`` /
+            ``int32`` / ``int64`` (torch lacks wide unsigned types).
+        overload : ndarray or torch.Tensor of bool, shape (...)
+            True where the decoder will *not* return the fine-lattice point
+            ``beta (Q(x / beta + z) - z)``.
+        """
+        tensor_input = _backend.is_torch_tensor(x)
+        backend = _backend.resolve(backend, tensor_input=tensor_input)
+        d = self.dim
+        if backend == "triton":
+            from nqlib.kernels.gpu import voronoi_triton
+
+            _check_tensor(x, "x", d)
+            return voronoi_triton.encode(self, x, dither)
+        if tensor_input:
+            _check_tensor(x, "x", d)
+            arr = x.detach().cpu().numpy()
+        else:
+            arr = _checks.as_float_array(x, "x", last_dim=d)
+        lead = arr.shape[:-1]
+        rows = np.ascontiguousarray(arr.reshape(-1, d))
+        m = rows.shape[0]
+        z = self._dither_rows(dither, m)
+        lat = self.lattice
+        if backend == "numba":
+            from nqlib.kernels.cpu import lattice as kern
+
+            codes = np.empty((m, d), dtype=self.code_dtype)
+            overload = np.empty(m, dtype=np.bool_)
+            if lat.family == "E8":
+                kern.encode_e8_rows(rows, self.q, self.beta, z, codes, overload)
+            else:
+                kern.encode_rows(lat.kind, rows, self.q, self.beta, z,
+                                 lat.generator, lat.generator_inverse, codes,
+                                 overload)
+        else:
+            from nqlib.reference import lattices as ref
+
+            codes, overload = ref.voronoi_encode(
+                rows, ref.CLOSEST_POINT[lat.family], lat.generator,
+                lat.generator_inverse, self.q, self.beta, z)
+        codes = codes.astype(self.code_dtype, copy=False).reshape(lead + (d,))
+        overload = overload.reshape(lead)
+        if tensor_input:
+            import torch
+
+            tdt = _torch_code_dtype(self.q)
+            return (torch.from_numpy(codes.astype(np.int64)).to(
+                        device=x.device, dtype=tdt),
+                    torch.from_numpy(overload).to(device=x.device))
+        return codes, overload
+
+    # ---------------------------------------------------------------- decode
+    def _check_codes(self, codes):
+        arr = codes.detach().cpu().numpy() if _backend.is_torch_tensor(codes) \
+            else np.asarray(codes)
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            if np.issubdtype(arr.dtype, np.floating) and np.all(
+                    np.isfinite(arr)) and np.all(arr == np.round(arr)):
+                arr = arr.astype(np.int64)
+            else:
+                raise ValueError("codes must be integers, got dtype "
+                                 f"{arr.dtype}")
+        if arr.ndim == 0 or arr.shape[-1] != self.dim:
+            raise ValueError(f"codes must have last dimension {self.dim}, got "
+                             f"shape {arr.shape}")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.q):
+            raise ValueError(f"codes must lie in [0, q) = [0, {self.q}), got "
+                             f"values in [{arr.min()}, {arr.max()}]")
+        return arr
+
+    def decode(self, codes, dither=None, *, dtype=np.float64,
+               backend: str = "auto"):
+        """Decode codes to points of the code (scaled by ``beta``).
+
+        Parameters
+        ----------
+        codes : ndarray or torch.Tensor of int, shape (..., dim)
+            Values in ``[0, q)``.
+        dither : array_like, shape (dim,) or (..., dim), optional
+            The dither used by the encoder.
+        dtype : numpy dtype, default float64
+            Output dtype for numpy output (arithmetic is float64 and then
+            cast). Torch output is float32.
+        backend : {"auto", "numba", "numpy", "triton"}
+
+        Returns
+        -------
+        ndarray or torch.Tensor, shape (..., dim)
+            ``beta ((y - q Q(y / q)) - z)`` with ``y = G c``.
+        """
+        tensor_input = _backend.is_torch_tensor(codes)
+        backend = _backend.resolve(backend, tensor_input=tensor_input)
+        d = self.dim
+        if backend == "triton":
+            from nqlib.kernels.gpu import voronoi_triton
+
+            self._check_codes(codes)
+            return voronoi_triton.decode(self, codes, dither)
+        arr = self._check_codes(codes)
+        lead = arr.shape[:-1]
+        rows = np.ascontiguousarray(arr.reshape(-1, d))
+        m = rows.shape[0]
+        z = self._dither_rows(dither, m)
+        lat = self.lattice
+        if backend == "numba":
+            from nqlib.kernels.cpu import lattice as kern
+
+            out = np.empty((m, d))
+            if lat.family == "E8":
+                kern.decode_e8_rows(rows, self.q, self.beta, z, out)
+            else:
+                kern.decode_rows(lat.kind, rows, self.q, self.beta, z,
+                                 lat.generator, out)
+        else:
+            from nqlib.reference import lattices as ref
+
+            out = ref.voronoi_decode(rows.astype(np.int64),
+                                     ref.CLOSEST_POINT[lat.family],
+                                     lat.generator, self.q, self.beta, z)
+        out = out.reshape(lead + (d,))
+        if tensor_input:
+            import torch
+
+            return torch.from_numpy(out.astype(np.float32)).to(codes.device)
+        return out.astype(dtype, copy=False)
+
+    def codebook(self) -> np.ndarray:
+        """All ``q**dim`` points of the (unscaled, undithered) code, shape
+        ``(q**dim, dim)``, in the order of ``itertools.product(range(q),
+        repeat=dim)`` of their codes. Guarded to at most 2**24 points."""
+        if self.size > 1 << 24:
+            raise ValueError(f"codebook of {self.size} points is too large to "
+                             "enumerate (limit 2**24)")
+        grids = np.indices((self.q,) * self.dim).reshape(self.dim, -1).T
+        return VoronoiCode(self.lattice, self.q, 1.0).decode(grids)
+
+
+def _torch_code_dtype(q):
+    import torch
+
+    if q - 1 <= 32767:
+        return torch.int16 if q > 128 else torch.uint8
+    return torch.int32 if q - 1 <= 2**31 - 1 else torch.int64
