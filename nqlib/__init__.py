@@ -11,11 +11,15 @@ first use.
 
 from nqlib import lattices, theory
 from nqlib.lattices import A2, D4, E8, Dn, Lattice, Zn, lattice
+from nqlib.matmul import matmul, matmul_distortion
+from nqlib.quantizers.hadamard import RandomHadamard
+from nqlib.quantizers.matrix import QuantizedMatrix, load, quantize
 from nqlib.quantizers.voronoi import VoronoiCode
 
 __version__ = "0.1.0"
 
 __all__ = [
     "theory", "lattices", "Lattice", "Zn", "Dn", "A2", "D4", "E8", "lattice",
-    "VoronoiCode", "__version__",
+    "VoronoiCode", "RandomHadamard", "quantize", "QuantizedMatrix", "load",
+    "matmul", "matmul_distortion", "__version__",
 ]

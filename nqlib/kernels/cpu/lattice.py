@@ -7,7 +7,9 @@ that numpy, numba and Triton return the same bits. No ``fastmath``: it would
 license reassociation and break that agreement.
 
 Lattices are named by an integer ``kind`` (the ``KIND_*`` constants) so that
-one compiled, cached kernel serves all of them.
+one compiled, cached kernel serves all of them. The per-vector helpers are
+``inline="always"``: a call per row, passing several array structs, cost
+3-4x the arithmetic for Z^n, D_n and A2 (benchmarks/lattices.py).
 """
 
 import numpy as np
@@ -60,7 +62,7 @@ def _dn_into(v, shift, out):
     return d
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _rect_into(v, s0, s1, out):
     """Nearest point of (Z x sqrt3 Z) + (s0, s1) to v; returns squared distance."""
     out[0] = _round(v[0] - s0) + s0
@@ -70,7 +72,7 @@ def _rect_into(v, s0, s1, out):
     return e0 * e0 + e1 * e1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def closest_point_into(kind, v, out, tmp):
     """Nearest lattice point of the float64 vector ``v`` into ``out``.
 
@@ -113,7 +115,7 @@ def closest_point_rows(kind, x, out):
                 out[i, j] = y[j]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _coordinates_into(kind, Ginv, t, k):
     """Integer lattice coordinates ``k = round(G^-1 t)`` of the point ``t``.
 
@@ -139,7 +141,7 @@ def _coordinates_into(kind, Ginv, t, k):
         k[j] = np.int64(_round(s))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _point_into(kind, G, c, y):
     """``y = G c`` for integer coordinates ``c`` (E8 written out; exact)."""
     d = y.shape[0]
@@ -166,7 +168,7 @@ def _mod(a, q):
     return af - q * np.floor(af / q)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def encode_into(kind, v, q, G, Ginv, codes_row, k, uk, t, w, tmp):
     """Encode the float64 vector ``v`` (already scaled and dithered).
 
@@ -192,7 +194,7 @@ def encode_into(kind, v, q, G, Ginv, codes_row, k, uk, t, w, tmp):
     return overload
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def decode_into(kind, codes_row, q, G, beta, z, out, y, w, tmp):
     """``out = beta * ((y - q Q(y / q)) - z)`` with ``y = G c``."""
     d = out.shape[0]
@@ -319,8 +321,12 @@ def _e8_point(c, y):
 
 
 @njit(cache=True, inline="always")
-def encode_e8_into(v, q, codes_row, k, uk, t, w, tmp):
-    """E8 version of :func:`encode_into` (same contract, same results)."""
+def encode_e8_into(v, q, codes_row, k, uk, t, w, tmp, u):
+    """E8 version of :func:`encode_into` (same contract, same results).
+
+    On return ``t`` holds the fine point ``Q(v)``; ``w``, ``tmp``, ``u`` are
+    scratch.
+    """
     e8_into(v, t, tmp)
     _e8_coordinates(t, k)
     for j in range(8):
@@ -328,8 +334,8 @@ def encode_e8_into(v, q, codes_row, k, uk, t, w, tmp):
     _e8_point(codes_row, w)
     for j in range(8):
         w[j] = w[j] / q
-    e8_into(w, t, tmp)
-    _e8_coordinates(t, uk)
+    e8_into(w, u, tmp)
+    _e8_coordinates(u, uk)
     bad = 0
     for j in range(8):
         bad += uk[j] * q != codes_row[j] - k[j]
@@ -375,6 +381,7 @@ def encode_e8_rows(x, q, beta, z, codes, overload):
         t = np.empty(8)
         w = np.empty(8)
         tmp = np.empty(8)
+        u = np.empty(8)
         crow = np.empty(8, dtype=np.int64)
         k = np.empty(8, dtype=np.int64)
         uk = np.empty(8, dtype=np.int64)
@@ -382,7 +389,7 @@ def encode_e8_rows(x, q, beta, z, codes, overload):
             iz = i if zm > 1 else 0
             for j in range(8):
                 v[j] = np.float64(x[i, j]) / beta + z[iz, j]
-            overload[i] = encode_e8_into(v, q, crow, k, uk, t, w, tmp)
+            overload[i] = encode_e8_into(v, q, crow, k, uk, t, w, tmp, u)
             for j in range(8):
                 codes[i, j] = crow[j]
 

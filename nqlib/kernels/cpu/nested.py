@@ -1,0 +1,220 @@
+"""Numba kernels of the matrix quantizer: E8 blocks at one or several scales,
+and fixed-length bit packing.
+
+Arrays in, arrays out. Arithmetic follows :mod:`nqlib.kernels.cpu.lattice`.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from nqlib.kernels.cpu.lattice import CHUNK, decode_e8_into, e8_into, encode_e8_into
+
+
+@njit(cache=True, parallel=True)
+def e8_points_rows(x, inv_beta, z, out2):
+    """``out2 = 2 Q_E8(x * inv_beta + z)`` as integers, for rows of ``x`` (m, 8).
+
+    ``z`` is (1, 8) or (m, 8). Twice the point is an integer vector (all even:
+    the D8 coset; all odd: the D8 + 1/2 coset).
+    """
+    m = x.shape[0]
+    zm = z.shape[0]
+    nchunks = (m + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        v = np.empty(8)
+        t = np.empty(8)
+        tmp = np.empty(8)
+        for i in range(c * CHUNK, min(m, (c + 1) * CHUNK)):
+            iz = i if zm > 1 else 0
+            for j in range(8):
+                v[j] = x[i, j] * inv_beta + z[iz, j]
+            e8_into(v, t, tmp)
+            for j in range(8):
+                out2[i, j] = np.int32(2.0 * t[j])
+
+
+@njit(cache=True, parallel=True)
+def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr):
+    """Voronoi-encode rows of ``x`` (m, 8) with the E8 code at each scale
+    ``betas[s]`` and keep, per row, the scale whose *decoded* output is
+    nearest to the row (an overloaded scale competes with its actual, wrong
+    output; the first scale wins ties).
+
+    Writes ``codes`` (m, 8), ``index`` (m,) and ``sqerr`` (m,), the squared
+    error of the kept reconstruction.
+    """
+    m = x.shape[0]
+    k = betas.shape[0]
+    zm = z.shape[0]
+    nchunks = (m + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        v = np.empty(8)
+        t = np.empty(8)
+        w = np.empty(8)
+        tmp = np.empty(8)
+        u = np.empty(8)
+        y = np.empty(8)
+        r = np.empty(8)
+        crow = np.empty(8, dtype=np.int64)
+        best = np.empty(8, dtype=np.int64)
+        kk = np.empty(8, dtype=np.int64)
+        uk = np.empty(8, dtype=np.int64)
+        for i in range(c * CHUNK, min(m, (c + 1) * CHUNK)):
+            iz = i if zm > 1 else 0
+            best_err = np.inf
+            best_s = -1
+            for s in range(k):
+                beta = betas[s]
+                for j in range(8):
+                    v[j] = x[i, j] / beta + z[iz, j]
+                over = encode_e8_into(v, q, crow, kk, uk, t, w, tmp, u)
+                if over:
+                    # the decoder is off by a coarse vector: measure its
+                    # actual output
+                    decode_e8_into(crow, q, beta, z[iz], r, y, w, tmp)
+                else:
+                    for j in range(8):
+                        r[j] = beta * (t[j] - z[iz, j])
+                e = 0.0
+                for j in range(8):
+                    d = r[j] - x[i, j]
+                    e += d * d
+                if e < best_err:
+                    best_err = e
+                    best_s = s
+                    for j in range(8):
+                        best[j] = crow[j]
+            index[i] = best_s
+            sqerr[i] = best_err
+            for j in range(8):
+                codes[i, j] = best[j]
+
+
+@njit(cache=True, parallel=True)
+def decode_multiscale_rows(codes, index, q, betas, z, out):
+    """Decode rows encoded by :func:`encode_multiscale_rows`."""
+    m = codes.shape[0]
+    zm = z.shape[0]
+    nchunks = (m + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        y = np.empty(8)
+        w = np.empty(8)
+        tmp = np.empty(8)
+        r = np.empty(8)
+        crow = np.empty(8, dtype=np.int64)
+        for i in range(c * CHUNK, min(m, (c + 1) * CHUNK)):
+            iz = i if zm > 1 else 0
+            for j in range(8):
+                crow[j] = codes[i, j]
+            decode_e8_into(crow, q, betas[index[i]], z[iz], r, y, w, tmp)
+            for j in range(8):
+                out[i, j] = r[j]
+
+
+@njit(cache=True)
+def pack_words(words, nbits, out):
+    """Write the low ``nbits`` (1..64) of each uint64 in ``words`` into the byte
+    array ``out``, little-endian bit order, densely (word i starts at bit
+    ``i * nbits``). ``out`` must hold ``ceil(len(words) * nbits / 8)`` zeroed
+    bytes."""
+    pos = 0
+    for i in range(words.shape[0]):
+        w = words[i]
+        left = nbits
+        while left > 0:
+            byte = pos >> 3
+            off = pos & 7
+            take = min(8 - off, left)
+            mask = (np.uint64(1) << np.uint64(take)) - np.uint64(1)
+            out[byte] |= np.uint8((w & mask) << np.uint64(off))
+            w = w >> np.uint64(take)
+            pos += take
+            left -= take
+
+
+@njit(cache=True)
+def unpack_words(data, nbits, count, out):
+    """Inverse of :func:`pack_words`: read ``count`` words of ``nbits`` bits."""
+    pos = 0
+    for i in range(count):
+        w = np.uint64(0)
+        got = 0
+        while got < nbits:
+            byte = pos >> 3
+            off = pos & 7
+            take = min(8 - off, nbits - got)
+            bits = (np.uint64(data[byte]) >> np.uint64(off)) & (
+                (np.uint64(1) << np.uint64(take)) - np.uint64(1))
+            w |= bits << np.uint64(got)
+            got += take
+            pos += take
+        out[i] = w
+
+
+@njit(cache=True, parallel=True)
+def mixed_radix_words(codes, index, q, out):
+    """``out[i] = index[i] * q^8 + sum_j codes[i, j] q^j`` (uint64)."""
+    m = codes.shape[0]
+    for i in prange(m):
+        w = np.uint64(index[i])
+        for j in range(7, -1, -1):
+            w = w * np.uint64(q) + np.uint64(codes[i, j])
+        out[i] = w
+
+
+@njit(cache=True, parallel=True)
+def split_mixed_radix(words, q, codes, index):
+    """Inverse of :func:`mixed_radix_words`."""
+    m = words.shape[0]
+    for i in prange(m):
+        w = words[i]
+        for j in range(8):
+            codes[i, j] = w % np.uint64(q)
+            w = w // np.uint64(q)
+        index[i] = w
+
+
+@njit(cache=True)
+def e8_max_abs_u(T2):
+    """``max |u|`` over doubled E8 points (``u = (2t - coset) / 2``)."""
+    m = T2.shape[0]
+    best = 0
+    for i in range(m):
+        c = T2[i, 0] & 1
+        for j in range(8):
+            u = (T2[i, j] - c) >> 1
+            a = -u if u < 0 else u
+            if a > best:
+                best = a
+    return best
+
+
+@njit(cache=True)
+def e8_symbol_stats(T2, K, h_main, h_last, coset_count, sumsq):
+    """Histograms of the E8 symbol streams (see ``nqlib.quantizers.entropy``).
+
+    ``h_main[c, u + K]`` counts ``u_0..u_6`` of blocks in coset ``c``;
+    ``h_last[c, p, w - w_lo(p)]`` counts ``w = (u_7 - p) // 2`` with
+    ``w_lo(p) = (-K - p) // 2``; ``coset_count[c]`` and ``sumsq[c]``
+    (sum of ``t^2`` over the 8 coordinates) per coset. Arrays are zeroed here.
+    """
+    h_main[:] = 0
+    h_last[:] = 0
+    coset_count[:] = 0
+    sumsq[:] = 0.0
+    m = T2.shape[0]
+    for i in range(m):
+        c = T2[i, 0] & 1
+        coset_count[c] += 1
+        par = 0
+        for j in range(8):
+            t = 0.5 * T2[i, j]
+            sumsq[c] += t * t
+        for j in range(7):
+            u = (T2[i, j] - c) >> 1
+            par += u
+            h_main[c, u + K] += 1
+        p = par & 1
+        u7 = (T2[i, 7] - c) >> 1
+        w = (u7 - p) >> 1
+        h_last[c, p, w - ((-K - p) >> 1)] += 1

@@ -1,0 +1,85 @@
+"""Approximate matrix multiplication from quantized operands.
+
+``matmul(QA, QB)`` estimates ``A.T @ B`` from two separately quantized
+matrices. When both were rotated with the same seed (and code the same
+length), the product is formed in the rotated domain, where the decoded
+vectors live:
+
+    C_hat[i, j] = n mu_i nu_j + (s_i t_j / n') <x_hat_i, y_hat_j>,
+
+with ``mu, nu`` the column means, ``s, t`` the column norms and ``x_hat``,
+``y_hat`` the decoded, shrunk, rotated vectors of length ``n'``. Otherwise
+(different methods or pipelines) both operands are dequantized first; the
+result is the same estimate, computed more slowly.
+
+Book: chapter "The practical quantizer", label ``ch-practical``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nqlib.quantizers.matrix import QuantizedMatrix
+
+__all__ = ["matmul", "matmul_distortion"]
+
+
+def _check_pair(QA, QB):
+    for name, Q in (("QA", QA), ("QB", QB)):
+        if not isinstance(Q, QuantizedMatrix):
+            raise ValueError(f"{name} must be a QuantizedMatrix (from "
+                             f"nqlib.quantize), got {type(Q).__name__}")
+    if QA.shape[0] != QB.shape[0]:
+        raise ValueError(f"inner dimensions differ: QA has n={QA.shape[0]} rows, "
+                         f"QB has n={QB.shape[0]}")
+    if QA.rotate and QB.rotate and QA.seed != QB.seed:
+        raise ValueError(f"QA and QB were rotated with different seeds "
+                         f"({QA.seed} and {QB.seed}); quantize both with the "
+                         "same seed")
+
+
+def matmul(QA, QB) -> np.ndarray:
+    """Estimate ``A.T @ B`` from ``QA = quantize(A)`` and ``QB = quantize(B)``.
+
+    Parameters
+    ----------
+    QA, QB : QuantizedMatrix
+        Shapes (n, a) and (n, b), quantized with the same seed when rotated.
+
+    Returns
+    -------
+    ndarray, shape (a, b)
+        The estimate ``A_hat.T @ B_hat`` (float64).
+
+    Raises
+    ------
+    ValueError
+        Different inner dimensions, different seeds for rotated operands, or
+        an argument that is not a QuantizedMatrix.
+    """
+    _check_pair(QA, QB)
+    n = QA.shape[0]
+    same_domain = (QA.rotate == QB.rotate and QA.n_pad == QB.n_pad
+                   and QA.center == QB.center)
+    if not same_domain:
+        return QA.dequantize().T @ QB.dequantize()
+    X = QA._rows() * QA._row_scales()[:, None]
+    Y = QB._rows() * QB._row_scales()[:, None]
+    C = X @ Y.T
+    if QA.center:
+        C += n * np.outer(QA.means.astype(np.float64), QB.means.astype(np.float64))
+    return C
+
+
+def matmul_distortion(A, B, C_hat) -> float:
+    """``||A.T B - C_hat||_F^2 / (n a b)``: the book's normalised distortion."""
+    A = np.asarray(A, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    C_hat = np.asarray(C_hat, dtype=np.float64)
+    n, a = A.shape
+    if B.ndim != 2 or B.shape[0] != n:
+        raise ValueError(f"B must have shape ({n}, b), got {B.shape}")
+    if C_hat.shape != (a, B.shape[1]):
+        raise ValueError(f"C_hat must have shape {(a, B.shape[1])}, got {C_hat.shape}")
+    E = A.T @ B - C_hat
+    return float((E * E).sum() / (n * a * B.shape[1]))

@@ -1,0 +1,136 @@
+"""Seeded random rotations: a randomised Hadamard transform for any length.
+
+For ``n = 2^k m`` with ``m`` odd, the rotation is
+
+    P = (H_{2^k} / 2^(k/2)) ⊗ O_m · diag(s),
+
+with ``s`` random signs, ``H`` the Sylvester Hadamard matrix and ``O_m`` a
+Haar-random ``m x m`` orthogonal matrix (the identity when ``m = 1``). It is
+orthogonal, costs ``O(n (k + m))`` per vector, and needs no padding, so no
+rate is spent on padded coordinates. All randomness comes from
+``numpy.random.default_rng(seed)`` here, in the API layer; kernels receive
+arrays.
+
+Book: chapter "The practical quantizer", label ``ch-practical``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from nqlib import _backend, _checks
+
+__all__ = ["RandomHadamard"]
+
+
+def _split_power_of_two(n: int) -> tuple[int, int]:
+    p = n & (-n)  # largest power of two dividing n
+    return p, n // p
+
+
+@functools.lru_cache(maxsize=32)
+def _parameters(n: int, seed: int):
+    rng = np.random.default_rng([seed, n, 0x6E71])  # 'nq': rotation stream
+    p, m = _split_power_of_two(n)
+    signs = rng.choice(np.array([-1.0, 1.0]), size=n)
+    if m == 1:
+        O = np.ones((1, 1))
+    else:
+        # Haar measure: QR of a Gaussian matrix with the signs of R's
+        # diagonal moved into Q (Mezzadri 2007).
+        Z = rng.standard_normal((m, m))
+        Q, Rm = np.linalg.qr(Z)
+        O = Q * np.sign(np.diag(Rm))[None, :]
+    signs.setflags(write=False)
+    O.setflags(write=False)
+    return signs, p, O
+
+
+class RandomHadamard:
+    """A seeded orthogonal rotation of R^n, fast for any n.
+
+    Parameters
+    ----------
+    n : int
+        Dimension (>= 1).
+    seed : int
+        Shared seed: the encoders of both matrices and the decoder build the
+        same rotation from it.
+
+    Notes
+    -----
+    Vectors are the **rows** of the arrays given to :meth:`apply` and
+    :meth:`inverse` (shape ``(..., n)``). ``n = 2^k m``: the cost per vector is
+    ``n k`` additions for the Hadamard factor plus ``n m`` multiply-adds for
+    the dense odd factor ``O_m``; choose ``n`` with a large power of two
+    (e.g. 4096 = 2^12, 384 = 2^7 * 3).
+
+    Examples
+    --------
+    >>> import numpy as np, nqlib
+    >>> P = nqlib.RandomHadamard(12, seed=1)
+    >>> x = np.arange(12.0)
+    >>> bool(np.isclose(np.linalg.norm(P.apply(x)), np.linalg.norm(x)))
+    True
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n = _checks.check_int(n, "n", minimum=1)
+        self.seed = _checks.check_int(seed, "seed", minimum=0)
+        self.signs, self.power_of_two, self.orthogonal = _parameters(self.n, self.seed)
+
+    def __repr__(self) -> str:
+        m = self.n // self.power_of_two
+        return (f"RandomHadamard(n={self.n} = {self.power_of_two} x {m}, "
+                f"seed={self.seed})")
+
+    def matrix(self) -> np.ndarray:
+        """The dense ``n x n`` matrix ``P`` (reference; O(n^2) memory)."""
+        from nqlib.reference.hadamard import rotation_matrix
+
+        return rotation_matrix(self.signs, self.power_of_two, self.orthogonal)
+
+    def _check(self, x):
+        arr = _checks.as_float_array(x, "x", last_dim=self.n, dtype=np.float64)
+        return arr
+
+    def apply(self, x, *, backend: str = "auto") -> np.ndarray:
+        """``P x`` for every row ``x`` of ``x`` (shape ``(..., n)``), float64."""
+        arr = self._check(x)
+        backend = _backend.resolve(backend, tensor_input=False)
+        if backend == "numpy":
+            return arr @ self.matrix().T
+        rows = np.array(arr.reshape(-1, self.n), dtype=np.float64, order="C")
+        rows *= self.signs
+        return self._mix(rows, transpose=False).reshape(arr.shape)
+
+    def inverse(self, y, *, backend: str = "auto") -> np.ndarray:
+        """``P^T y`` for every row (the inverse rotation), float64."""
+        arr = self._check(y)
+        backend = _backend.resolve(backend, tensor_input=False)
+        if backend == "numpy":
+            return arr @ self.matrix()
+        rows = np.array(arr.reshape(-1, self.n), dtype=np.float64, order="C")
+        out = self._mix(rows, transpose=True)
+        out *= self.signs
+        return out.reshape(arr.shape)
+
+    def _mix(self, rows, *, transpose):
+        # (H ⊗ O) acting on rows reshaped to (p, m): H along p, O along m.
+        from nqlib.kernels.cpu.hadamard import fwht_rows
+
+        p = self.power_of_two
+        m = self.n // p
+        r = rows.shape[0]
+        if m > 1:
+            O = self.orthogonal.T if transpose else self.orthogonal
+            rows = (rows.reshape(r * p, m) @ O.T).reshape(r, self.n)
+        if p > 1:
+            # move the Hadamard axis last, transform, move it back
+            t = np.ascontiguousarray(rows.reshape(r, p, m).transpose(0, 2, 1))
+            t = t.reshape(r * m, p)
+            fwht_rows(t, 1.0 / np.sqrt(p))
+            rows = np.ascontiguousarray(t.reshape(r, m, p).transpose(0, 2, 1))
+        return rows.reshape(r, self.n)
