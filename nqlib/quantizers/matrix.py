@@ -52,7 +52,7 @@ MAGIC = b"NQM"
 FORMAT_VERSION = 1
 #: allowed excess of the achieved rate over the target (bits per entry)
 RATE_TOLERANCE = 0.02
-MIN_RATE = 1.0
+MIN_RATE = 0.1
 MAX_RATE = 8.0
 
 _FLAG_CENTER, _FLAG_NORMALIZE, _FLAG_ROTATE, _FLAG_DITHER, _FLAG_MMSE = (
@@ -337,13 +337,17 @@ def load(path) -> QuantizedMatrix:
 def _write_payload(w: _Writer, qm: QuantizedMatrix) -> None:
     p = qm.payload
     if qm.method == "nested" and qm.mode == "variable":
-        w.pack("fffHHII", p["beta"], p["sigma0"], p["sigma1"], p["K"], p["p1"],
-               p["crc"], len(p["words"]))
+        w.pack("fffHHIII", p["beta"], p["sigma0"], p["sigma1"], p["K"], p["p1"],
+               p["crc"], p["keep"], len(p["words"]))
         w.array(p["words"], np.uint32)
     elif qm.method == "nested":
-        w.pack("HBB", p["q"], p["L"], len(p["betas"]))
-        w.array(p["betas"], np.float32)
-        w.buf.write(p["packed"].tobytes())
+        w.pack("I", p["h"])
+        for part in ("hi", "lo"):
+            c = p[part]
+            w.pack("BHB", c["L"], c["q"], len(c["betas"]))
+            w.array(c["betas"], np.float32)
+        w.buf.write(p["hi"]["packed"].tobytes())
+        w.buf.write(p["lo"]["packed"].tobytes())
     elif qm.method in ("rtn", "rtn-hadamard"):
         w.pack("BH", p["bits"], p["group"])
         w.array(p["scales"], np.float16)
@@ -355,18 +359,27 @@ def _write_payload(w: _Writer, qm: QuantizedMatrix) -> None:
 
 def _read_payload(r: _Reader, qm: QuantizedMatrix) -> dict:
     n, a = qm.shape
+    B = _padded(n) // 8
     if qm.method == "nested" and qm.mode == "variable":
-        beta, s0, s1, K, p1, crc, nw = r.unpack("fffHHII")
+        beta, s0, s1, K, p1, crc, keep, nw = r.unpack("fffHHIII")
+        if not 1 <= keep <= B:
+            raise ValueError("corrupted variable-mode header (kept blocks)")
         return dict(beta=beta, sigma0=s0, sigma1=s1, K=K, p1=p1, crc=crc,
-                    words=r.array(np.uint32, nw))
+                    keep=keep, words=r.array(np.uint32, nw))
     if qm.method == "nested":
-        q, L, k = r.unpack("HBB")
-        if not (8 <= L <= 64 and k >= 1 and q >= 2):
-            raise ValueError("corrupted fixed-mode header")
-        betas = r.array(np.float32, k)
-        nblocks = a * _padded(n) // 8
-        packed = r.array(np.uint8, -(-nblocks * L // 8))
-        return dict(q=q, L=L, betas=betas, packed=packed)
+        (h,) = r.unpack("I")
+        if h > B:
+            raise ValueError("corrupted fixed-mode header (block split)")
+        parts = {}
+        for part in ("hi", "lo"):
+            L, q, k = r.unpack("BHB")
+            if L and not (8 <= L <= 64 and 1 <= k and q >= 2):
+                raise ValueError("corrupted fixed-mode header")
+            parts[part] = dict(L=L, q=q, betas=r.array(np.float32, k))
+        for part, count in (("hi", a * h), ("lo", a * (B - h))):
+            L = parts[part]["L"]
+            parts[part]["packed"] = r.array(np.uint8, -(-count * L // 8))
+        return dict(h=h, **parts)
     if qm.method in ("rtn", "rtn-hadamard"):
         bits, group = r.unpack("BH")
         if not (2 <= bits <= 8 and group >= 1):
@@ -389,30 +402,34 @@ def _decode_codes(qm: QuantizedMatrix) -> np.ndarray:
         nblocks = a * n_pad // 8
         z = (_dither(qm.seed, n_pad, a, nblocks) if qm.dither
              else np.zeros((1, 8)))
+        B = n_pad // 8
+        zb = z.reshape(a, B, 8) if qm.dither else None
+        out = np.zeros((a, B, 8))
         if qm.mode == "variable":
+            keep = p["keep"]
             params = (p["sigma0"], p["sigma1"], p["K"], p["p1"])
             try:
-                T2 = entropy.e8_decode(p["words"], nblocks, params)
+                T2 = entropy.e8_decode(p["words"], a * keep, params)
             except Exception as exc:  # constriction raises on a bad stream
                 raise ValueError(f"entropy-coded payload cannot be decoded: {exc}"
                                  ) from None
             if entropy.symbols_crc(T2) != p["crc"]:
                 raise ValueError("entropy-coded payload does not decode to the "
                                  "encoded symbols (model mismatch or corruption)")
-            Y = float(np.float32(p["beta"])) * (0.5 * T2 - z)
-            return Y.reshape(a, n_pad)
-        from nqlib.kernels.cpu import nested as kern
-
-        words = np.empty(nblocks, dtype=np.uint64)
-        kern.unpack_words(p["packed"], p["L"], nblocks, words)
-        codes = np.empty((nblocks, 8), dtype=np.int64)
-        index = np.empty(nblocks, dtype=np.int64)
-        kern.split_mixed_radix(words, p["q"], codes, index)
-        betas = p["betas"].astype(np.float64)
-        if codes.size and (codes.max() >= p["q"] or index.max() >= len(betas)):
-            raise ValueError("corrupted fixed-mode payload (code out of range)")
-        out = np.empty((nblocks, 8))
-        kern.decode_multiscale_rows(codes, index, p["q"], betas, z, out)
+            pts = 0.5 * T2.reshape(a, keep, 8)
+            if qm.dither:
+                pts = pts - zb[:, :keep]
+            out[:, :keep] = float(np.float32(p["beta"])) * pts
+            return out.reshape(a, n_pad)
+        h = p["h"]
+        for part, sl in (("hi", slice(0, h)), ("lo", slice(h, B))):
+            c = p[part]
+            count = a * (sl.stop - sl.start)
+            if c["L"] == 0 or count == 0:
+                continue
+            zz = (np.ascontiguousarray(zb[:, sl].reshape(-1, 8)) if qm.dither
+                  else np.zeros((1, 8)))
+            out[:, sl] = _decode_fixed_part(c, count, zz).reshape(a, -1, 8)
         return out.reshape(a, n_pad)
     if qm.method in ("rtn", "rtn-hadamard"):
         from nqlib.kernels.cpu import nested as kern
@@ -433,6 +450,22 @@ def _decode_codes(qm: QuantizedMatrix) -> np.ndarray:
         raise ValueError("entropy-coded payload does not decode to the encoded "
                          "symbols (model mismatch or corruption)")
     return float(np.float32(p["step"])) * U.reshape(a, n_pad).astype(np.float64)
+
+
+def _decode_fixed_part(c, count, z):
+    from nqlib.kernels.cpu import nested as kern
+
+    words = np.empty(count, dtype=np.uint64)
+    kern.unpack_words(c["packed"], c["L"], count, words)
+    codes = np.empty((count, 8), dtype=np.int64)
+    index = np.empty(count, dtype=np.int64)
+    kern.split_mixed_radix(words, c["q"], codes, index)
+    betas = c["betas"].astype(np.float64)
+    if count and (codes.max() >= c["q"] or index.max() >= len(betas)):
+        raise ValueError("corrupted fixed-mode payload (code out of range)")
+    out = np.empty((count, 8))
+    kern.decode_multiscale_rows(codes, index, c["q"], betas, z, out)
+    return out
 
 
 def _project(Y: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
@@ -496,7 +529,8 @@ def _check_rate(rate, method) -> float:
 
 def quantize(A, rate, *, seed=0, mode="variable", method="nested",
              estimator="mmse", dither=False, center=True, normalize=True,
-             rotate=True, group_size=128, backend="auto") -> QuantizedMatrix:
+             rotate=True, sketch=True, group_size=128,
+             backend="auto") -> QuantizedMatrix:
     """Quantize the columns of ``A`` at ``rate`` bits per entry.
 
     Parameters
@@ -506,7 +540,7 @@ def quantize(A, rate, *, seed=0, mode="variable", method="nested",
         interest is ``A.T @ B``).
     rate : float
         Target total rate in bits per entry, all side information included.
-        For ``method="nested"`` and ``"ecsq"``: any real in [1, 8]; the
+        For ``method="nested"`` and ``"ecsq"``: any real in [0.1, 8]; the
         achieved :attr:`QuantizedMatrix.bits_per_entry` does not exceed it
         (``mode="variable"``) or exceeds it by at most 0.02
         (``mode="fixed"``, whose words have a whole number of bits per
@@ -529,6 +563,12 @@ def quantize(A, rate, *, seed=0, mode="variable", method="nested",
     center, normalize, rotate : bool
         Switch off a step of the pipeline (for ablations). ``rotate`` is
         forced False for ``"rtn"`` and True for ``"rtn-hadamard"``.
+    sketch : bool
+        Below the tangency point of nqlib's own distortion-rate curve
+        (about 1.1 bit per coded entry in variable mode), describe only a
+        fraction of the rotated coordinates and estimate the rest by 0 -- the
+        time sharing that reaches the lower convex envelope (nested only).
+        ``False`` spreads the bits over every coordinate (for comparison).
     group_size : int
         Group length of the rtn baselines.
     backend : {"auto", "numba", "numpy"}
@@ -567,7 +607,8 @@ def quantize(A, rate, *, seed=0, mode="variable", method="nested",
         raise ValueError(f"seed must be < 2**64, got {seed}")
     group_size = _checks.check_int(group_size, "group_size", minimum=1)
     for flag_name, flag in (("dither", dither), ("center", center),
-                            ("normalize", normalize), ("rotate", rotate)):
+                            ("normalize", normalize), ("rotate", rotate),
+                            ("sketch", sketch)):
         if not isinstance(flag, (bool, np.bool_)):
             raise ValueError(f"{flag_name} must be True or False, got {flag!r}")
     backend = _backend.resolve(backend, tensor_input=False)
@@ -598,9 +639,9 @@ def quantize(A, rate, *, seed=0, mode="variable", method="nested",
                          flags=flags, seed=seed, alpha=1.0, means=means,
                          norms=norms, payload={})
     if method == "nested" and mode == "variable":
-        _encode_variable(qm, Xp, backend)
+        _encode_variable(qm, Xp, backend, sketch)
     elif method == "nested":
-        _encode_fixed(qm, Xp, backend)
+        _encode_fixed(qm, Xp, backend, sketch)
     else:
         _encode_ecsq(qm, Xp)
     # MMSE shrinkage: alpha = <y, y_hat> / <y_hat, y_hat> after the
@@ -646,13 +687,29 @@ def _e8_points(blocks, beta, z, backend):
     return out
 
 
-def _encode_variable(qm, Y, backend):
-    """Entropy-coded E8 points; ``beta`` set so the code fits the budget."""
+def _encode_variable(qm, Y, backend, sketch):
+    """Entropy-coded E8 points; ``beta`` set so the code fits the budget.
+
+    With ``sketch`` and a budget below the tangency rate ``r*`` of the
+    measured curve, only the first ``keep`` blocks of every rotated vector
+    are coded (at about ``r*`` bits per entry); the rest decode to 0.
+    """
+    from nqlib.quantizers.ratecurve import variable_tangent
+
     a, n_pad = Y.shape
-    blocks = np.ascontiguousarray(Y.reshape(-1, 8))
+    B = n_pad // 8
+    budget = _code_budget_bits(qm, struct.calcsize("<fffHHIII")) - 32
+    keep = B
+    r_star = variable_tangent()
+    if sketch and budget / (a * n_pad) < r_star:
+        keep = max(1, min(B, math.floor(B * budget / (a * n_pad) / r_star)))
+    blocks = np.ascontiguousarray(Y.reshape(a, B, 8)[:, :keep].reshape(-1, 8))
     nb = blocks.shape[0]
-    z = _dither(qm.seed, n_pad, a, nb) if qm.dither else np.zeros((1, 8))
-    budget = _code_budget_bits(qm, struct.calcsize("<fffHHII")) - 32
+    if qm.dither:
+        zfull = _dither(qm.seed, n_pad, a, a * B).reshape(a, B, 8)
+        z = np.ascontiguousarray(zfull[:, :keep].reshape(-1, 8))
+    else:
+        z = np.zeros((1, 8))
     target = budget / blocks.size  # bits per coded entry
     # Rate control. The ideal code length falls by about one bit per entry
     # when log2(beta) grows by one (high-rate theory), so secant steps
@@ -680,13 +737,13 @@ def _encode_variable(qm, Y, backend):
             lb_new = lb + (goal - r) / slope
             r_new, T2, st = rate_at(lb_new, data, zz)
             if lb_new != lb and r_new != r:
-                slope = min((r_new - r) / (lb_new - lb), -0.2)
+                slope = min((r_new - r) / (lb_new - lb), -0.05)
             lb, r = lb_new, r_new
         return lb, r, T2, st
 
     # start: h(N(0, 1)) - log2(beta) ~ rate for a unit-volume lattice
-    lb0 = 0.5 * math.log2(2 * math.pi * math.e) - target
-    lb, _, _, _ = secant(lb0, sample, zs, target, 2e-3, 8)
+    lb0 = 0.5 * math.log2(2 * math.pi * math.e) - max(target, 0.5)
+    lb, _, _, _ = secant(lb0, sample, zs, target, 2e-3, 10)
     # on all blocks, aim just under the budget (room for the coder's flush)
     goal = (budget - 96) / blocks.size
     for _ in range(12):
@@ -706,31 +763,23 @@ def _encode_variable(qm, Y, backend):
                          "(rate too high for this data)")
     beta = float(np.float32(2.0**lb))
     qm.payload = dict(beta=beta, sigma0=params[0], sigma1=params[1], K=params[2],
-                      p1=params[3], crc=entropy.symbols_crc(T2), words=words)
-    qm._raw = (beta * (0.5 * T2 - z)).reshape(a, n_pad)
+                      p1=params[3], crc=entropy.symbols_crc(T2), keep=keep,
+                      words=words)
+    raw = np.zeros((a, B, 8))
+    raw[:, :keep] = (beta * (0.5 * T2 - z)).reshape(a, keep, 8)
+    qm._raw = raw.reshape(a, n_pad)
 
 
-def _encode_fixed(qm, Y, backend):
+def _encode_fixed_part(blocks, z, L, backend):
+    """Encode rows of ``blocks`` with the designed ``L``-bit code; returns the
+    payload part (L, q, betas, packed words)."""
     from nqlib.kernels.cpu import nested as kern
     from nqlib.quantizers.fixed import fixed_code
 
-    a, n_pad = Y.shape
-    nb = a * n_pad // 8
-    # k <= 8 scales: the payload header is q (2 bytes), L, k, then k floats
-    fixed_bytes = 4 + 4 * 8
-    budget = _code_budget_bits(qm, fixed_bytes, slack=RATE_TOLERANCE)
-    L = budget // nb
-    while L >= 8 and -(-nb * L // 8) * 8 > budget:
-        L -= 1
-    if L < 8:
-        raise ValueError(f"rate {qm.rate} cannot be met in fixed mode for shape "
-                         f"{qm.shape}: a block needs at least 8 bits")
-    L = min(L, 64)
     code = fixed_code(L)
     betas = np.array(code.betas, dtype=np.float32)
     b64 = betas.astype(np.float64)
-    blocks = np.ascontiguousarray(Y.reshape(-1, 8))
-    z = _dither(qm.seed, n_pad, a, nb) if qm.dither else np.zeros((1, 8))
+    nb = blocks.shape[0]
     if backend == "numpy":
         from nqlib.reference.nested import encode_multiscale
 
@@ -744,8 +793,57 @@ def _encode_fixed(qm, Y, backend):
     kern.mixed_radix_words(codes, index, code.q, words)
     packed = np.zeros(-(-nb * L // 8), dtype=np.uint8)
     kern.pack_words(words, L, packed)
-    # the payload stores exactly k floats; pad-free
-    qm.payload = dict(q=code.q, L=L, betas=betas, packed=packed)
+    return dict(L=L, q=code.q, betas=betas, packed=packed)
+
+
+#: payload bytes besides the packed words: the split h, then per part
+#: L, q, k and at most MAX_SCALES float32 scales
+_FIXED_PAYLOAD_BYTES = 4 + 2 * (4 + 4 * 8)
+
+
+def _encode_fixed(qm, Y, backend, sketch):
+    """Fixed-length words per 8-block. The budget is met by time sharing
+    between two designed codes on the lower envelope of their distortion-rate
+    points (``L_hi`` bits for the first ``h`` blocks of every rotated vector,
+    ``L_lo`` bits -- or nothing, when sketching -- for the rest)."""
+    from nqlib.quantizers.ratecurve import fixed_plan
+
+    a, n_pad = Y.shape
+    B = n_pad // 8
+    budget = _code_budget_bits(qm, _FIXED_PAYLOAD_BYTES, slack=RATE_TOLERANCE)
+    per_block = budget / (a * B)
+    try:
+        L_hi, L_lo, theta = fixed_plan(min(per_block, 64.0), sketch=sketch)
+    except ValueError:
+        raise ValueError(f"rate {qm.rate} cannot be met in fixed mode for shape "
+                         f"{qm.shape} without sketching: a block needs at least "
+                         "8 bits") from None
+
+    def total_bits(h):
+        return 8 * (-(-a * h * L_hi // 8) + -(-a * (B - h) * L_lo // 8))
+
+    h = B if L_hi == L_lo else min(B, math.floor(theta * B))
+    while h > 0 and total_bits(h) > budget:
+        h -= 1
+    if h == 0 and L_lo == 0:
+        raise ValueError(f"rate {qm.rate} cannot be met in fixed mode for shape "
+                         f"{qm.shape}: not even one {L_hi}-bit block per column "
+                         "fits the budget")
+    blocks = Y.reshape(a, B, 8)
+    if qm.dither:
+        zb = _dither(qm.seed, n_pad, a, a * B).reshape(a, B, 8)
+    empty = dict(L=0, q=0, betas=np.zeros(0, dtype=np.float32),
+                 packed=np.zeros(0, dtype=np.uint8))
+    parts = {}
+    for part, sl, L in (("hi", slice(0, h), L_hi), ("lo", slice(h, B), L_lo)):
+        rows = np.ascontiguousarray(blocks[:, sl].reshape(-1, 8))
+        if L == 0 or rows.shape[0] == 0:
+            parts[part] = empty
+            continue
+        z = (np.ascontiguousarray(zb[:, sl].reshape(-1, 8)) if qm.dither
+             else np.zeros((1, 8)))
+        parts[part] = _encode_fixed_part(rows, z, L, backend)
+    qm.payload = dict(h=h, **parts)
 
 
 def _encode_ecsq(qm, Y):
