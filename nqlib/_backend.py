@@ -75,7 +75,13 @@ def _why_no_triton(tensor_input: bool) -> str:
             "importing triton)")
 
 
-def resolve(backend: str, *, tensor_input: bool = False) -> str:
+def tensor_device(x) -> str | None:
+    """``"cuda"``/``"cpu"``/... for a torch tensor, None for anything else."""
+    return x.device.type if is_torch_tensor(x) else None
+
+
+def resolve(backend: str, *, tensor_input: bool = False,
+            device: str | None = None) -> str:
     """Turn ``"auto"`` into a concrete backend; reject impossible requests.
 
     Parameters
@@ -84,6 +90,9 @@ def resolve(backend: str, *, tensor_input: bool = False) -> str:
         The requested backend.
     tensor_input : bool
         Whether the data is a torch tensor (Triton only runs on tensors).
+    device : str, optional
+        The tensor's device type. ``"auto"`` sends a CPU tensor to Triton only
+        under the interpreter; on a CUDA machine CPU tensors go to numba.
 
     Returns
     -------
@@ -101,7 +110,8 @@ def resolve(backend: str, *, tensor_input: bool = False) -> str:
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
-        if tensor_input and triton_usable():
+        on_gpu = device in (None, "cuda") or triton_interpreter_on()
+        if tensor_input and on_gpu and triton_usable():
             return "triton"
         return "numba" if numba_usable() else "numpy"
     if backend not in BACKENDS:

@@ -117,7 +117,8 @@ class Lattice:
         array([1., 1., 0., 0.])
         """
         tensor_input = _backend.is_torch_tensor(x)
-        backend = _backend.resolve(backend, tensor_input=tensor_input)
+        backend = _backend.resolve(backend, tensor_input=tensor_input,
+                                   device=_backend.tensor_device(x))
         if backend == "triton":
             from nqlib.kernels.gpu import lattice_triton
 

@@ -140,7 +140,8 @@ class VoronoiCode:
             ``beta (Q(x / beta + z) - z)``.
         """
         tensor_input = _backend.is_torch_tensor(x)
-        backend = _backend.resolve(backend, tensor_input=tensor_input)
+        backend = _backend.resolve(backend, tensor_input=tensor_input,
+                                   device=_backend.tensor_device(x))
         d = self.dim
         if backend == "triton":
             from nqlib.kernels.gpu import voronoi_triton
@@ -225,12 +226,13 @@ class VoronoiCode:
             ``beta ((y - q Q(y / q)) - z)`` with ``y = G c``.
         """
         tensor_input = _backend.is_torch_tensor(codes)
-        backend = _backend.resolve(backend, tensor_input=tensor_input)
+        backend = _backend.resolve(backend, tensor_input=tensor_input,
+                                   device=_backend.tensor_device(codes))
         d = self.dim
         if backend == "triton":
             from nqlib.kernels.gpu import voronoi_triton
 
-            self._check_codes(codes)
+            # validates codes on their device (same rules as _check_codes)
             return voronoi_triton.decode(self, codes, dither)
         arr = self._check_codes(codes)
         lead = arr.shape[:-1]
