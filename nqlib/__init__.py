@@ -23,3 +23,12 @@ __all__ = [
     "VoronoiCode", "RandomHadamard", "quantize", "QuantizedMatrix", "load",
     "matmul", "matmul_distortion", "__version__",
 ]
+
+
+def __getattr__(name):
+    # ``nqlib.nn`` needs torch: imported on first use, not by ``import nqlib``.
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module("nqlib.nn")
+    raise AttributeError(f"module 'nqlib' has no attribute {name!r}")
