@@ -10,6 +10,9 @@ STAMP  := $(VENV)/.installed
 export NQBOOK_SCALE ?= ci
 # Two pytest-xdist workers on a 2-core machine: one numba thread each.
 export NUMBA_NUM_THREADS ?= 1
+# Small matrices in the chapters: BLAS threads only fight over the cores.
+export OPENBLAS_NUM_THREADS ?= 1
+export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1

@@ -614,6 +614,14 @@ def quantize(A, rate, *, seed=0, mode="variable", method="nested",
     backend = _backend.resolve(backend, tensor_input=False)
     A = _as_matrix(A)
     n, a = A.shape
+    # Means and norms are stored as float32: refuse data whose column
+    # statistics do not fit, instead of decoding to inf/NaN.
+    with np.errstate(over="ignore", invalid="ignore"):
+        biggest = float(np.abs(A).max()) * math.sqrt(n) if A.size else 0.0
+    if not biggest < float(np.finfo(np.float32).max):
+        raise ValueError("A has entries too large for the float32 side "
+                         f"information: max |A| * sqrt(n) = {biggest:.3g} exceeds "
+                         f"{float(np.finfo(np.float32).max):.3g}; rescale A first")
 
     if method in ("rtn", "rtn-hadamard"):
         return _quantize_rtn(A, int(rate), seed, method, group_size, rate)

