@@ -23,7 +23,9 @@ def e8_generator():
 
 
 def encode_multiscale(x, q, betas, z):
-    """Per row: the scale whose decoded output is nearest (first wins ties).
+    """Per row: among scales without overload, the one with the smallest
+    granular error ``||beta (t - z) - x||^2`` (first wins ties); when all
+    overload, the one whose decoded output is nearest.
 
     Returns ``codes (m, 8) int64, index (m,) int64, sqerr (m,)``.
     """
@@ -31,24 +33,29 @@ def encode_multiscale(x, q, betas, z):
     Gi = np.linalg.inv(G)
     x = np.asarray(x, dtype=np.float64)
     m = x.shape[0]
-    best_err = np.full(m, np.inf)
-    best_idx = np.zeros(m, dtype=np.int64)
-    best_codes = np.zeros((m, 8), dtype=np.int64)
+    k = len(betas)
+    gran = np.empty((m, k))
+    dec = np.empty((m, k))
+    over = np.empty((m, k), dtype=bool)
+    all_codes = np.empty((k, m, 8), dtype=np.int64)
     for s, beta in enumerate(betas):
         v = x / beta + z
         t = closest_point_e8(v)
-        k = _lattice_coordinates(t, Gi)
-        codes = np.mod(k, q)
+        kc = _lattice_coordinates(t, Gi)
+        codes = np.mod(kc, q)
         y = _lattice_point(codes, G)
         u = closest_point_e8(y / q)
-        over = np.any(_lattice_coordinates(u, Gi) * q != codes - k, axis=-1)
-        r = np.where(over[:, None], beta * ((y - q * u) - z), beta * (t - z))
-        e = _sq_dist_sequential(r, x)
-        better = e < best_err
-        best_err = np.where(better, e, best_err)
-        best_idx = np.where(better, s, best_idx)
-        best_codes = np.where(better[:, None], codes, best_codes)
-    return best_codes, best_idx, best_err
+        over[:, s] = np.any(_lattice_coordinates(u, Gi) * q != codes - kc, axis=-1)
+        gran[:, s] = _sq_dist_sequential(beta * (t - z), x)
+        dec[:, s] = _sq_dist_sequential(beta * ((y - q * u) - z), x)
+        all_codes[s] = codes
+    masked = np.where(over, np.inf, gran)
+    idx = np.argmin(masked, axis=1)
+    fallback = np.all(over, axis=1)
+    idx = np.where(fallback, np.argmin(dec, axis=1), idx)
+    rows = np.arange(m)
+    err = np.where(fallback, dec[rows, idx], gran[rows, idx])
+    return all_codes[idx, rows], idx, err
 
 
 def decode_multiscale(codes, index, q, betas, z):

@@ -328,6 +328,13 @@ def encode_e8_into(v, q, codes_row, k, uk, t, w, tmp, u):
     scratch.
     """
     e8_into(v, t, tmp)
+    return wrap_e8_into(t, q, codes_row, k, uk, w, tmp, u)
+
+
+@njit(cache=True, inline="always")
+def wrap_e8_into(t, q, codes_row, k, uk, w, tmp, u):
+    """Codes ``(G^-1 t) mod q`` of the E8 point ``t`` into ``codes_row``;
+    returns True on overload (the decoder would not return ``t``)."""
     _e8_coordinates(t, k)
     for j in range(8):
         codes_row[j] = np.int64(_mod(k[j], q))

@@ -7,7 +7,7 @@ Arrays in, arrays out. Arithmetic follows :mod:`nqlib.kernels.cpu.lattice`.
 import numpy as np
 from numba import njit, prange
 
-from nqlib.kernels.cpu.lattice import CHUNK, decode_e8_into, e8_into, encode_e8_into
+from nqlib.kernels.cpu.lattice import CHUNK, decode_e8_into, e8_into, wrap_e8_into
 
 
 @njit(cache=True, parallel=True)
@@ -35,13 +35,16 @@ def e8_points_rows(x, inv_beta, z, out2):
 
 @njit(cache=True, parallel=True)
 def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr):
-    """Voronoi-encode rows of ``x`` (m, 8) with the E8 code at each scale
-    ``betas[s]`` and keep, per row, the scale whose *decoded* output is
-    nearest to the row (an overloaded scale competes with its actual, wrong
-    output; the first scale wins ties).
+    """Voronoi-encode rows of ``x`` (m, 8) with the E8 code at the scales
+    ``betas`` and keep, per row, the scale with the smallest granular error
+    ``||beta (Q(x / beta + z) - z) - x||^2`` among those without overload
+    (lowest index among equals); when every scale overloads, the scale whose
+    actual decoded output is nearest.
 
-    Writes ``codes`` (m, 8), ``index`` (m,) and ``sqerr`` (m,), the squared
-    error of the kept reconstruction.
+    The fine points are cheap and the overload test is not, so candidates
+    are tested for overload in order of increasing error and the first one
+    without overload is kept. Writes ``codes`` (m, 8), ``index`` (m,) and
+    ``sqerr`` (m,), the squared error of the kept reconstruction.
     """
     m = x.shape[0]
     k = betas.shape[0]
@@ -49,6 +52,9 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr):
     nchunks = (m + CHUNK - 1) // CHUNK
     for c in prange(nchunks):
         v = np.empty(8)
+        T = np.empty((k, 8))
+        g = np.empty(k)
+        done = np.empty(k, dtype=np.bool_)
         t = np.empty(8)
         w = np.empty(8)
         tmp = np.empty(8)
@@ -56,38 +62,61 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr):
         y = np.empty(8)
         r = np.empty(8)
         crow = np.empty(8, dtype=np.int64)
-        best = np.empty(8, dtype=np.int64)
         kk = np.empty(8, dtype=np.int64)
         uk = np.empty(8, dtype=np.int64)
         for i in range(c * CHUNK, min(m, (c + 1) * CHUNK)):
             iz = i if zm > 1 else 0
-            best_err = np.inf
-            best_s = -1
             for s in range(k):
                 beta = betas[s]
                 for j in range(8):
                     v[j] = x[i, j] / beta + z[iz, j]
-                over = encode_e8_into(v, q, crow, kk, uk, t, w, tmp, u)
-                if over:
-                    # the decoder is off by a coarse vector: measure its
-                    # actual output
-                    decode_e8_into(crow, q, beta, z[iz], r, y, w, tmp)
-                else:
-                    for j in range(8):
-                        r[j] = beta * (t[j] - z[iz, j])
+                e8_into(v, t, tmp)
                 e = 0.0
                 for j in range(8):
-                    d = r[j] - x[i, j]
+                    T[s, j] = t[j]
+                    d = beta * (t[j] - z[iz, j]) - x[i, j]
                     e += d * d
-                if e < best_err:
-                    best_err = e
-                    best_s = s
+                g[s] = e
+                done[s] = False
+            found = -1
+            for _ in range(k):
+                s_min = -1
+                for s in range(k):
+                    if not done[s] and (s_min < 0 or g[s] < g[s_min]):
+                        s_min = s
+                done[s_min] = True
+                for j in range(8):
+                    t[j] = T[s_min, j]
+                if not wrap_e8_into(t, q, crow, kk, uk, w, tmp, u):
+                    found = s_min
+                    break
+            if found >= 0:
+                for j in range(8):
+                    t[j] = T[found, j]
+                wrap_e8_into(t, q, crow, kk, uk, w, tmp, u)
+                best_err = g[found]
+            else:
+                # every scale overloads: keep the nearest actual output
+                best_err = np.inf
+                for s in range(k):
                     for j in range(8):
-                        best[j] = crow[j]
-            index[i] = best_s
+                        t[j] = T[s, j]
+                    wrap_e8_into(t, q, crow, kk, uk, w, tmp, u)
+                    decode_e8_into(crow, q, betas[s], z[iz], r, y, w, tmp)
+                    e = 0.0
+                    for j in range(8):
+                        d = r[j] - x[i, j]
+                        e += d * d
+                    if e < best_err:
+                        best_err = e
+                        found = s
+                for j in range(8):
+                    t[j] = T[found, j]
+                wrap_e8_into(t, q, crow, kk, uk, w, tmp, u)
+            index[i] = found
             sqerr[i] = best_err
             for j in range(8):
-                codes[i, j] = best[j]
+                codes[i, j] = crow[j]
 
 
 @njit(cache=True, parallel=True)
