@@ -9,7 +9,7 @@ Importing nqlib imports neither torch, triton nor numba: kernels are loaded on
 first use.
 """
 
-from nqlib import lattices, theory
+from nqlib import lattices
 from nqlib.lattices import A2, D4, E8, Dn, Lattice, Zn, lattice
 from nqlib.matmul import matmul, matmul_distortion
 from nqlib.quantizers.hadamard import RandomHadamard
@@ -26,9 +26,10 @@ __all__ = [
 
 
 def __getattr__(name):
-    # ``nqlib.nn`` needs torch: imported on first use, not by ``import nqlib``.
-    if name == "nn":
+    # Imported on first use, not by ``import nqlib``: ``nqlib.nn`` needs
+    # torch, and ``nqlib.theory`` builds its closed forms with sympy.
+    if name in ("nn", "theory"):
         import importlib
 
-        return importlib.import_module("nqlib.nn")
+        return importlib.import_module(f"nqlib.{name}")
     raise AttributeError(f"module 'nqlib' has no attribute {name!r}")
