@@ -360,3 +360,12 @@ def test_bad_backend():
 def test_bad_group_size(group_size):
     with pytest.raises(ValueError, match="group_size must"):
         nqlib.quantize(gaussian((256, 4)), 4, method="rtn", group_size=group_size)
+
+
+@pytest.mark.parametrize("method", ["rtn", "rtn-hadamard"])
+def test_rtn_scale_out_of_float16_range_is_refused(method):
+    A = np.random.default_rng(3).standard_normal((256, 4))
+    with pytest.raises(ValueError, match="underflows float16"):
+        nqlib.quantize(A * 1e-9, 4, method=method)
+    with pytest.raises(ValueError, match="overflows float16"):
+        nqlib.quantize(A * 1e7, 4, method=method)

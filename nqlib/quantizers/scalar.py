@@ -33,6 +33,10 @@ def rtn_encode(X, bits, group_size):
     if not np.all(np.isfinite(s)):
         raise ValueError("a group's scale overflows float16 (|entries| > 65504 * "
                          f"{max(top, 1)}); rescale the matrix first")
+    if np.any((absmax > 0) & (s < np.finfo(np.float16).tiny)):
+        raise ValueError("a group's scale underflows float16 (|entries| below "
+                         f"about {np.finfo(np.float16).tiny * max(top, 1):.1e}); "
+                         "rescale the matrix first")
     safe = np.where(s > 0, s, 1.0)
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     Q = np.clip(np.floor(Xg / safe[:, :, None] + 0.5), lo, hi)
