@@ -23,7 +23,8 @@ from nqlib import _backend
 from nqlib.matmul import matmul
 from nqlib.quantizers.matrix import QuantizedMatrix, quantize
 
-__all__ = ["QuantLinear", "quantize_model", "QuantizationReport"]
+__all__ = ["QuantLinear", "quantize_model", "QuantizationReport",
+           "calibration_hessians"]
 
 
 class QuantLinear(torch.nn.Module):
@@ -78,7 +79,7 @@ class QuantLinear(torch.nn.Module):
     def from_linear(cls, linear: torch.nn.Linear, rate: float = 4.0,
                     act_rate=None, seed: int = 0, *, method: str = "nested",
                     mode: str = "fixed", act_mode: str = "variable",
-                    **quantize_kwargs) -> QuantLinear:
+                    hessian=None, **quantize_kwargs) -> QuantLinear:
         """Quantize ``linear.weight`` (its rows are the vectors).
 
         Parameters
@@ -90,19 +91,50 @@ class QuantLinear(torch.nn.Module):
             Activation rate, or None to keep activations in float.
         seed : int
             Shared seed of weight and activation quantizers.
-        method, mode : str
-            As in :func:`nqlib.quantize`; ``mode="fixed"`` (random access)
-            is the default for weights.
+        method : {"nested", "nested-ldlq", "rtn", "rtn-hadamard", "ecsq"}
+            As in :func:`nqlib.quantize`, or ``"nested-ldlq"``: the
+            fixed-mode nested quantizer with Hessian-aware rounding
+            (:func:`nqlib.quantizers.ldlq.quantize_ldlq`; needs ``hessian``).
+        mode : {"fixed", "variable"}
+            As in :func:`nqlib.quantize`; ``"fixed"`` (random access) is the
+            default for weights, and the only mode of ``"nested-ldlq"``.
+        act_mode : {"variable", "fixed"}
+            Mode of the activation quantizer (nested methods).
+        hessian : array_like, shape (in_features, in_features), optional
+            Second moment ``E[x x^T]`` of the layer's inputs, for
+            ``method="nested-ldlq"`` (see :func:`calibration_hessians`).
         **quantize_kwargs
-            Passed to :func:`nqlib.quantize` for the weight.
+            Passed to :func:`nqlib.quantize` (or ``quantize_ldlq``, e.g.
+            ``damp``) for the weight.
+
+        Raises
+        ------
+        ValueError
+            ``linear`` is not a ``torch.nn.Linear``; ``method="nested-ldlq"``
+            without ``hessian`` or with ``mode="variable"``; ``hessian`` with
+            another method; anything :func:`nqlib.quantize` rejects.
         """
         if not isinstance(linear, torch.nn.Linear):
             raise ValueError(f"linear must be a torch.nn.Linear, got "
                              f"{type(linear).__name__}")
         W = linear.weight.detach().to("cpu", torch.float64).numpy()
-        mode_kw = {} if method in ("rtn", "rtn-hadamard") else {"mode": mode}
-        qw = quantize(W.T, rate, seed=seed, method=method, **mode_kw,
-                      **quantize_kwargs)
+        if method == "nested-ldlq":
+            from nqlib.quantizers.ldlq import quantize_ldlq
+
+            if hessian is None:
+                raise ValueError("method='nested-ldlq' needs hessian= (the "
+                                 "second moment of the layer's inputs)")
+            if mode != "fixed":
+                raise ValueError("method='nested-ldlq' codes the fixed mode "
+                                 f"only, got mode={mode!r}")
+            qw = quantize_ldlq(W.T, rate, hessian, seed=seed, **quantize_kwargs)
+        elif hessian is not None:
+            raise ValueError(f"hessian= is used by method='nested-ldlq' only, "
+                             f"got method={method!r}")
+        else:
+            mode_kw = {} if method in ("rtn", "rtn-hadamard") else {"mode": mode}
+            qw = quantize(W.T, rate, seed=seed, method=method, **mode_kw,
+                          **quantize_kwargs)
         return cls(linear.in_features, linear.out_features, qw, linear.bias,
                    act_rate=act_rate, act_mode=act_mode)
 
@@ -135,12 +167,56 @@ class QuantLinear(torch.nn.Module):
         return self._w_cache
 
     # --------------------------------------------------------------- forward
+    #: Forward backend. ``"auto"``: the fused Triton decode-matmul
+    #: (:mod:`nqlib.kernels.gpu.matmul_triton`) for CUDA inputs when the
+    #: weight is a nested fixed-mode matrix without dither and activations
+    #: stay in float, the torch path otherwise; ``"torch"``: decode once and
+    #: multiply with torch; ``"triton"``: always the fused kernel (CPU
+    #: tensors need ``TRITON_INTERPRET=1``). Set per instance or per class.
+    backend = "auto"
+
+    def _use_triton(self, x) -> bool:
+        """Whether :meth:`forward` runs the fused kernel; raises when
+        ``backend="triton"`` cannot run."""
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError("QuantLinear.backend must be 'auto', 'torch' or "
+                             f"'triton', got {self.backend!r}")
+        q = self._qw
+        supported = (self.act_rate is None and q.method == "nested"
+                     and q.mode == "fixed" and not q.dither)
+        if self.backend == "auto":
+            return (supported and x.device.type == "cuda"
+                    and _backend.triton_usable())
+        if self.backend == "torch":
+            return False
+        _backend.resolve("triton", tensor_input=True, device=x.device.type)
+        if not supported:
+            raise ValueError("backend='triton' needs float activations and a "
+                             "nested fixed-mode weight without dither, got "
+                             f"method={q.method!r}, mode={q.mode!r}, "
+                             f"dither={q.dither}, act_rate={self.act_rate}")
+        return True
+
+    def _forward_triton(self, x2):
+        """``x2 @ W_hat.T + bias`` by the fused kernel; the device layout of
+        the weight is built on first use per device and cached."""
+        from nqlib.kernels.gpu import matmul_triton
+
+        cache = getattr(self, "_triton_layout", None)
+        if cache is None or cache[0] is not self._qw or cache[1] != x2.device:
+            layout = matmul_triton.gpu_layout(self._qw, x2.device)
+            cache = self._triton_layout = (self._qw, x2.device, layout)
+        return matmul_triton.quant_linear(x2, cache[2], self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has last dimension {x.shape[-1]}, expected "
                              f"{self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self._use_triton(x2):  # fused decode-matmul, bias included
+            y = self._forward_triton(x2)
+            return y.to(x.dtype).reshape(*lead, self.out_features)
         if self.act_rate is None:
             W = self.dequantized_weight().to(x.device)
             y = x2.to(W.dtype) @ W.T
@@ -151,14 +227,57 @@ class QuantLinear(torch.nn.Module):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _forward_quantized_acts(self, x2):
+        """``nqlib.matmul(quantize(x2.T), qweight)``, formed in float32.
+
+        The activations are quantized once per input tensor (layers fed the
+        same tensor, like an attention block's query, key and value, share
+        the quantized copy) and the product is taken in the rotated domain
+        against the cached, rescaled weight rows -- the estimate of
+        :func:`nqlib.matmul`, in float32 arithmetic.
+        """
         q = self._qw
-        X = x2.detach().to("cpu", torch.float64).numpy()
-        if X.shape[0] == 0:
+        if x2.shape[0] == 0:
             return torch.zeros(0, self.out_features, device=x2.device)
-        kw = {} if q.method in ("rtn", "rtn-hadamard") else {"mode": self.act_mode}
-        QX = quantize(X.T, self.act_rate, seed=q.seed, method=q.method, **kw)
-        C = matmul(QX, q)  # (batch, out)
-        return torch.from_numpy(C.astype(np.float32)).to(x2.device)
+        QX = _quantized_activations(x2, self.act_rate, q, self.act_mode)
+        self._act_bytes = getattr(self, "_act_bytes", 0) + QX.nbytes
+        self._act_entries = getattr(self, "_act_entries", 0) + x2.numel()
+        if not _same_domain(QX, q):
+            return torch.from_numpy(matmul(QX, q).astype(np.float32)).to(x2.device)
+        Wr, w_means = self._rotated_weight()
+        Xr = torch.from_numpy(
+            (QX._rows() * QX._row_scales()[:, None]).astype(np.float32))
+        C = Xr @ Wr.T  # (batch, out)
+        if q.center:
+            x_means = torch.from_numpy(QX.means.astype(np.float32))
+            C += float(q.shape[0]) * torch.outer(x_means, w_means)
+        return C.to(x2.device)
+
+    @property
+    def act_bits_per_entry(self):
+        """Achieved activation rate of the calls so far: ``8 * bytes /
+        entries`` over every input quantized by :meth:`forward` (None before
+        the first call, or without ``act_rate``)."""
+        entries = self.act_entries
+        return 8.0 * self._act_bytes / entries if entries else None
+
+    @property
+    def act_entries(self) -> int:
+        """Number of input entries quantized by :meth:`forward` so far."""
+        return getattr(self, "_act_entries", 0)
+
+    def _rotated_weight(self):
+        """Decoded weight rows in the coded (rotated) domain times their
+        scales, float32 (out x n_pad), and the row means; cached."""
+        cache = getattr(self, "_rot_cache", None)
+        if cache is None or cache[0] is not self._qw:
+            q = self._qw
+            Wr = torch.from_numpy(
+                (q._rows() * q._row_scales()[:, None]).astype(np.float32))
+            means = (torch.from_numpy(q.means.astype(np.float32)) if q.center
+                     else None)
+            cache = (q, Wr, means)
+            self._rot_cache = cache
+        return cache[1], cache[2]
 
     # ------------------------------------------------------ state dict I/O
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
@@ -178,7 +297,8 @@ class QuantLinear(torch.nn.Module):
             self.qweight = data.detach().clone().to(torch.uint8)
             self._qw = qw
             self._w_cache = None
-            state_dict = {k: v for k, v in state_dict.items() if k != key}
+            # The key stays: the buffer now has the loaded size, so the
+            # default loader's copy is exact and strict loading finds it.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
@@ -218,7 +338,8 @@ class QuantizationReport:
 def quantize_model(model: torch.nn.Module, weight_rate: float = 4.0,
                    act_rate=None, method: str = "nested", seed: int = 0,
                    skip=(), *, mode: str = "fixed", act_mode: str = "variable",
-                   progress: bool = True, **quantize_kwargs) -> QuantizationReport:
+                   calibration=None, progress: bool = True,
+                   **quantize_kwargs) -> QuantizationReport:
     """Replace every ``nn.Linear`` of ``model`` by a :class:`QuantLinear`, in
     place.
 
@@ -229,34 +350,63 @@ def quantize_model(model: torch.nn.Module, weight_rate: float = 4.0,
         Weight rate (bits per entry; the integer width for rtn methods).
     act_rate : float or None
         Quantize each replaced layer's input at this rate.
-    method : {"nested", "rtn", "rtn-hadamard", "ecsq"}
+    method : {"nested", "nested-ldlq", "rtn", "rtn-hadamard", "ecsq"}
+        ``"nested-ldlq"`` needs ``calibration``.
     seed : int
     skip : iterable of str or callable
         Layer names (as in ``model.named_modules()``) to leave in float, or a
         predicate ``skip(name, module) -> bool``.
     mode, act_mode : {"fixed", "variable"}
         Modes of the weight and activation quantizers (nested method).
+    calibration : callable, iterable or dict, optional
+        For ``method="nested-ldlq"``: calibration data, run through the
+        (still float) model to measure each layer's input second moment (see
+        :func:`calibration_hessians`): a callable ``calibration(model)``, or
+        an iterable of batches, each called as ``model(batch)``; or the
+        dict that :func:`calibration_hessians` returned (reused as is).
     progress : bool
         Show a progress bar over layers.
+    **quantize_kwargs
+        Passed on to :meth:`QuantLinear.from_linear`.
 
     Returns
     -------
     QuantizationReport
         Per layer: name, shape, bits/entry, bytes before (float32) and
         after.
+
+    Raises
+    ------
+    ValueError
+        ``model`` is not a module; ``method="nested-ldlq"`` without
+        ``calibration``, or ``calibration`` with another method.
     """
     from tqdm.auto import tqdm
 
     if not isinstance(model, torch.nn.Module):
         raise ValueError("model must be a torch.nn.Module")
+    if (method == "nested-ldlq") != (calibration is not None):
+        raise ValueError("calibration= is needed by, and only by, "
+                         f"method='nested-ldlq' (got method={method!r}, "
+                         f"calibration={'None' if calibration is None else 'given'})")
     skip_fn = skip if callable(skip) else (lambda name, mod, s=set(skip): name in s)
     targets = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, torch.nn.Linear) and not skip_fn(name, mod)]
+    hessians = {}
+    if isinstance(calibration, dict):
+        missing = [name for name, _ in targets if name not in calibration]
+        if missing:
+            raise ValueError(f"calibration has no second moment for layer(s) "
+                             f"{missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        hessians = calibration
+    elif calibration is not None:
+        hessians = calibration_hessians(model, calibration,
+                                        layers=[name for name, _ in targets])
     report = QuantizationReport()
     for name, mod in tqdm(targets, desc="quantizing layers", disable=not progress):
         ql = QuantLinear.from_linear(mod, weight_rate, act_rate, seed,
                                      method=method, mode=mode, act_mode=act_mode,
-                                     **quantize_kwargs)
+                                     hessian=hessians.get(name), **quantize_kwargs)
         parent = model
         parts = name.split(".")
         for p in parts[:-1]:
@@ -269,6 +419,101 @@ def quantize_model(model: torch.nn.Module, weight_rate: float = 4.0,
             bytes_before=4 * mod.out_features * mod.in_features,
             bytes_after=ql.weight_nbytes))
     return report
+
+
+def calibration_hessians(model: torch.nn.Module, calibration,
+                         layers=None) -> dict:
+    """Second moments ``H = E[x x^T]`` of the inputs of linear layers.
+
+    Forward pre-hooks on the layers accumulate ``sum x x^T`` (float64) over
+    every input row (token) while ``calibration`` runs the model without
+    gradients; they are removed afterwards.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    calibration : callable or iterable
+        ``calibration(model)``, or an iterable of batches, each called as
+        ``model(batch)``.
+    layers : list of str, optional
+        Names (as in ``model.named_modules()``) of the ``nn.Linear`` layers to
+        measure; all of them by default.
+
+    Returns
+    -------
+    dict
+        ``{name: ndarray (in_features, in_features)}``, the mean of
+        ``x x^T`` over the rows the layer saw.
+
+    Raises
+    ------
+    ValueError
+        A name that is not an ``nn.Linear`` of ``model``, or a layer that the
+        calibration never ran.
+    """
+    modules = dict(model.named_modules())
+    names = ([n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+             if layers is None else list(layers))
+    for name in names:
+        if not isinstance(modules.get(name), torch.nn.Linear):
+            raise ValueError(f"{name!r} is not an nn.Linear of the model")
+    sums = {name: None for name in names}
+    rows = dict.fromkeys(names, 0)
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, module.in_features).to(
+                "cpu", torch.float64)
+            xtx = x.T @ x
+            sums[name] = xtx if sums[name] is None else sums[name] + xtx
+            rows[name] += x.shape[0]
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        with torch.no_grad():
+            if callable(calibration):
+                calibration(model)
+            else:
+                for batch in calibration:
+                    model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in names if rows[n] == 0]
+    if missing:
+        raise ValueError(f"the calibration never ran layer(s) {missing[:3]}"
+                         f"{' ...' if len(missing) > 3 else ''}")
+    return {n: (sums[n] / rows[n]).numpy() for n in names}
+
+
+def _same_domain(QA: QuantizedMatrix, QB: QuantizedMatrix) -> bool:
+    """Whether :func:`nqlib.matmul` forms ``QA.T @ QB`` in the coded domain."""
+    return (QA.rotate == QB.rotate and QA.n_pad == QB.n_pad
+            and QA.center == QB.center)
+
+
+#: the last quantized activation: (options, a copy of the input, its
+#: QuantizedMatrix). Quantization is deterministic, so an equal input gives
+#: the same result; comparing values (not identities or version counters,
+#: which inference-mode tensors lack) keeps in-place writes safe.
+_ACT_CACHE: list = [None]
+
+
+def _quantized_activations(x2, act_rate, qw, act_mode):
+    """``quantize(x2.T, act_rate)`` with the weight's method and seed,
+    reusing the result when consecutive calls see equal inputs."""
+    method = qw.method
+    mode = None if method in ("rtn", "rtn-hadamard") else act_mode
+    key = (tuple(x2.shape), x2.dtype, x2.device, act_rate, method, mode, qw.seed)
+    hit = _ACT_CACHE[0]
+    if hit is not None and hit[0] == key and torch.equal(hit[1], x2.detach()):
+        return hit[2]
+    X = x2.detach().to("cpu", torch.float64).numpy()
+    kw = {} if mode is None else {"mode": mode}
+    QX = quantize(X.T, act_rate, seed=qw.seed, method=method, **kw)
+    _ACT_CACHE[0] = (key, x2.detach().clone(), QX)
+    return QX
 
 
 def _is_cuda(x) -> bool:

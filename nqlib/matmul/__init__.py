@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from nqlib import _backend
 from nqlib.quantizers.matrix import QuantizedMatrix
 
 __all__ = ["matmul", "matmul_distortion"]
@@ -38,30 +39,50 @@ def _check_pair(QA, QB):
                          "same seed")
 
 
-def matmul(QA, QB) -> np.ndarray:
+def matmul(QA, QB, *, backend="auto") -> np.ndarray:
     """Estimate ``A.T @ B`` from ``QA = quantize(A)`` and ``QB = quantize(B)``.
 
     Parameters
     ----------
     QA, QB : QuantizedMatrix
         Shapes (n, a) and (n, b), quantized with the same seed when rotated.
+    backend : {"auto", "numpy", "numba", "triton"}
+        ``"auto"``, ``"numpy"`` and ``"numba"`` decode on the CPU (numba
+        kernels) and multiply with numpy. ``"triton"`` needs two nested,
+        fixed-mode operands: it decodes them on the GPU with the kernels of
+        :mod:`nqlib.kernels.gpu.matmul_triton` (bit-identical to the CPU
+        decoders), applies the projections, shrinkage and rotations in torch
+        (float64) and multiplies there; CPU tensors and the Triton
+        interpreter stand in for a GPU when ``TRITON_INTERPRET=1``.
 
     Returns
     -------
     ndarray, shape (a, b)
-        The estimate ``A_hat.T @ B_hat`` (float64).
+        The estimate ``A_hat.T @ B_hat`` (float64). The backends agree to
+        float64 round-off.
 
     Raises
     ------
     ValueError
-        Different inner dimensions, different seeds for rotated operands, or
-        an argument that is not a QuantizedMatrix.
+        Different inner dimensions, different seeds for rotated operands, an
+        argument that is not a QuantizedMatrix, or ``backend="triton"`` for
+        operands it does not support.
+    RuntimeError
+        ``backend="triton"`` without torch and triton, or without a CUDA
+        device (or the Triton interpreter); the message says what is
+        missing.
+
+    Notes
+    -----
+    Book: chapter "The practical quantizer", label ``ch-practical``; the
+    GPU path: chapter "Kernels: CPU and GPU", label ``ch-kernels``.
     """
     _check_pair(QA, QB)
+    if backend == "triton":
+        return _matmul_triton(QA, QB)
+    _backend.resolve(backend, tensor_input=False)
     n = QA.shape[0]
-    same_domain = (QA.rotate == QB.rotate and QA.n_pad == QB.n_pad
-                   and QA.center == QB.center)
-    if not same_domain:
+    if not _same_domain(QA, QB):
         return QA.dequantize().T @ QB.dequantize()
     X = QA._rows() * QA._row_scales()[:, None]
     Y = QB._rows() * QB._row_scales()[:, None]
@@ -69,6 +90,42 @@ def matmul(QA, QB) -> np.ndarray:
     if QA.center:
         C += n * np.outer(QA.means.astype(np.float64), QB.means.astype(np.float64))
     return C
+
+
+def _same_domain(QA, QB) -> bool:
+    return (QA.rotate == QB.rotate and QA.n_pad == QB.n_pad
+            and QA.center == QB.center)
+
+
+def _matmul_triton(QA, QB) -> np.ndarray:
+    """The ``"triton"`` branch of :func:`matmul`: GPU decode, torch product."""
+    for name, Q in (("QA", QA), ("QB", QB)):
+        if Q.method != "nested" or Q.mode != "fixed":
+            raise ValueError(f"backend='triton' needs nested fixed-mode operands; "
+                             f"{name} has method={Q.method!r}, mode={Q.mode!r}")
+    _backend.resolve("triton", tensor_input=True)   # RuntimeError if unusable
+    import torch
+
+    # a CUDA device, else CPU tensors for the Triton interpreter
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    from nqlib.kernels.gpu import matmul_triton as mt
+
+    n = QA.shape[0]
+    if not _same_domain(QA, QB):
+        C = mt.dequantized_rows(QA, device=device) @ mt.dequantized_rows(
+            QB, device=device).T
+    else:
+        def scaled(Q):
+            scales = torch.from_numpy(Q._row_scales()).to(device)
+            return mt.decoded_rows(Q, device=device) * scales[:, None]
+
+        C = scaled(QA) @ scaled(QB).T
+        if QA.center:
+            mu = torch.from_numpy(QA.means.astype(np.float64)).to(device)
+            nu = torch.from_numpy(QB.means.astype(np.float64)).to(device)
+            C = C + n * torch.outer(mu, nu)
+    return C.cpu().numpy()
 
 
 def matmul_distortion(A, B, C_hat) -> float:

@@ -96,8 +96,17 @@ class RandomHadamard:
         arr = _checks.as_float_array(x, "x", last_dim=self.n, dtype=np.float64)
         return arr
 
-    def apply(self, x, *, backend: str = "auto") -> np.ndarray:
-        """``P x`` for every row ``x`` of ``x`` (shape ``(..., n)``), float64."""
+    def apply(self, x, *, backend: str = "auto"):
+        """``P x`` for every row ``x`` of ``x`` (shape ``(..., n)``).
+
+        An ndarray gives a float64 ndarray. A torch tensor gives a tensor on
+        its device: float64 stays float64, other dtypes are computed and
+        returned in float32 (half types are returned in their own dtype).
+        ``backend="auto"`` runs Triton for CUDA tensors (and for CPU tensors
+        under ``TRITON_INTERPRET=1``), numba otherwise.
+        """
+        if _backend.is_torch_tensor(x):
+            return self._tensor_rows(x, backend, inverse=False)
         arr = self._check(x)
         backend = _backend.resolve(backend, tensor_input=False)
         if backend == "numpy":
@@ -106,8 +115,11 @@ class RandomHadamard:
         rows *= self.signs
         return self._mix(rows, transpose=False).reshape(arr.shape)
 
-    def inverse(self, y, *, backend: str = "auto") -> np.ndarray:
-        """``P^T y`` for every row (the inverse rotation), float64."""
+    def inverse(self, y, *, backend: str = "auto"):
+        """``P^T y`` for every row (the inverse rotation); types as in
+        :meth:`apply`."""
+        if _backend.is_torch_tensor(y):
+            return self._tensor_rows(y, backend, inverse=True)
         arr = self._check(y)
         backend = _backend.resolve(backend, tensor_input=False)
         if backend == "numpy":
@@ -116,6 +128,35 @@ class RandomHadamard:
         out = self._mix(rows, transpose=True)
         out *= self.signs
         return out.reshape(arr.shape)
+
+    def _tensor_rows(self, x, backend, *, inverse):
+        """``P x`` (or ``P^T x``) for a torch tensor, on its device."""
+        import torch
+
+        backend = _backend.resolve(backend, tensor_input=True,
+                                   device=_backend.tensor_device(x))
+        if x.dtype == torch.bool or x.is_complex():
+            raise ValueError(f"x must be a real numeric array, got dtype {x.dtype}")
+        if x.ndim == 0 or x.shape[-1] != self.n:
+            raise ValueError(f"x must have last dimension {self.n}, got shape "
+                             f"{tuple(x.shape)}")
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out_dtype = x.dtype if x.is_floating_point() else torch.float32
+        if backend != "triton":
+            arr = x.detach().to("cpu", torch.float64).numpy()
+            op = self.inverse if inverse else self.apply
+            out = torch.from_numpy(op(arr, backend=backend))
+            return out.to(device=x.device, dtype=out_dtype)
+        from nqlib.kernels.gpu.hadamard_triton import random_hadamard
+
+        rows = x.detach().reshape(-1, self.n).to(work).contiguous()
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError("x contains NaN or Inf")
+        # the cached parameters are read-only arrays: copy them into torch
+        signs = torch.tensor(self.signs, dtype=work, device=x.device)
+        O = torch.tensor(self.orthogonal, dtype=work, device=x.device)
+        out = random_hadamard(rows, signs, O, self.power_of_two, inverse=inverse)
+        return out.reshape(x.shape).to(out_dtype)
 
     def _mix(self, rows, *, transpose):
         # (H ⊗ O) acting on rows reshaped to (p, m): H along p, O along m.

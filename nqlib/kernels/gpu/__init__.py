@@ -2,7 +2,10 @@
 
 One module per operation, each holding its ``@triton.jit`` kernels and the
 launchers that check, allocate and launch them: :mod:`.lattice_triton`
-(closest lattice point) and :mod:`.voronoi_triton` (Voronoi encode/decode).
+(closest lattice point), :mod:`.voronoi_triton` (Voronoi encode/decode),
+:mod:`.hadamard_triton` (the seeded block Walsh-Hadamard rotation) and
+:mod:`.matmul_triton` (the fixed-mode weight layout and the fused
+decode-in-registers matmul behind :class:`nqlib.nn.QuantLinear`).
 They import torch and triton, so ``import nqlib`` never imports them: the
 public API imports them inside its ``backend == "triton"`` branches.
 

@@ -1,0 +1,296 @@
+"""Hessian-aware rounding: LDLQ / GPTQ-style error feedback for the
+fixed-rate nested-lattice code.
+
+A weight matrix with rows ``w_i`` (length ``n``) multiplies activations
+``x``; the output error of row ``i`` is ``x^T (w_hat_i - w_i)``. Plain
+quantization makes every weight row accurate; it does not look at which
+directions the activations actually excite. Given their second moment
+``H = E[x x^T]`` (from calibration data), the expected squared output error
+of the row is ``(w_hat_i - w_i) H (w_hat_i - w_i)^T``, and the blocks of a
+row can be coded one after the other, each correcting the error the earlier
+ones left in the directions ``H`` cares about (Frantar et al., GPTQ, 2022;
+Chee et al., QuIP's LDLQ, 2023; NestQuant uses it with E8). The output here
+is a standard ``mode="fixed"`` :class:`~nqlib.QuantizedMatrix`: the same
+side information, words and payload layout, so decoding, storage and
+:func:`nqlib.matmul` are unchanged -- only which words are chosen differs.
+
+**The coded domain.** :func:`nqlib.quantize` codes ``y_i = P (w_i - mu_i 1)
+sqrt(N) / s_i`` (centred, normalised, padded to ``N`` and rotated by ``P``),
+and the decoder returns ``y_hat_i = alpha Pi c_i``, where ``c_i`` are the
+decoded E8 blocks and ``Pi`` removes the padding and the mean direction.
+Since ``x^T (w_hat_i - w_i) = (s_i / sqrt(N)) x'^T (y_hat_i - y_i)`` with
+``x' = Pi P x`` (``Pi y_i = y_i``), the per-row loss is
+``(y_hat_i - y_i) H' (y_hat_i - y_i)^T`` with ``H' = Pi P H P^T Pi``; the
+factor ``s_i^2 / N`` does not change the best codes of row ``i``.
+
+**The block update (derivation).** Split ``y`` (one row; all rows share
+``H'``) into ``B = N / 8`` blocks ``y_b``. Code them in order; the block
+quantizer ``Q`` (the fixed-rate E8 code) sees
+
+    u_b = y_b + sum_{c<b} eta_c F_cb,    eta_c = Q(u_c) - u_c,
+
+with 8 x 8 feedback matrices ``F_cb`` to be chosen. Then
+``y_hat_b - y_b = eta_b + sum_{c<b} eta_c F_cb``, i.e. ``Delta = eta V``
+with ``V`` unit block-upper-triangular (``V_bb = I``, ``V_cb = F_cb``), and
+the loss is ``eta V H' V^T eta^T``. Write the Cholesky factorisation of the
+inverse, ``H'^{-1} = R^T R`` (``R`` upper triangular), let ``R_D`` hold its
+8 x 8 diagonal blocks, and take ``V = R_D^{-1} R``, i.e.
+``F_cb = R_cc^{-1} R_cb``. Then
+
+    V H' V^T = R_D^{-1} R (R^T R)^{-1} R^T R_D^{-T} = (R_D^T R_D)^{-1},
+
+block diagonal: the loss is ``sum_b eta_b D_b eta_b^T`` with
+``D_b = (R_bb^T R_bb)^{-1}``, the Schur complement of ``H'`` on the blocks
+``>= b`` onto block ``b`` (the conditional covariance of ``x'_b`` given the
+later blocks), so ``D_b <= H'_bb``. If the lattice errors are white with
+variance ``m`` per entry, the expected loss falls from ``m tr H'`` (plain
+rounding) to ``m sum_b tr D_b``. In code: after coding block ``c``, add
+``eta_c R_cc^{-1} R_{c,>c}`` to the not yet coded coordinates of every row.
+``H'`` is damped, ``H' + lambda I`` with ``lambda`` a fraction ``damp`` of
+its mean diagonal, so that the factorisation exists for rank-deficient
+calibration statistics (and the padding and mean directions, which ``Pi``
+removes).
+
+The MMSE shrinkage is chosen for the output loss too:
+``alpha = <Y, Y_c>_H' / <Y_c, Y_c>_H'`` (undamped ``H'``), which is the plain
+quantizer's ``alpha`` when ``H'`` is the identity.
+
+Book: chapter "Quantizing a sentence-embedding model", label ``ch-minilm``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from nqlib import _backend, _checks
+from nqlib.quantizers.matrix import (
+    QuantizedMatrix,
+    _as_matrix,
+    _dither,
+    _project,
+    quantize,
+)
+
+__all__ = ["quantize_ldlq", "DEFAULT_DAMP"]
+
+#: damping of H' as a fraction of its mean diagonal (the GPTQ default)
+DEFAULT_DAMP = 0.01
+
+
+def _coded_domain(A, template: QuantizedMatrix) -> np.ndarray:
+    """The rows ``y_i`` (a, n_pad) that :func:`quantize` codes, rebuilt from
+    the template's stored (float32) means and norms with the same arithmetic
+    as the quantizer."""
+    n, a = template.shape
+    n_pad = template.n_pad
+    X = np.ascontiguousarray(A.T)
+    if template.center:
+        X = X - template.means.astype(np.float64)[:, None]
+    Y = np.zeros((a, n_pad))
+    Y[:, :n] = X
+    if template.normalize:
+        s = template.norms.astype(np.float64)
+        Y *= np.where(s > 0, np.sqrt(n_pad) / np.where(s > 0, s, 1.0), 0.0)[:, None]
+    P = template.rotation()
+    return P.apply(Y) if P is not None else Y
+
+
+def _coded_hessian(H, template: QuantizedMatrix) -> np.ndarray:
+    """``H' = Pi P H P^T Pi`` in the coded domain (n_pad x n_pad)."""
+    n = template.shape[0]
+    n_pad = template.n_pad
+    Hp = np.zeros((n_pad, n_pad))
+    Hp[:n, :n] = H
+    P = template.rotation()
+    if P is not None:
+        Hp = P.apply(P.apply(Hp).T)  # P Hp P^T (Hp symmetric)
+    # Pi: Hp already lives in the span of the unpadded coordinates (which
+    # contains the mean direction u), so only u is left to project out:
+    # (I - u u^T) Hp (I - u u^T).
+    if template.center:
+        u = np.zeros(n_pad)
+        u[:n] = 1 / np.sqrt(n)
+        if P is not None:
+            u = P.apply(u)
+        Hu = Hp @ u
+        Hp = Hp - np.outer(u, Hu) - np.outer(Hu, u) + float(u @ Hu) * np.outer(u, u)
+    return 0.5 * (Hp + Hp.T)
+
+
+def _feedback(Hc, damp) -> np.ndarray:
+    """The feedback rows ``V = R_D^{-1} R`` (n_pad x n_pad, unit block-upper
+    triangular), ``R`` the upper Cholesky factor of ``(H' + lambda I)^{-1}``.
+
+    With ``J`` the reversal permutation, ``J H J = L L^T`` gives
+    ``H = M M^T`` with ``M = J L J`` upper triangular, and ``R = M^{-1}``.
+    """
+    from scipy.linalg import solve_triangular
+
+    N = Hc.shape[0]
+    trace = float(np.trace(Hc))
+    if trace == 0:  # no activation energy: nothing to weigh, no feedback
+        return np.eye(N)
+    Hd = Hc + (damp * abs(trace) / N) * np.eye(N)
+    try:
+        L = np.linalg.cholesky(Hd[::-1, ::-1])
+    except np.linalg.LinAlgError:
+        raise ValueError("H is not positive definite after damping: pass a "
+                         "positive semi-definite H and damp > 0") from None
+    M = np.ascontiguousarray(L[::-1, ::-1])
+    R = solve_triangular(M, np.eye(N), lower=False)
+    B = N // 8
+    blocks = np.arange(B)
+    diag = R.reshape(B, 8, B, 8)[blocks, :, blocks, :]  # (B, 8, 8): R_bb
+    return np.matmul(np.linalg.inv(diag), R.reshape(B, 8, N)).reshape(N, N)
+
+
+def _block_coders(backend):
+    """(encode, decode) of rows of 8 with the multi-scale E8 code."""
+    if backend == "numpy":
+        from nqlib.reference.nested import decode_multiscale, encode_multiscale
+
+        def enc(x, q, betas, z):
+            codes, index, _ = encode_multiscale(x, q, betas, z)
+            return codes, index
+
+        return enc, decode_multiscale
+    from nqlib.kernels.cpu import nested as kern
+
+    def enc(x, q, betas, z):
+        m = x.shape[0]
+        codes = np.empty((m, 8), dtype=np.int64)
+        index = np.empty(m, dtype=np.int64)
+        kern.encode_multiscale_rows(x, q, betas, z, codes, index, np.empty(m))
+        return codes, index
+
+    def dec(codes, index, q, betas, z):
+        out = np.empty((codes.shape[0], 8))
+        kern.decode_multiscale_rows(codes, index, q, betas, z, out)
+        return out
+
+    return enc, dec
+
+
+def _pack_part(codes, index, part):
+    """Payload part (L, q, betas, packed words) as ``_encode_fixed_part``
+    writes it."""
+    from nqlib.kernels.cpu import nested as kern
+
+    nb = codes.shape[0]
+    words = np.empty(nb, dtype=np.uint64)
+    kern.mixed_radix_words(codes, index, part["q"], words)
+    packed = np.zeros(-(-nb * part["L"] // 8), dtype=np.uint8)
+    kern.pack_words(words, part["L"], packed)
+    return dict(L=part["L"], q=part["q"], betas=part["betas"], packed=packed)
+
+
+def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
+                  dither=False, center=True, normalize=True, rotate=True,
+                  sketch=True, backend="auto") -> QuantizedMatrix:
+    """Quantize the columns of ``A`` with Hessian-aware rounding (fixed mode).
+
+    Parameters
+    ----------
+    A : array_like or torch.Tensor, shape (n, a)
+        The matrix; its columns are the vectors (for a linear layer with
+        weight ``W``, ``A = W.T``).
+    rate : float
+        Target rate in bits per entry, as in :func:`nqlib.quantize` with
+        ``mode="fixed"``; the achieved rate is the same as that quantizer's
+        (same plan, same file layout).
+    H : array_like, shape (n, n)
+        Second moment ``E[x x^T]`` of the vectors the columns of ``A`` will
+        be multiplied with (a layer's input activations), symmetric positive
+        semi-definite.
+    seed : int
+        Shared seed (rotation, dither), as in :func:`nqlib.quantize`.
+    damp : float
+        Damping ``lambda = damp * mean diag(H')`` added to ``H'`` before the
+        factorisation (>= 0).
+    estimator, dither, center, normalize, rotate, sketch, backend
+        As in :func:`nqlib.quantize` (method ``"nested"``, mode
+        ``"fixed"``).
+
+    Returns
+    -------
+    QuantizedMatrix
+        A standard fixed-mode matrix: :func:`nqlib.load`,
+        :meth:`~nqlib.QuantizedMatrix.dequantize` and :func:`nqlib.matmul`
+        treat it like any other.
+
+    Raises
+    ------
+    ValueError
+        Bad ``A`` or rate (as :func:`nqlib.quantize`), ``H`` of the wrong
+        shape, not finite, or not positive definite after damping.
+
+    Notes
+    -----
+    The derivation of the block update is in this module's docstring. With
+    ``H`` proportional to the identity and ``center=False`` the feedback
+    vanishes and the words are those of ``quantize(A, rate, mode="fixed")``.
+    Book: chapter "Quantizing a sentence-embedding model", label
+    ``ch-minilm``.
+    """
+    A = _as_matrix(A)
+    n, a = A.shape
+    H = _checks.as_float_array(H, "H", ndim=2, dtype=np.float64)
+    if H.shape != (n, n):
+        raise ValueError(f"H must have shape {(n, n)} (the inner dimension of "
+                         f"A), got {H.shape}")
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not (
+            np.isfinite(damp) and damp >= 0):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    backend = _backend.resolve(backend, tensor_input=False)
+    # The plain fixed-mode quantizer fixes the side information and the plan
+    # (which word length codes which blocks); only the words are redone.
+    template = quantize(A, rate, seed=seed, mode="fixed", method="nested",
+                        estimator=estimator, dither=dither, center=center,
+                        normalize=normalize, rotate=rotate, sketch=sketch,
+                        backend=backend)
+    Y = _coded_domain(A, template)
+    Hc = _coded_hessian(0.5 * (H + H.T), template)
+    V = _feedback(Hc, float(damp))
+    n_pad = template.n_pad
+    B = n_pad // 8
+    p = template.payload
+    h = p["h"]
+    zb = (_dither(seed, n_pad, a, a * B).reshape(a, B, 8) if template.dither
+          else None)
+    enc, dec = _block_coders(backend)
+    codes = np.zeros((a, B, 8), dtype=np.int64)
+    index = np.zeros((a, B), dtype=np.int64)
+    U = Y.copy()
+    C = np.zeros_like(Y)  # decoded blocks (before projection and shrinkage)
+    for b in range(B):
+        part = p["hi"] if b < h else p["lo"]
+        cols = slice(8 * b, 8 * b + 8)
+        u = np.ascontiguousarray(U[:, cols])
+        if part["L"]:
+            betas = part["betas"].astype(np.float64)
+            z = np.ascontiguousarray(zb[:, b]) if zb is not None else np.zeros((1, 8))
+            codes[:, b], index[:, b] = enc(u, part["q"], betas, z)
+            C[:, cols] = dec(codes[:, b], index[:, b], part["q"], betas, z)
+        if b + 1 < B:  # u_{>b} += eta_b R_bb^{-1} R_{b,>b}
+            U[:, 8 * b + 8:] += (C[:, cols] - u) @ V[cols, 8 * b + 8:]
+    parts = {}
+    for name, sl in (("hi", slice(0, h)), ("lo", slice(h, B))):
+        part = p[name]
+        if part["L"] == 0 or sl.stop == sl.start:
+            parts[name] = part
+            continue
+        parts[name] = _pack_part(np.ascontiguousarray(codes[:, sl].reshape(-1, 8)),
+                                 np.ascontiguousarray(index[:, sl].reshape(-1)),
+                                 part)
+    qm = QuantizedMatrix(shape=(n, a), rate=template.rate, method="nested",
+                         mode="fixed", flags=template.flags, seed=template.seed,
+                         alpha=1.0, means=template.means, norms=template.norms,
+                         payload=dict(h=h, **parts))
+    if qm.estimator == "mmse":
+        Yc = _project(C, qm)
+        G = Yc @ Hc
+        den = float((G * Yc).sum())
+        qm.alpha = float(np.float32((G * Y).sum() / den)) if den > 0 else 1.0
+    return qm
