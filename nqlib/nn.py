@@ -21,6 +21,7 @@ import torch
 
 from nqlib import _backend
 from nqlib.matmul import matmul
+from nqlib.quantizers import matrix as _matrix
 from nqlib.quantizers.matrix import QuantizedMatrix, quantize
 
 __all__ = ["QuantLinear", "quantize_model", "QuantizationReport",
@@ -511,7 +512,10 @@ def _quantized_activations(x2, act_rate, qw, act_mode):
         return hit[2]
     X = x2.detach().to("cpu", torch.float64).numpy()
     kw = {} if mode is None else {"mode": mode}
-    QX = quantize(X.T, act_rate, seed=qw.seed, method=method, **kw)
+    # keep_decoded: the MMSE step decodes the rows anyway; keeping them saves
+    # decoding them again in the product (bit-identical to decoding the bytes)
+    QX = _matrix._quantize(X.T, act_rate, seed=qw.seed, method=method,
+                           keep_decoded=True, **kw)
     _ACT_CACHE[0] = (key, x2.detach().clone(), QX)
     return QX
 

@@ -198,6 +198,45 @@ def test_dither_round_trip(mode):
     np.testing.assert_array_equal(R.dequantize(), Q.dequantize())
 
 
+@pytest.mark.parametrize("mode", ["variable", "fixed"])
+def test_operands_of_equal_shape_get_independent_dithers(mode):
+    """The dither is drawn from the seed and a key hashed from the matrix, so
+    A and B of the same shape and seed get different dithers (the universal
+    guarantee needs independent ones); the same matrix gets the same key."""
+    A = gaussian((256, 8), seed=8)
+    B = A + 1e-3 * gaussian((256, 8), seed=9)
+    QA = nqlib.quantize(A, 4, mode=mode, dither=True, seed=3)
+    QB = nqlib.quantize(B, 4, mode=mode, dither=True, seed=3)
+    QA2 = nqlib.quantize(A.copy(), 4, mode=mode, dither=True, seed=3)
+    assert QA.dither_key != QB.dither_key
+    assert QA.dither_key == QA2.dither_key
+    assert QA.to_bytes() == QA2.to_bytes()
+    za = matrix._dither(3, QA.n_pad, 8, 256, QA.dither_key)
+    zb = matrix._dither(3, QB.n_pad, 8, 256, QB.dither_key)
+    assert not np.any(za == zb)
+    # the key travels in the file (8 bytes, counted in bits_per_entry)
+    R = matrix.QuantizedMatrix.from_bytes(QB.to_bytes())
+    assert R.dither_key == QB.dither_key
+    np.testing.assert_array_equal(R.dequantize(), QB.dequantize())
+    Qn = nqlib.quantize(A, 4, mode=mode, dither=False, seed=3)
+    assert Qn.dither_key == 0
+
+
+def test_dithered_errors_of_near_equal_operands_are_uncorrelated():
+    """Without dither the errors of two nearly equal matrices coincide; with
+    independent dithers their correlation is near 0."""
+    A = gaussian((512, 16), seed=10)
+    B = A + 1e-4 * gaussian((512, 16), seed=11)
+    corr = {}
+    for dither in (False, True):
+        kw = dict(dither=dither, seed=5, estimator="unbiased")
+        eA = nqlib.quantize(A, 2, **kw).dequantize() - A
+        eB = nqlib.quantize(B, 2, **kw).dequantize() - B
+        corr[dither] = float((eA * eB).sum() / np.sqrt((eA**2).sum() * (eB**2).sum()))
+    assert corr[False] > 0.9, corr
+    assert abs(corr[True]) < 0.1, corr
+
+
 # ------------------------------------------------------- degenerate data
 @pytest.mark.parametrize("method,mode", CODED, ids=ids(CODED))
 def test_constant_columns_are_exact(method, mode):
@@ -369,3 +408,28 @@ def test_rtn_scale_out_of_float16_range_is_refused(method):
         nqlib.quantize(A * 1e-9, 4, method=method)
     with pytest.raises(ValueError, match="overflows float16"):
         nqlib.quantize(A * 1e7, 4, method=method)
+
+
+# ------------------------------------------------- the kept decoded rows
+def test_private_quantize_has_the_public_defaults():
+    import inspect
+
+    pub = inspect.signature(nqlib.quantize).parameters
+    priv = inspect.signature(matrix._quantize).parameters
+    assert {k: v.default for k, v in pub.items()} == {
+        k: v.default for k, v in priv.items() if k != "keep_decoded"}
+
+
+@pytest.mark.parametrize("method,mode", CODED, ids=ids(CODED))
+@pytest.mark.parametrize("shape", [(512, 16), (300, 31)])
+@pytest.mark.parametrize("rate", [0.75, 2.0, 4.5])
+def test_kept_decoded_rows_equal_decoding_the_bytes(method, mode, shape, rate):
+    """keep_decoded (used for activations) caches the rows the MMSE step
+    computed; they must be bit-identical to decoding the file."""
+    A = gaussian(shape, seed=12) + 0.5
+    Q = matrix._quantize(A, rate, method=method, mode=mode, seed=4,
+                         dither=method == "nested", keep_decoded=True)
+    assert Q._decoded is not None and not Q._decoded.flags.writeable
+    R = matrix.QuantizedMatrix.from_bytes(Q.to_bytes())
+    np.testing.assert_array_equal(Q._rows(), R._rows())
+    assert nqlib.quantize(A, rate, method=method, mode=mode)._decoded is None

@@ -257,8 +257,9 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
     B = n_pad // 8
     p = template.payload
     h = p["h"]
-    zb = (_dither(seed, n_pad, a, a * B).reshape(a, B, 8) if template.dither
-          else None)
+    zb = None
+    if template.dither:
+        zb = _dither(seed, n_pad, a, a * B, template.dither_key).reshape(a, B, 8)
     enc, dec = _block_coders(backend)
     codes = np.zeros((a, B, 8), dtype=np.int64)
     index = np.zeros((a, B), dtype=np.int64)
@@ -287,7 +288,8 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
     qm = QuantizedMatrix(shape=(n, a), rate=template.rate, method="nested",
                          mode="fixed", flags=template.flags, seed=template.seed,
                          alpha=1.0, means=template.means, norms=template.norms,
-                         payload=dict(h=h, **parts))
+                         payload=dict(h=h, **parts),
+                         dither_key=template.dither_key)
     if qm.estimator == "mmse":
         Yc = _project(C, qm)
         G = Yc @ Hc

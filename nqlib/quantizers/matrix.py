@@ -31,6 +31,7 @@ Book: chapter "The practical quantizer", label ``ch-practical``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import numbers
@@ -107,17 +108,36 @@ def _padded(n: int) -> int:
     return -(-n // 8) * 8
 
 
-def _dither(seed: int, n_pad: int, a: int, nblocks: int) -> np.ndarray:
+def _dither(seed: int, n_pad: int, a: int, nblocks: int, key: int) -> np.ndarray:
     """Subtractive dither uniform on the Voronoi cell of E8, one per block.
 
     ``w = G u`` with ``u`` uniform on [0, 1)^8 is uniform on a fundamental
-    parallelepiped; ``w - Q(w)`` is then uniform on the Voronoi cell.
+    parallelepiped; ``w - Q(w)`` is then uniform on the Voronoi cell. The
+    stream is seeded by the shared seed *and* the matrix's 64-bit dither
+    key (:func:`_dither_key`, stored in the file), so the two operands of a
+    product draw independent dithers even when they have the same shape.
     """
     from nqlib.lattices import E8
 
-    rng = np.random.default_rng([seed, n_pad, a, 0x64])  # 'd': dither stream
+    rng = np.random.default_rng([seed, n_pad, a, 0x64, key])  # 'd': dither
     w = rng.random((nblocks, 8)) @ E8().generator.T
     return w - E8().closest_point(w)
+
+
+def _dither_key(A: np.ndarray) -> int:
+    """64-bit dither key of a matrix: a BLAKE2b digest of its shape and
+    float64 entries.
+
+    Deterministic (same input and seed give byte-identical output), and
+    different matrices get keys that are different with overwhelming
+    probability -- hence independent dithers for ``A`` and ``B`` in
+    ``A.T @ B``. Only a matrix multiplied by itself shares its dither, as
+    it shares its whole code.
+    """
+    h = hashlib.blake2b(digest_size=8, person=b"nqlib-dither")
+    h.update(struct.pack("<QQ", *A.shape))
+    h.update(np.ascontiguousarray(A, dtype=np.float64).tobytes())
+    return int.from_bytes(h.digest(), "little")
 
 
 def _unit_mean_direction(P: RandomHadamard, n: int) -> np.ndarray:
@@ -140,6 +160,9 @@ class QuantizedMatrix:
         How it was quantized.
     seed : int
         The shared seed (rotation, dither).
+    dither_key : int
+        With ``dither``: the 64-bit key that, with ``seed``, draws this
+        matrix's dither (stored in the file; 0 when there is no dither).
 
     Notes
     -----
@@ -149,13 +172,14 @@ class QuantizedMatrix:
     """
 
     def __init__(self, *, shape, rate, method, mode, flags, seed, alpha,
-                 means, norms, payload):
+                 means, norms, payload, dither_key=0):
         self.shape = (int(shape[0]), int(shape[1]))
         self.rate = float(np.float32(rate))
         self.method = method
         self.mode = mode
         self.flags = int(flags)
         self.seed = int(seed)
+        self.dither_key = int(dither_key)
         self.alpha = float(np.float32(alpha))
         self.means = means
         self.norms = norms
@@ -263,6 +287,8 @@ class QuantizedMatrix:
                MODES.index(self.mode), self.flags, 0, self.shape[0],
                self.shape[1], self.seed, self.rate)
         w.pack("f", self.alpha)
+        if self.dither:
+            w.pack("Q", self.dither_key)
         if self.center:
             w.array(self.means, np.float32)
         if self.normalize:
@@ -304,11 +330,12 @@ class QuantizedMatrix:
         if mi >= len(METHODS) or mo >= len(MODES):
             raise ValueError("corrupted header: unknown method or mode")
         (alpha,) = r.unpack("f")
+        (dither_key,) = r.unpack("Q") if flags & _FLAG_DITHER else (0,)
         means = r.array(np.float32, a) if flags & _FLAG_CENTER else None
         norms = r.array(np.float32, a) if flags & _FLAG_NORMALIZE else None
         qm = cls(shape=(n, a), rate=rate, method=METHODS[mi], mode=MODES[mo],
                  flags=flags, seed=seed, alpha=alpha, means=means, norms=norms,
-                 payload={})
+                 payload={}, dither_key=dither_key)
         qm.payload = _read_payload(r, qm)
         if r.pos != len(body):
             raise ValueError("quantized matrix data has trailing bytes")
@@ -400,7 +427,7 @@ def _decode_codes(qm: QuantizedMatrix) -> np.ndarray:
     p = qm.payload
     if qm.method == "nested":
         nblocks = a * n_pad // 8
-        z = (_dither(qm.seed, n_pad, a, nblocks) if qm.dither
+        z = (_dither(qm.seed, n_pad, a, nblocks, qm.dither_key) if qm.dither
              else np.zeros((1, 8)))
         B = n_pad // 8
         zb = z.reshape(a, B, 8) if qm.dither else None
@@ -556,10 +583,18 @@ def quantize(A, rate, *, seed=0, mode="variable", method="nested",
         The nested-lattice quantizer, or a baseline through the same API.
     estimator : {"mmse", "unbiased"}
         Decoder: with the MMSE shrinkage (lower error, biased) or without.
+        "Unbiased" is exact over the dither (``dither=True``) in variable
+        mode when nothing is sketched away; in fixed mode the scale of each
+        block is chosen after seeing the block (to avoid overload), which
+        leaves a small input-dependent bias, and without dither the error is
+        a deterministic function of the input.
     dither : bool
-        Subtractive dither, uniform on the E8 Voronoi cell, from the seed
-        (nested only). Makes the error independent of the input; costs a
-        little rate at low rates.
+        Subtractive dither, uniform on the E8 Voronoi cell (nested only).
+        Makes the error independent of the input; costs a little rate at
+        low rates. It is drawn from ``seed`` and a 64-bit key hashed from
+        ``A`` (stored, 8 bytes), so two different matrices get independent
+        dithers even with the same seed and shape -- what the universal
+        guarantee of chapter ``ch-universal`` needs.
     center, normalize, rotate : bool
         Switch off a step of the pipeline (for ablations). ``rotate`` is
         forced False for ``"rtn"`` and True for ``"rtn-hadamard"``.
@@ -598,6 +633,19 @@ def quantize(A, rate, *, seed=0, mode="variable", method="nested",
     Same input, options and seed give byte-identical output. Book: chapter
     "The practical quantizer", label ``ch-practical``.
     """
+    return _quantize(A, rate, seed=seed, mode=mode, method=method,
+                     estimator=estimator, dither=dither, center=center,
+                     normalize=normalize, rotate=rotate, sketch=sketch,
+                     group_size=group_size, backend=backend)
+
+
+def _quantize(A, rate, *, seed=0, mode="variable", method="nested",
+              estimator="mmse", dither=False, center=True, normalize=True,
+              rotate=True, sketch=True, group_size=128, backend="auto",
+              keep_decoded=False) -> QuantizedMatrix:
+    """:func:`quantize`; ``keep_decoded`` keeps the decoded rows that the
+    MMSE estimator computes anyway as the :meth:`QuantizedMatrix._rows`
+    cache (for activations quantized on the fly and multiplied at once)."""
     _check_choice(method, "method", METHODS)
     _check_choice(mode, "mode", MODES)
     _check_choice(estimator, "estimator", ESTIMATORS)
@@ -645,7 +693,8 @@ def quantize(A, rate, *, seed=0, mode="variable", method="nested",
         Xp = RandomHadamard(n_pad, seed).apply(Xp)
     qm = QuantizedMatrix(shape=(n, a), rate=rate, method=method, mode=mode,
                          flags=flags, seed=seed, alpha=1.0, means=means,
-                         norms=norms, payload={})
+                         norms=norms, payload={},
+                         dither_key=_dither_key(A) if flags & _FLAG_DITHER else 0)
     if method == "nested" and mode == "variable":
         _encode_variable(qm, Xp, backend, sketch)
     elif method == "nested":
@@ -661,13 +710,17 @@ def quantize(A, rate, *, seed=0, mode="variable", method="nested",
         qm.alpha = float(np.float32((Yhat * Xp).sum() / den)) if den > 0 else 1.0
     qm._bytes = None
     qm._decoded = None
+    if keep_decoded and estimator == "mmse":
+        # exactly _decode_rows(qm): the same projection times the same alpha
+        qm._decoded = Yhat * qm.alpha
+        qm._decoded.setflags(write=False)
     qm._raw = None
     return qm
 
 
 def _fixed_overhead_bits(qm: QuantizedMatrix, payload_fixed_bytes: int) -> int:
     n, a = qm.shape
-    side = 4 * a * (bool(qm.center) + bool(qm.normalize))
+    side = 4 * a * (bool(qm.center) + bool(qm.normalize)) + 8 * bool(qm.dither)
     return 8 * (len(MAGIC) + 1 + _HEADER.size + 4 + side + payload_fixed_bytes + 4)
 
 
@@ -714,7 +767,7 @@ def _encode_variable(qm, Y, backend, sketch):
     blocks = np.ascontiguousarray(Y.reshape(a, B, 8)[:, :keep].reshape(-1, 8))
     nb = blocks.shape[0]
     if qm.dither:
-        zfull = _dither(qm.seed, n_pad, a, a * B).reshape(a, B, 8)
+        zfull = _dither(qm.seed, n_pad, a, a * B, qm.dither_key).reshape(a, B, 8)
         z = np.ascontiguousarray(zfull[:, :keep].reshape(-1, 8))
     else:
         z = np.zeros((1, 8))
@@ -839,7 +892,7 @@ def _encode_fixed(qm, Y, backend, sketch):
                          "fits the budget")
     blocks = Y.reshape(a, B, 8)
     if qm.dither:
-        zb = _dither(qm.seed, n_pad, a, a * B).reshape(a, B, 8)
+        zb = _dither(qm.seed, n_pad, a, a * B, qm.dither_key).reshape(a, B, 8)
     empty = dict(L=0, q=0, betas=np.zeros(0, dtype=np.float32),
                  packed=np.zeros(0, dtype=np.uint8))
     parts = {}

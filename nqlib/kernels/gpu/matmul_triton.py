@@ -647,7 +647,7 @@ def gpu_layout(qm, device=None) -> GpuLayout:
     dither = None
     row_scale = row_offset = None
     if qm.dither:
-        z = _dither(qm.seed, n_pad, a, a * B).reshape(a, n_pad)
+        z = _dither(qm.seed, n_pad, a, a * B, qm.dither_key).reshape(a, n_pad)
         dither = torch.from_numpy(np.ascontiguousarray(z)).to(device)
     else:
         scale = qm.alpha * qm._row_scales()
