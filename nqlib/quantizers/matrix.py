@@ -128,11 +128,12 @@ def _dither_key(A: np.ndarray) -> int:
     """64-bit dither key of a matrix: a BLAKE2b digest of its shape and
     float64 entries.
 
-    Deterministic (same input and seed give byte-identical output), and
-    different matrices get keys that are different with overwhelming
-    probability -- hence independent dithers for ``A`` and ``B`` in
-    ``A.T @ B``. Only a matrix multiplied by itself shares its dither, as
-    it shares its whole code.
+    The same matrix always gets the same key (so :func:`quantize` stays
+    deterministic), and different matrices get different keys with
+    overwhelming probability -- hence, with the shared seed, independent
+    pseudo-random dither streams for ``A`` and ``B`` in ``A.T @ B``. Only a
+    matrix multiplied by itself shares its dither, as it shares its whole
+    code.
     """
     h = hashlib.blake2b(digest_size=8, person=b"nqlib-dither")
     h.update(struct.pack("<QQ", *A.shape))

@@ -91,9 +91,8 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr):
                     found = s_min
                     break
             if found >= 0:
-                for j in range(8):
-                    t[j] = T[found, j]
-                wrap_e8_into(t, q, crow, kk, uk, w, tmp, u)
+                # crow already holds the codes of the last wrapped, i.e. the
+                # kept, candidate
                 best_err = g[found]
             else:
                 # every scale overloads: keep the nearest actual output
