@@ -63,7 +63,12 @@ class QuantLinear(torch.nn.Module):
                              f"{(in_features, out_features)}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.act_rate = None if act_rate is None else float(act_rate)
+        if act_rate is not None:
+            # the activation quantizer's own rules (range, integer widths for
+            # the rtn methods), checked now rather than at the first forward
+            act_rate = _matrix._check_rate(act_rate, qweight.method)
+            _matrix._check_choice(act_mode, "act_mode", _matrix.MODES)
+        self.act_rate = act_rate
         self.act_mode = act_mode
         self.register_buffer("qweight", torch.from_numpy(
             np.frombuffer(qweight.to_bytes(), dtype=np.uint8).copy()))

@@ -388,3 +388,16 @@ def test_quantize_model_ldlq_with_calibration():
     with pytest.raises(ValueError, match="no second moment"):
         quantize_model(copy.deepcopy(ref), 4.0, method="nested-ldlq",
                        calibration={"0": np.eye(n)}, progress=False)
+
+
+@pytest.mark.parametrize("act_rate", [0.0, -1.0, float("nan"), 9.0, "4"])
+def test_bad_act_rate_is_refused_when_building(act_rate):
+    lin = torch.nn.Linear(64, 16)
+    with pytest.raises(ValueError, match="rate"):
+        QuantLinear.from_linear(lin, 4.0, act_rate=act_rate)
+
+
+def test_bad_act_mode_is_refused_when_building():
+    lin = torch.nn.Linear(64, 16)
+    with pytest.raises(ValueError, match="act_mode"):
+        QuantLinear.from_linear(lin, 4.0, act_rate=4.0, act_mode="fast")
