@@ -433,3 +433,30 @@ def test_kept_decoded_rows_equal_decoding_the_bytes(method, mode, shape, rate):
     R = matrix.QuantizedMatrix.from_bytes(Q.to_bytes())
     np.testing.assert_array_equal(Q._rows(), R._rows())
     assert nqlib.quantize(A, rate, method=method, mode=mode)._decoded is None
+
+
+# ------------------------------------------- the multiscale E8 encoder
+@pytest.mark.parametrize("q", [2, 3, 6, 7, 14, 16, 255])
+def test_multiscale_kernel_equals_reference(q):
+    """The numba multiscale encoder (with its packing-ball shortcut for the
+    overload test) picks the same scale and codes as the numpy oracle, on
+    scales from always-overloading to never-overloading, with and without
+    dither; dyadic inputs put many points on Voronoi boundaries."""
+    from nqlib.kernels.cpu.nested import encode_multiscale_rows
+    from nqlib.reference.nested import encode_multiscale
+
+    rng = np.random.default_rng(q)
+    x = np.vstack([rng.standard_normal((3000, 8)) * 2.0,
+                   rng.integers(-8, 9, (1000, 8)) * 0.25])
+    betas = np.array([0.3, 0.9, 2.5, 5.5, 12.0]) / q
+    for z in (np.zeros((1, 8)), rng.uniform(-0.5, 0.5, (x.shape[0], 8))):
+        codes = np.empty((x.shape[0], 8), np.int64)
+        index = np.empty(x.shape[0], np.int64)
+        err = np.empty(x.shape[0])
+        encode_multiscale_rows(x, q, betas, z, codes, index, err)
+        rc, ri, re = encode_multiscale(x, q, betas, z)
+        np.testing.assert_array_equal(index, ri)
+        np.testing.assert_array_equal(codes, rc)
+        np.testing.assert_array_equal(err, re)
+        # every scale is used somewhere, so every path is exercised
+        assert len(np.unique(index)) >= 3
