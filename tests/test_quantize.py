@@ -442,7 +442,10 @@ def test_multiscale_kernel_equals_reference(q):
     overload test) picks the same scale and codes as the numpy oracle, on
     scales from always-overloading to never-overloading, with and without
     dither; dyadic inputs put many points on Voronoi boundaries."""
-    from nqlib.kernels.cpu.nested import encode_multiscale_rows
+    from nqlib.kernels.cpu.nested import (
+        decode_multiscale_rows,
+        encode_multiscale_rows,
+    )
     from nqlib.reference.nested import encode_multiscale
 
     rng = np.random.default_rng(q)
@@ -453,10 +456,15 @@ def test_multiscale_kernel_equals_reference(q):
         codes = np.empty((x.shape[0], 8), np.int64)
         index = np.empty(x.shape[0], np.int64)
         err = np.empty(x.shape[0])
-        encode_multiscale_rows(x, q, betas, z, codes, index, err)
+        dec = np.empty((x.shape[0], 8))
+        encode_multiscale_rows(x, q, betas, z, codes, index, err, dec)
         rc, ri, re = encode_multiscale(x, q, betas, z)
         np.testing.assert_array_equal(index, ri)
         np.testing.assert_array_equal(codes, rc)
         np.testing.assert_array_equal(err, re)
+        # the reconstruction it returns is the decoder's, bit for bit
+        out = np.empty_like(dec)
+        decode_multiscale_rows(codes, index, q, betas, z, out)
+        np.testing.assert_array_equal(dec, out)
         # every scale is used somewhere, so every path is exercised
         assert len(np.unique(index)) >= 3

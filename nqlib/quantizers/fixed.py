@@ -92,7 +92,8 @@ def _errors_on_grid(q, grid_betas):
     se = np.empty(m)
     E = np.empty((m, len(grid_betas)))
     for j, b in enumerate(grid_betas):
-        encode_multiscale_rows(x, q, np.array([b]), z, codes, idx, se)
+        encode_multiscale_rows(x, q, np.array([b]), z, codes, idx, se,
+                               np.empty((0, 8)))
         E[:, j] = se
     return E
 

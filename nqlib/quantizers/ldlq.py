@@ -162,7 +162,8 @@ def _block_coders(backend):
         m = x.shape[0]
         codes = np.empty((m, 8), dtype=np.int64)
         index = np.empty(m, dtype=np.int64)
-        kern.encode_multiscale_rows(x, q, betas, z, codes, index, np.empty(m))
+        kern.encode_multiscale_rows(x, q, betas, z, codes, index, np.empty(m),
+                                    np.empty((0, 8)))
         return codes, index
 
     def dec(codes, index, q, betas, z):

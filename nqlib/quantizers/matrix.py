@@ -832,9 +832,11 @@ def _encode_variable(qm, Y, backend, sketch):
     qm._raw = raw.reshape(a, n_pad)
 
 
-def _encode_fixed_part(blocks, z, L, backend):
+def _encode_fixed_part(blocks, z, L, backend, dec=None):
     """Encode rows of ``blocks`` with the designed ``L``-bit code; returns the
-    payload part (L, q, betas, packed words)."""
+    payload part (L, q, betas, packed words). With the numba backend and a
+    ``dec`` array (rows, 8), also writes the decoded rows into it (the same
+    bits as decoding the payload)."""
     from nqlib.kernels.cpu import nested as kern
     from nqlib.quantizers.fixed import fixed_code
 
@@ -850,7 +852,8 @@ def _encode_fixed_part(blocks, z, L, backend):
         codes = np.empty((nb, 8), dtype=np.int64)
         index = np.empty(nb, dtype=np.int64)
         se = np.empty(nb)
-        kern.encode_multiscale_rows(blocks, code.q, b64, z, codes, index, se)
+        out = dec if dec is not None else np.empty((0, 8))
+        kern.encode_multiscale_rows(blocks, code.q, b64, z, codes, index, se, out)
     words = np.empty(nb, dtype=np.uint64)
     kern.mixed_radix_words(codes, index, code.q, words)
     packed = np.zeros(-(-nb * L // 8), dtype=np.uint8)
@@ -897,6 +900,7 @@ def _encode_fixed(qm, Y, backend, sketch):
     empty = dict(L=0, q=0, betas=np.zeros(0, dtype=np.float32),
                  packed=np.zeros(0, dtype=np.uint8))
     parts = {}
+    raw = None if backend == "numpy" else np.zeros((a, B, 8))
     for part, sl, L in (("hi", slice(0, h), L_hi), ("lo", slice(h, B), L_lo)):
         rows = np.ascontiguousarray(blocks[:, sl].reshape(-1, 8))
         if L == 0 or rows.shape[0] == 0:
@@ -904,8 +908,15 @@ def _encode_fixed(qm, Y, backend, sketch):
             continue
         z = (np.ascontiguousarray(zb[:, sl].reshape(-1, 8)) if qm.dither
              else np.zeros((1, 8)))
-        parts[part] = _encode_fixed_part(rows, z, L, backend)
+        dec = None if raw is None else np.empty((rows.shape[0], 8))
+        parts[part] = _encode_fixed_part(rows, z, L, backend, dec)
+        if raw is not None:
+            raw[:, sl] = dec.reshape(a, -1, 8)
     qm.payload = dict(h=h, **parts)
+    if raw is not None:
+        # the encoder's reconstruction (bit-identical to decoding the words;
+        # dropped blocks stay 0), so the MMSE step need not decode again
+        qm._raw = raw.reshape(a, n_pad)
 
 
 def _encode_ecsq(qm, Y):

@@ -62,7 +62,7 @@ def e8_points_rows(x, inv_beta, z, out2):
 
 
 @njit(cache=True, parallel=True)
-def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr):
+def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr, dec):
     """Voronoi-encode rows of ``x`` (m, 8) with the E8 code at the scales
     ``betas`` and keep, per row, the scale with the smallest granular error
     ``||beta (Q(x / beta + z) - z) - x||^2`` among those without overload
@@ -72,8 +72,12 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr):
     The fine points are cheap and the overload test is not, so candidates
     are tested for overload in order of increasing error and the first one
     without overload is kept. Writes ``codes`` (m, 8), ``index`` (m,) and
-    ``sqerr`` (m,), the squared error of the kept reconstruction.
+    ``sqerr`` (m,), the squared error of the kept reconstruction, and, when
+    ``dec`` has m rows (pass shape (0, 8) to skip it), the reconstruction
+    itself: the same bits as :func:`decode_multiscale_rows` (without
+    overload the decoder's ``y - q Q(y / q)`` is exactly the fine point).
     """
+    want_dec = dec.shape[0] > 0
     m = x.shape[0]
     k = betas.shape[0]
     zm = z.shape[0]
@@ -122,6 +126,10 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr):
                 # crow already holds the codes of the last wrapped, i.e. the
                 # kept, candidate
                 best_err = g[found]
+                if want_dec:
+                    beta = betas[found]
+                    for j in range(8):
+                        dec[i, j] = beta * (T[found, j] - z[iz, j])
             else:
                 # every scale overloads: keep the nearest actual output
                 best_err = np.inf
@@ -140,6 +148,10 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr):
                 for j in range(8):
                     t[j] = T[found, j]
                 wrap_e8_into(t, q, crow, kk, uk, w, tmp, u)
+                if want_dec:
+                    decode_e8_into(crow, q, betas[found], z[iz], r, y, w, tmp)
+                    for j in range(8):
+                        dec[i, j] = r[j]
             index[i] = found
             sqerr[i] = best_err
             for j in range(8):
