@@ -36,22 +36,45 @@ blocks of a real 4-bit matrix (q = 13); each time the two answers differ by
 a coarse-lattice vector ``q (u - u')``, not by a rounding error.
 Reproducing float64 round-off on the GPU would need float64 arithmetic
 (half-rate on an H100, 1/64 on most other GPUs) including ``div.rn.f64``.
-Instead :func:`gpu_layout` runs the numba decoder once and records its
-decisions per block: the coset ``s``, the coordinate ``k`` that the parity
-fix moved and the direction of the move. They fill the unused bits of the
-scale-index byte, so the GPU decode is exact integer arithmetic with no
-search and no comparison of distances, and equals numba's bit for bit
-(``beta * r / 2`` is exact in float64; float32 results are its rounding).
+Instead :func:`gpu_layout` runs the numba decoder once and stores what it
+decided (:func:`stored_fields`), so that the GPU decode is exact integer
+arithmetic with no search, no comparison of distances and no floor, and
+equals numba's bit for bit (``beta * r / 2`` is exact in float64; float32
+results are its rounding).
+
+Stored halves
+-------------
+Before the parity fix, the residuals ``r_j = a_j - D f_j`` (``a = Y - qs``)
+lie in ``[-q, q)``, and all eight have one parity: ``Y_j = c_7`` mod 2 for
+the basis of E8 and ``D`` is even. So ``r_j + q = 2 m_j + pi`` with the
+*half* ``m_j`` in ``[0, q)`` -- 4 bits for ``q <= 16`` like the code
+``c_j`` it replaces -- and one parity bit ``pi`` per block. The fix moves
+one coordinate ``k`` by ``D`` towards 0 (down when ``r_k >= 0``; numba never
+moves it the other way, which would add ``4 D |r_k|`` to ``|r|^2``), so a
+block needs ``pi``, whether the fix applies and ``k``: with the scale index,
+one byte. For a block, with ``X = sum_j x_j`` (computed once per row of
+activations and shared by all vectors),
+
+    <x, r / 2> = sum_j x_j m_j + (pi - q) / 2 * X + [odd] (-+q) x_k,
+
+so the loop does per weight one field extraction (a logical and), one exact
+integer-to-float step (the field alone is the subnormal float ``m
+2^(p - 149)``; one multiplication by ``2^126`` makes it normal; no conversion
+instruction) and one fma with the activation, pre-scaled by ``2^(23 - p)``.
 
 Kernels
 -------
 ``_decode_gemv_kernel`` (one row of activations per program),
 ``_decode_matmul_kernel`` (``BLOCK_M`` rows: FMAs on a 3-D accumulator, or
 one ``tl.dot`` per coordinate) and ``_decode_rows_kernel`` (decode to
-memory, for :func:`nqlib.matmul`). The activations are passed
-coordinate-major, ``x[m, j, b] = x_rot[m, 8b + j]``, so that ``x_j`` of
-consecutive blocks is contiguous. In the FMA kernels the parity fix is not
-applied to the weights but added as ``delta * x_k`` per block.
+memory, for :func:`nqlib.matmul`). The activations are passed tiled along
+K, ``x[m, t, j, i] = x_rot[m, 8 (t BLOCK_B + i) + j]`` plus the block sums
+as a ninth coordinate, and padded, so that ``x_j`` of consecutive blocks is
+contiguous at a fixed offset and no load of ``x`` needs a mask. The K loop
+is split by part (tiles of part hi, the tile holding block ``h``, tiles of
+part lo) so that ``q`` is a scalar in the two loops. In the FMA kernels the
+parity fix is not applied to the weights but added as ``fix * x_k`` per
+block (``x_k`` re-read from the cache).
 
 FMAs or ``tl.dot``: a ``tl.dot`` tile has at least 16 rows, so for one to
 four rows of activations it would spend 4-16 times the multiply-adds
@@ -64,10 +87,10 @@ of the compiled loops (:func:`loop_instruction_counts`).
 
 Layout (per vector, per coded block)
 ------------------------------------
-* ``words``: the 8 codes, 4 bits each in one int32 when ``q <= 16``, else
-  8 bits each in two int32 -- 4 or 8 bytes per block;
-* ``meta``: one uint8, ``index | s << 3 | k << 4 | down << 7`` (index < 8
-  scales; ``down``: the fix lowers ``r_k`` by ``D``);
+* ``words``: the 8 halves ``m_j``, 4 bits each in one int32 when
+  ``q <= 16``, else 8 bits each in two int32 -- 4 or 8 bytes per block;
+* ``meta``: one uint8, ``pi | odd << 1 | k << 2 | index << 5`` (index < 8
+  scales; ``odd``: the parity fix applies, to coordinate ``k``);
 * per part (``hi``: blocks ``[0, h)``, ``lo``: ``[h, B)``): ``q`` and the
   scales; dropped blocks (``L_lo = 0``, sketching) are not stored and not
   visited. Rows are padded with zero blocks to a multiple of
@@ -93,24 +116,29 @@ import triton.language as tl
 
 from nqlib.kernels.gpu.lattice_triton import check_rows
 
-#: Bit fields of the ``meta`` byte: scale index (bits 0-2), coset s
-#: (bit 3), coordinate k moved by the parity fix (bits 4-6), direction of
-#: the move (bit 7: 1 when r_k goes down by D, i.e. f_k goes up).
-COSET_SHIFT = 3
-FIX_SHIFT = 4
-DIR_SHIFT = 7
-_COSET_SHIFT = tl.constexpr(COSET_SHIFT)
-_FIX_SHIFT = tl.constexpr(FIX_SHIFT)
-_DIR_SHIFT = tl.constexpr(DIR_SHIFT)
+#: Bit fields of the ``meta`` byte: parity ``pi`` of ``r + q`` (bit 0),
+#: whether the D8 parity fix applies (bit 1), the coordinate ``k`` it moves
+#: (bits 2-4: ``meta & 28`` is the shift ``4 k`` of its 4-bit half), the
+#: scale index (bits 5-7).
+PARITY_SHIFT = 0
+ODD_SHIFT = 1
+FIX_SHIFT = 2
+INDEX_SHIFT = 5
+_INDEX_SHIFT = tl.constexpr(INDEX_SHIFT)
 #: Stored rows are padded to a multiple of this many blocks: Triton then
 #: knows the row stride is divisible by 16 and vectorises the loads.
 ROW_ALIGN = 16
-#: Entries of the float32 ``tab`` tensor of a launch: beta / 2 for the
-#: scales of part hi (0..7) and lo (8..15), then 1 / D and (q + 1/2) / D for
-#: hi and lo (16..19).
-TAB_HALF_BETA = tl.constexpr(0)
-TAB_INV_D = tl.constexpr(16)
-TAB_OFFSET = tl.constexpr(18)
+#: Entries of the float32 ``tab`` tensor of a launch: beta for the scales
+#: of part hi (0..7) and lo (8..15).
+TAB_SIZE = 16
+#: Rows of a tile of activations (see :func:`_tiled`): the 8 coordinates
+#: scaled by ``2^(23 - p_j)`` (``p_j`` the bit position of ``m_j`` in its
+#: word when the kernels read it), the block sum, the 8 coordinates unscaled.
+X_ROWS = 17
+_X_ROWS = tl.constexpr(X_ROWS)
+#: ``p_j`` for 4-bit halves (m_5 .. m_7 are read from the word shifted right
+#: by 12) and for 8-bit halves (bytes 2 and 3 from the word shifted by 16).
+FIELD_SHIFTS = {4: (0, 4, 8, 12, 16, 8, 12, 16), 8: (0, 8, 0, 8, 0, 8, 0, 8)}
 #: Vectors decoded per numba call while building a layout (bounds memory).
 LAYOUT_CHUNK = 4096
 #: tl.dot precisions accepted by :func:`decode_matmul`.
@@ -119,99 +147,147 @@ PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 # ------------------------------------------------------------ the decoder
 @triton.jit
-def _codes(words_ptr, blk_off, mask, CODE_BITS: tl.constexpr):
-    """The 8 codes of every block of a tile, as float32 tensors."""
+def _load_words(words_ptr, blk_off, mask, CODE_BITS: tl.constexpr):
+    """The packed halves of a tile: one int32 per block (``m_j`` in bits
+    ``4j .. 4j+3``) twice, or two (``m_j`` in byte ``j % 4`` of the first
+    for j < 4, else of the second). Masked lanes are left undefined: any
+    bits decode to finite values, which meet zero activations (padding
+    blocks) or are never stored (padding vectors)."""
     if CODE_BITS == 4:
-        w = tl.load(words_ptr + blk_off, mask=mask, other=0)
-        c0 = w & 15
-        c1 = (w >> 4) & 15
-        c2 = (w >> 8) & 15
-        c3 = (w >> 12) & 15
-        c4 = (w >> 16) & 15
-        c5 = (w >> 20) & 15
-        c6 = (w >> 24) & 15
-        c7 = (w >> 28) & 15
+        w = tl.load(words_ptr + blk_off, mask=mask)
+        return w, w
     else:
-        lo = tl.load(words_ptr + 2 * blk_off, mask=mask, other=0)
-        hi = tl.load(words_ptr + 2 * blk_off + 1, mask=mask, other=0)
-        c0 = lo & 255
-        c1 = (lo >> 8) & 255
-        c2 = (lo >> 16) & 255
-        c3 = (lo >> 24) & 255
-        c4 = hi & 255
-        c5 = (hi >> 8) & 255
-        c6 = (hi >> 16) & 255
-        c7 = (hi >> 24) & 255
-    return (c0.to(tl.float32), c1.to(tl.float32), c2.to(tl.float32),
-            c3.to(tl.float32), c4.to(tl.float32), c5.to(tl.float32),
-            c6.to(tl.float32), c7.to(tl.float32))
+        lo = tl.load(words_ptr + 2 * blk_off, mask=mask)
+        hi = tl.load(words_ptr + 2 * blk_off + 1, mask=mask)
+        return lo, hi
 
 
 @triton.jit
-def _residual(a, inv_d, offset, d):
-    """``f = floor((a + q) / D)`` and ``r = a - D f`` for ``a = Y_j - q s``.
-
-    ``(a + q + 1/2) / D`` lies at least ``1/(2D)`` from every integer, far
-    more than the float32 error of one fma, so the floor is exact; ``a``,
-    ``f`` and ``r`` are small integers, exact in float32.
-    """
-    f = tl.floor(tl.fma(a, inv_d, offset))
-    return f, a - d * f
-
-
-@triton.jit
-def _decode_tile(words_ptr, meta_ptr, tab_ptr, blk_off, blk, mask, H, q_hi,
-                 q_lo, CODE_BITS: tl.constexpr):
-    """Decode a [vectors, blocks] tile: the residuals ``r_0..r_7`` *before*
-    the parity fix (the output is ``beta r / 2``), the fix ``delta`` to add
-    to ``r_k`` (0 for an even block), ``k``, and each block's entry of
-    ``tab`` (part * 8 + scale index)."""
-    meta = tl.load(meta_ptr + blk_off, mask=mask, other=0).to(tl.int32)
-    lo = (blk >= H)[None, :]                   # part lo: blocks h .. B-1
-    q = tl.where(lo, q_lo, q_hi)
-    d = (2 * q).to(tl.float32)
-    inv_d = tl.where(lo, tl.load(tab_ptr + TAB_INV_D + 1),
-                     tl.load(tab_ptr + TAB_INV_D))
-    offset = tl.where(lo, tl.load(tab_ptr + TAB_OFFSET + 1),
-                      tl.load(tab_ptr + TAB_OFFSET))
-    s = (meta >> _COSET_SHIFT) & 1             # coset D8 + s/2
-    k = (meta >> _FIX_SHIFT) & 7               # coordinate the fix moves
-    down = ((meta >> _DIR_SHIFT) & 1) == 1     # it moves r_k down by D
-    scale_at = (meta & 7) + tl.where(lo, 8, 0)
-    c0, c1, c2, c3, c4, c5, c6, c7 = _codes(words_ptr, blk_off, mask, CODE_BITS)
-    # a = Y - q s with Y = 2 G c for the basis of nqlib.lattices.E8:
-    # Y_0 = 4c_0 - 2c_1 + c_7, Y_j = 2(c_j - c_(j+1)) + c_7 (j = 1..5),
-    # Y_6 = 2c_6 + c_7, Y_7 = c_7
-    base = c7 - (q * s).to(tl.float32)
-    f0, r0 = _residual(2.0 * (2.0 * c0 - c1) + base, inv_d, offset, d)
-    f1, r1 = _residual(2.0 * (c1 - c2) + base, inv_d, offset, d)
-    f2, r2 = _residual(2.0 * (c2 - c3) + base, inv_d, offset, d)
-    f3, r3 = _residual(2.0 * (c3 - c4) + base, inv_d, offset, d)
-    f4, r4 = _residual(2.0 * (c4 - c5) + base, inv_d, offset, d)
-    f5, r5 = _residual(2.0 * (c5 - c6) + base, inv_d, offset, d)
-    f6, r6 = _residual(2.0 * c6 + base, inv_d, offset, d)
-    f7, r7 = _residual(base, inv_d, offset, d)
-    fsum = ((f0 + f1) + (f2 + f3)) + ((f4 + f5) + (f6 + f7))      # exact
-    odd = (fsum.to(tl.int32) & 1) == 1
-    # D8 parity fix: f_k moves one step towards w (down: f_k + 1, r_k - D)
-    delta = tl.where(odd, tl.where(down, -d, d), 0.0)
-    return r0, r1, r2, r3, r4, r5, r6, r7, delta, k, scale_at
+def _field(src, p: tl.constexpr, ones: tl.constexpr):
+    """The integer in bits ``p .. p + log2(ones + 1) - 1`` of ``src`` as
+    float32, for ``p + log2(ones + 1) <= 23``, with no conversion
+    instruction: those bits, under the exponent of ``2^(23 - p)``, are the
+    float ``2^(23 - p) + m`` exactly, and subtracting ``2^(23 - p)`` is
+    exact. One logical op and one add."""
+    bits = (src & (ones << p)) | ((150 - p) << 23)
+    return bits.to(tl.float32, bitcast=True) - (1 << (23 - p))
 
 
 @triton.jit
-def _fixed(r, j: tl.constexpr, k, delta):
-    """Coordinate ``j`` of the residuals after the parity fix."""
-    return tl.where(k == j, r + delta, r)
+def _scaled_field(src, p: tl.constexpr, ones: tl.constexpr):
+    """``2^(p - 23) m`` for the integer ``m`` in bits ``p .. p + log2(ones +
+    1) - 1`` of ``src`` (``<= 22``), as float32, in two instructions: those
+    bits alone, read as a float, are the subnormal ``m 2^(p - 149)``, and
+    one multiplication by ``2^126`` makes it normal, exactly. The kernels
+    scale the activation ``x_j`` by ``2^(23 - p)`` instead (exact), so the
+    fma gives ``x_j m_j``. Needs subnormals kept: Triton emits ``mul.f32``
+    without ``.ftz`` (checked by :func:`loop_instruction_counts`)."""
+    bits = src & (ones << p)
+    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37
+
+
+@triton.jit
+def _half(lo, hi, j: tl.constexpr, CODE_BITS: tl.constexpr,
+          SCALED: tl.constexpr = False):
+    """``m_j`` (an integer in [0, q)) as float32, or ``2^(p_j - 23) m_j``
+    when ``SCALED`` (``p_j = FIELD_SHIFTS[CODE_BITS][j]``). Fields that end above
+    bit 22 are first shifted down by one shift shared by several fields."""
+    if CODE_BITS == 4:
+        if j < 5:
+            src = lo
+            p = 4 * j
+        else:
+            src = lo >> 12
+            p = 4 * j - 12
+        ones = 15
+    else:
+        if j < 4:
+            word = lo
+        else:
+            word = hi
+        if j % 4 < 2:
+            src = word
+            p = 8 * (j % 4)
+        else:
+            src = word >> 16
+            p = 8 * (j % 4) - 16
+        ones = 255
+    if SCALED:
+        v = _scaled_field(src, p, ones)
+    else:
+        v = _field(src, p, ones)
+    return v
+
+
+@triton.jit
+def _block_terms(words_ptr, meta_ptr, blk_off, mask, q, tab_at,
+                 CODE_BITS: tl.constexpr):
+    """Per block of a [vectors, blocks] tile: the packed words, the offset
+    ``(pi - q) / 2``, the parity fix ``delta / 2`` (``-q``, ``0`` or ``q``)
+    of coordinate ``k``, ``k`` itself, and the block's entry of ``tab``
+    (``tab_at`` = 8 * part, plus the scale index). Coordinate ``j`` of the
+    block decodes to
+
+        r_j / 2 = m_j + (pi - q) / 2 + [j = k] delta / 2,
+
+    all small integers or half-integers, exact in float32. ``q`` and
+    ``tab_at`` are scalars when the tile lies in one part."""
+    meta = tl.load(meta_ptr + blk_off, mask=mask).to(tl.int32)
+    qf = q.to(tl.float32)
+    pi = meta & 1
+    k4 = meta & 28                             # 4 k
+    scale_at = (meta >> _INDEX_SHIFT) + tab_at
+    lo, hi = _load_words(words_ptr, blk_off, mask, CODE_BITS)
+    # the fix moves r_k towards 0 by D: down when r_k = 2 m_k + pi - q >= 0
+    if CODE_BITS == 4:
+        mk = (lo >> k4) & 15
+    else:
+        mk = (tl.where(k4 < 16, lo, hi) >> (2 * (k4 & 12))) & 255
+    fix = tl.where((meta & 2) != 0, tl.where(2 * mk + pi >= q, -qf, qf), 0.0)
+    base = pi.to(tl.float32) * 0.5 - 0.5 * qf
+    return lo, hi, base, fix, k4 >> 2, scale_at
 
 
 # --------------------------------------------------------- fused matmul
 @triton.jit
+def _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0, stride_b,
+               q, tab_at, CODE_BITS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One K step of the GEMV: ``acc += beta <x_block, r_block / 2>`` for the
+    blocks ``b0 .. b0 + BLOCK_B - 1`` of ``BLOCK_N`` vectors."""
+    # stride_b is a multiple of 16, so the block mask is constant over runs
+    # of 16 blocks and the loads below are vectorised
+    blk = b0 + tl.arange(0, BLOCK_B)
+    w_mask = n_ok[:, None] & (blk < stride_b)[None, :]
+    blk_off = rn[:, None] * stride_b + blk[None, :]
+    lo, hi, base, fix, k, scale_at = _block_terms(
+        words_ptr, meta_ptr, blk_off, w_mask, q, tab_at, CODE_BITS)
+    hb = tl.load(tab_ptr + scale_at)                 # scale_at < 16 always
+    # <x_block, r_block / 2> = sum_j x_j m_j + base sum_j x_j + fix x_k.
+    # The tile of x is padded, so no load needs a mask; its coordinates are
+    # at fixed offsets, and the block sum is shared by all vectors
+    xt = x_row + _X_ROWS * b0 + tl.arange(0, BLOCK_B)
+    xk = tl.load(xt[None, :] + (9 + k) * BLOCK_B)    # x_k, from the cache
+    s = tl.load(xt + 8 * BLOCK_B)[None, :] * base + xk * fix
+    s += tl.load(xt)[None, :] * _half(lo, hi, 0, CODE_BITS, True)
+    s += tl.load(xt + BLOCK_B)[None, :] * _half(lo, hi, 1, CODE_BITS, True)
+    s += tl.load(xt + 2 * BLOCK_B)[None, :] * _half(lo, hi, 2, CODE_BITS, True)
+    s += tl.load(xt + 3 * BLOCK_B)[None, :] * _half(lo, hi, 3, CODE_BITS, True)
+    s += tl.load(xt + 4 * BLOCK_B)[None, :] * _half(lo, hi, 4, CODE_BITS, True)
+    s += tl.load(xt + 5 * BLOCK_B)[None, :] * _half(lo, hi, 5, CODE_BITS, True)
+    s += tl.load(xt + 6 * BLOCK_B)[None, :] * _half(lo, hi, 6, CODE_BITS, True)
+    s += tl.load(xt + 7 * BLOCK_B)[None, :] * _half(lo, hi, 7, CODE_BITS, True)
+    return acc + s * hb
+
+
+@triton.jit
 def _decode_gemv_kernel(
-    x_ptr,          # (M, 8, >= BC) float32: rotated inputs, coordinate-major:
-                    # x[m, j, b] = x_rot[m, 8b + j]; strides stride_xm, stride_xj
-    words_ptr,      # (N, stride_b * CODE_BITS / 4) int32: packed codes
-    meta_ptr,       # (N, stride_b) uint8: index | s << 3 | k << 4 | down << 7
-    tab_ptr,        # (20,) float32: beta/2 per part and scale, 1/D, (q+1/2)/D
+    x_ptr,          # (M, T, 9, BLOCK_B) float32, T = cdiv(stride_b, BLOCK_B):
+                    # rotated inputs tiled along K, x[m, t, j, i] = x_rot[m,
+                    # 8b + j] for block b = t BLOCK_B + i (0 past the coded
+                    # blocks), and x[m, t, 8, i] = sum_j x[m, t, j, i]
+    words_ptr,      # (N, stride_b * CODE_BITS / 4) int32: packed halves m_j
+    meta_ptr,       # (N, stride_b) uint8: pi | odd << 1 | k << 2 | index << 5
+    tab_ptr,        # (16,) float32: beta per part and scale
     out_ptr,        # (M, N) float32, row stride stride_om
     xsum_ptr,       # (M,) float32: row sums of the unrotated inputs (EPILOGUE)
     scale_ptr,      # (N,) float32: per-vector scale (EPILOGUE)
@@ -222,8 +298,8 @@ def _decode_gemv_kernel(
                     # blocks up to a multiple of 16 (the K loop runs over all)
     H,              # blocks in part hi
     q_hi, q_lo,     # nesting ratios of the two parts
-    stride_xm, stride_xj, stride_om,
-    CODE_BITS: tl.constexpr,    # 4 (q <= 16) or 8 bits per code
+    stride_xm, stride_om,
+    CODE_BITS: tl.constexpr,    # 4 (q <= 16) or 8 bits per half m_j
     BLOCK_N: tl.constexpr,      # vectors per program
     BLOCK_B: tl.constexpr,      # 8-blocks per K step (K tile = 8 BLOCK_B)
     EPILOGUE: tl.constexpr,     # out = scale acc + xsum offset (+ bias)
@@ -236,32 +312,22 @@ def _decode_gemv_kernel(
     n_ok = rn < N
     # one partial sum per (vector, block lane), reduced once after the loop
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    for b0 in range(0, stride_b, BLOCK_B):
-        # stride_b is a multiple of 16, so the block mask is constant over
-        # runs of 16 blocks and the loads below are vectorised
-        blk = b0 + tl.arange(0, BLOCK_B)
-        b_ok = blk < stride_b
-        w_mask = n_ok[:, None] & b_ok[None, :]
-        blk_off = rn[:, None] * stride_b + blk[None, :]
-        r0, r1, r2, r3, r4, r5, r6, r7, delta, k, scale_at = _decode_tile(
-            words_ptr, meta_ptr, tab_ptr, blk_off, blk, w_mask, H, q_hi, q_lo,
-            CODE_BITS)
-        hb = tl.load(tab_ptr + TAB_HALF_BETA + scale_at, mask=w_mask, other=0.0)
-        # <x_block, r_block> with the unfixed residuals, plus the parity fix
-        # as delta * x_k, times the scale beta / 2
-        xb = x_row + blk
-        x0 = tl.load(xb, mask=b_ok, other=0.0)[None, :]
-        x1 = tl.load(xb + stride_xj, mask=b_ok, other=0.0)[None, :]
-        x2 = tl.load(xb + 2 * stride_xj, mask=b_ok, other=0.0)[None, :]
-        x3 = tl.load(xb + 3 * stride_xj, mask=b_ok, other=0.0)[None, :]
-        x4 = tl.load(xb + 4 * stride_xj, mask=b_ok, other=0.0)[None, :]
-        x5 = tl.load(xb + 5 * stride_xj, mask=b_ok, other=0.0)[None, :]
-        x6 = tl.load(xb + 6 * stride_xj, mask=b_ok, other=0.0)[None, :]
-        x7 = tl.load(xb + 7 * stride_xj, mask=b_ok, other=0.0)[None, :]
-        s = ((x0 * r0 + x1 * r1) + (x2 * r2 + x3 * r3)) + (
-            (x4 * r4 + x5 * r5) + (x6 * r6 + x7 * r7))
-        s += _select8(k, x0, x1, x2, x3, x4, x5, x6, x7) * delta
-        acc += s * hb
+    # the K loop, split by part so that q and the table offset are scalars:
+    # tiles of part hi, the tile holding block H (both parts), tiles of lo
+    h_end = (H // BLOCK_B) * BLOCK_B
+    for b0 in range(0, h_end, BLOCK_B):
+        acc = _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0,
+                         stride_b, q_hi, 0, CODE_BITS, BLOCK_B)
+    lo_start = h_end
+    if h_end < H:
+        lo_part = (h_end + tl.arange(0, BLOCK_B) >= H)[None, :]
+        acc = _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok,
+                         h_end, stride_b, tl.where(lo_part, q_lo, q_hi),
+                         tl.where(lo_part, 8, 0), CODE_BITS, BLOCK_B)
+        lo_start = h_end + BLOCK_B
+    for b0 in range(lo_start, stride_b, BLOCK_B):
+        acc = _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0,
+                         stride_b, q_lo, 8, CODE_BITS, BLOCK_B)
     out = tl.sum(acc, axis=1)
     if EPILOGUE:
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
@@ -274,29 +340,86 @@ def _decode_gemv_kernel(
 
 
 @triton.jit
-def _select8(k, x0, x1, x2, x3, x4, x5, x6, x7):
-    """``x_k`` for every block (``k`` in 0..7)."""
-    lo = tl.where(k < 2, tl.where(k == 0, x0, x1), tl.where(k == 2, x2, x3))
-    hi = tl.where(k < 6, tl.where(k == 4, x4, x5), tl.where(k == 6, x6, x7))
-    return tl.where(k < 4, lo, hi)
-
-
-@triton.jit
-def _dot_coordinate(acc, x_ptrs, x_mask, r, j: tl.constexpr, stride_xj, k,
-                    delta, hb, PRECISION: tl.constexpr):
-    """``acc += x_j @ w_j.T`` with ``w_j = (beta / 2) r_j`` after the fix."""
-    xj = tl.load(x_ptrs + j * stride_xj, mask=x_mask, other=0.0)  # [BM, BB]
-    w = _fixed(r, j, k, delta) * hb                               # [BN, BB]
+def _dot_coordinate(acc, x_ptrs, lo, hi, j: tl.constexpr, k, hb, shift, shift_k,
+                    BLOCK_B: tl.constexpr, PRECISION: tl.constexpr,
+                    CODE_BITS: tl.constexpr):
+    """``acc += x_j @ w_j.T`` with ``w_j = beta r_j / 2 = beta m_j +
+    shift``: one fma per weight on the per-block ``shift = beta (pi - q) / 2``
+    (``shift_k``, with the parity fix, at ``j = k``)."""
+    xj = tl.load(x_ptrs + (9 + j) * BLOCK_B)                      # [BM, BB]
+    w = _half(lo, hi, j, CODE_BITS) * hb + tl.where(k == j, shift_k, shift)
     return tl.dot(xj, tl.trans(w), acc, input_precision=PRECISION)
 
 
 @triton.jit
+def _fma_coordinate(s, x_ptrs, lo, hi, j: tl.constexpr, BLOCK_B: tl.constexpr,
+                    CODE_BITS: tl.constexpr):
+    """``s += x_j m_j`` on the [rows, vectors, blocks] accumulator."""
+    xj = tl.load(x_ptrs + j * BLOCK_B)[:, None, :]              # scaled
+    return s + xj * _half(lo, hi, j, CODE_BITS, True)[None]
+
+
+@triton.jit
+def _matmul_step(acc, x_rows, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0,
+                 stride_b, q, tab_at, CODE_BITS: tl.constexpr,
+                 BLOCK_B: tl.constexpr, USE_DOT: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """One K step of :func:`_decode_matmul_kernel` (blocks ``b0 .. b0 +
+    BLOCK_B - 1``)."""
+    # stride_b is a multiple of 16, so the block mask is constant over
+    # runs of 16 blocks and the loads below are vectorised
+    blk = b0 + tl.arange(0, BLOCK_B)
+    w_mask = n_ok[:, None] & (blk < stride_b)[None, :]
+    blk_off = rn[:, None] * stride_b + blk[None, :]
+    lo, hi, base, fix, k, scale_at = _block_terms(
+        words_ptr, meta_ptr, blk_off, w_mask, q, tab_at, CODE_BITS)
+    hb = tl.load(tab_ptr + scale_at)             # scale_at < 16 always
+    x_ptrs = x_rows + _X_ROWS * b0               # [BM, BB], row 0 of the tile
+    if USE_DOT:
+        # w_j = beta m_j + beta (pi - q) / 2 (+ beta delta / 2 at j = k)
+        shift = base * hb
+        shift_k = (base + fix) * hb
+        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 0, k, hb, shift, shift_k,
+                              BLOCK_B, PRECISION, CODE_BITS)
+        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 1, k, hb, shift, shift_k,
+                              BLOCK_B, PRECISION, CODE_BITS)
+        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 2, k, hb, shift, shift_k,
+                              BLOCK_B, PRECISION, CODE_BITS)
+        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 3, k, hb, shift, shift_k,
+                              BLOCK_B, PRECISION, CODE_BITS)
+        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 4, k, hb, shift, shift_k,
+                              BLOCK_B, PRECISION, CODE_BITS)
+        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 5, k, hb, shift, shift_k,
+                              BLOCK_B, PRECISION, CODE_BITS)
+        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 6, k, hb, shift, shift_k,
+                              BLOCK_B, PRECISION, CODE_BITS)
+        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 7, k, hb, shift, shift_k,
+                              BLOCK_B, PRECISION, CODE_BITS)
+    else:
+        # as in the GEMV kernel: sum_j x_j m_j + base sum_j x_j + fix x_k,
+        # times beta
+        xs = tl.load(x_ptrs + 8 * BLOCK_B)[:, None, :]
+        xk = tl.load(x_ptrs[:, None, :] + ((9 + k) * BLOCK_B)[None])
+        s = xs * base[None] + xk * fix[None]
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 0, BLOCK_B, CODE_BITS)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 1, BLOCK_B, CODE_BITS)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 2, BLOCK_B, CODE_BITS)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 3, BLOCK_B, CODE_BITS)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 4, BLOCK_B, CODE_BITS)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 5, BLOCK_B, CODE_BITS)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 6, BLOCK_B, CODE_BITS)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 7, BLOCK_B, CODE_BITS)
+        acc += s * hb[None]
+    return acc
+
+
+@triton.jit
 def _decode_matmul_kernel(
-    x_ptr,          # (M, 8, >= BC) float32: rotated inputs, coordinate-major:
-                    # x[m, j, b] = x_rot[m, 8b + j]; strides stride_xm, stride_xj
-    words_ptr,      # (N, stride_b * CODE_BITS / 4) int32: packed codes
-    meta_ptr,       # (N, stride_b) uint8: index | s << 3 | k << 4 | down << 7
-    tab_ptr,        # (20,) float32: beta/2 per part and scale, 1/D, (q+1/2)/D
+    x_ptr,          # (>= M, T, 9, BLOCK_B) float32: as for the GEMV kernel,
+                    # rows padded to a multiple of BLOCK_M with zeros
+    words_ptr,      # (N, stride_b * CODE_BITS / 4) int32: packed halves m_j
+    meta_ptr,       # (N, stride_b) uint8: pi | odd << 1 | k << 2 | index << 5
+    tab_ptr,        # (16,) float32: beta per part and scale
     out_ptr,        # (M, N) float32, row stride stride_om
     xsum_ptr,       # (M,) float32: row sums of the unrotated inputs (EPILOGUE)
     scale_ptr,      # (N,) float32: per-vector scale (EPILOGUE)
@@ -307,8 +430,8 @@ def _decode_matmul_kernel(
                     # blocks up to a multiple of 16 (the K loop runs over all)
     H,              # blocks in part hi
     q_hi, q_lo,     # nesting ratios of the two parts
-    stride_xm, stride_xj, stride_om,
-    CODE_BITS: tl.constexpr,    # 4 (q <= 16) or 8 bits per code
+    stride_xm, stride_om,
+    CODE_BITS: tl.constexpr,    # 4 (q <= 16) or 8 bits per half m_j
     BLOCK_M: tl.constexpr,      # rows of x per program
     BLOCK_N: tl.constexpr,      # vectors per program
     BLOCK_B: tl.constexpr,      # 8-blocks per K step (K tile = 8 BLOCK_B)
@@ -327,52 +450,25 @@ def _decode_matmul_kernel(
         # one partial sum per (row, vector, block lane), reduced once after
         # the K loop: the loop itself is FMAs, with no cross-thread traffic
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_B], dtype=tl.float32)
-    for b0 in range(0, stride_b, BLOCK_B):
-        # stride_b is a multiple of 16, so the block mask is constant over
-        # runs of 16 blocks and the loads below are vectorised
-        blk = b0 + tl.arange(0, BLOCK_B)
-        b_ok = blk < stride_b
-        w_mask = n_ok[:, None] & b_ok[None, :]
-        blk_off = rn[:, None] * stride_b + blk[None, :]
-        r0, r1, r2, r3, r4, r5, r6, r7, delta, k, scale_at = _decode_tile(
-            words_ptr, meta_ptr, tab_ptr, blk_off, blk, w_mask, H, q_hi, q_lo,
-            CODE_BITS)
-        hb = tl.load(tab_ptr + TAB_HALF_BETA + scale_at, mask=w_mask, other=0.0)
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + blk[None, :]
-        x_mask = m_ok[:, None] & b_ok[None, :]
-        if USE_DOT:
-            acc = _dot_coordinate(acc, x_ptrs, x_mask, r0, 0, stride_xj, k,
-                                  delta, hb, PRECISION)
-            acc = _dot_coordinate(acc, x_ptrs, x_mask, r1, 1, stride_xj, k,
-                                  delta, hb, PRECISION)
-            acc = _dot_coordinate(acc, x_ptrs, x_mask, r2, 2, stride_xj, k,
-                                  delta, hb, PRECISION)
-            acc = _dot_coordinate(acc, x_ptrs, x_mask, r3, 3, stride_xj, k,
-                                  delta, hb, PRECISION)
-            acc = _dot_coordinate(acc, x_ptrs, x_mask, r4, 4, stride_xj, k,
-                                  delta, hb, PRECISION)
-            acc = _dot_coordinate(acc, x_ptrs, x_mask, r5, 5, stride_xj, k,
-                                  delta, hb, PRECISION)
-            acc = _dot_coordinate(acc, x_ptrs, x_mask, r6, 6, stride_xj, k,
-                                  delta, hb, PRECISION)
-            acc = _dot_coordinate(acc, x_ptrs, x_mask, r7, 7, stride_xj, k,
-                                  delta, hb, PRECISION)
-        else:
-            # <x_block, r_block> with the unfixed residuals, plus the parity
-            # fix as delta * x_k, times beta / 2 (as in the GEMV kernel)
-            x0 = tl.load(x_ptrs, mask=x_mask, other=0.0)[:, None, :]
-            x1 = tl.load(x_ptrs + stride_xj, mask=x_mask, other=0.0)[:, None, :]
-            x2 = tl.load(x_ptrs + 2 * stride_xj, mask=x_mask, other=0.0)[:, None, :]
-            x3 = tl.load(x_ptrs + 3 * stride_xj, mask=x_mask, other=0.0)[:, None, :]
-            x4 = tl.load(x_ptrs + 4 * stride_xj, mask=x_mask, other=0.0)[:, None, :]
-            x5 = tl.load(x_ptrs + 5 * stride_xj, mask=x_mask, other=0.0)[:, None, :]
-            x6 = tl.load(x_ptrs + 6 * stride_xj, mask=x_mask, other=0.0)[:, None, :]
-            x7 = tl.load(x_ptrs + 7 * stride_xj, mask=x_mask, other=0.0)[:, None, :]
-            s = ((x0 * r0[None] + x1 * r1[None]) + (x2 * r2[None] + x3 * r3[None])) + (
-                (x4 * r4[None] + x5 * r5[None]) + (x6 * r6[None] + x7 * r7[None]))
-            xk = _select8(k[None], x0, x1, x2, x3, x4, x5, x6, x7)
-            s += xk * delta[None]
-            acc += s * hb[None]
+    x_rows = x_ptr + rm[:, None] * stride_xm + tl.arange(0, BLOCK_B)[None, :]
+    # the K loop, split by part as in the GEMV kernel
+    h_end = (H // BLOCK_B) * BLOCK_B
+    for b0 in range(0, h_end, BLOCK_B):
+        acc = _matmul_step(acc, x_rows, words_ptr, meta_ptr, tab_ptr, rn, n_ok,
+                           b0, stride_b, q_hi, 0, CODE_BITS, BLOCK_B, USE_DOT,
+                           PRECISION)
+    lo_start = h_end
+    if h_end < H:
+        lo_part = (h_end + tl.arange(0, BLOCK_B) >= H)[None, :]
+        acc = _matmul_step(acc, x_rows, words_ptr, meta_ptr, tab_ptr, rn, n_ok,
+                           h_end, stride_b, tl.where(lo_part, q_lo, q_hi),
+                           tl.where(lo_part, 8, 0), CODE_BITS, BLOCK_B, USE_DOT,
+                           PRECISION)
+        lo_start = h_end + BLOCK_B
+    for b0 in range(lo_start, stride_b, BLOCK_B):
+        acc = _matmul_step(acc, x_rows, words_ptr, meta_ptr, tab_ptr, rn, n_ok,
+                           b0, stride_b, q_lo, 8, CODE_BITS, BLOCK_B, USE_DOT,
+                           PRECISION)
     if USE_DOT:
         out = acc
     else:
@@ -390,11 +486,12 @@ def _decode_matmul_kernel(
 
 # ------------------------------------------------------ decode to memory
 @triton.jit
-def _store_coordinate(out_ptrs, z_ptrs, mask, r, j: tl.constexpr, k, delta,
-                      beta, HAS_DITHER: tl.constexpr):
-    """``beta * (r / 2 - z)`` in float64, as the numba decoder computes it
-    (``r / 2 = y - q Q(y / q)`` exactly)."""
-    v = _fixed(r, j, k, delta).to(tl.float64) * 0.5
+def _store_coordinate(out_ptrs, z_ptrs, mask, lo, hi, j: tl.constexpr, k, base,
+                      fix, beta, HAS_DITHER: tl.constexpr, CODE_BITS: tl.constexpr):
+    """``beta * (r_j / 2 - z)`` in float64, as the numba decoder computes it
+    (``r_j / 2 = m_j + base + [j = k] fix = y_j - q Q(y / q)_j`` exactly)."""
+    v = _half(lo, hi, j, CODE_BITS).to(tl.float64) + tl.where(
+        k == j, base + fix, base).to(tl.float64)
     if HAS_DITHER:
         v = v - tl.load(z_ptrs + j, mask=mask, other=0.0)
     v = beta * v
@@ -403,9 +500,8 @@ def _store_coordinate(out_ptrs, z_ptrs, mask, r, j: tl.constexpr, k, delta,
 
 @triton.jit
 def _decode_rows_kernel(
-    words_ptr,      # (N, stride_b * CODE_BITS / 4) int32: packed codes
-    meta_ptr,       # (N, stride_b) uint8: index | s << 3 | k << 4 | down << 7
-    tab_ptr,        # (20,) float32: as for the matmul kernel
+    words_ptr,      # (N, stride_b * CODE_BITS / 4) int32: packed halves m_j
+    meta_ptr,       # (N, stride_b) uint8: pi | odd << 1 | k << 2 | index << 5
     beta_ptr,       # (16,) float64: beta per part and scale
     z_ptr,          # (N, 8 B) float64: dither (HAS_DITHER)
     out_ptr,        # (N, 8 B) float32 or float64, row-major
@@ -420,21 +516,30 @@ def _decode_rows_kernel(
     blk = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = (rn < N)[:, None] & (blk < BC)[None, :]
     blk_off = rn[:, None] * stride_b + blk[None, :]
-    r0, r1, r2, r3, r4, r5, r6, r7, delta, k, scale_at = _decode_tile(
-        words_ptr, meta_ptr, tab_ptr, blk_off, blk, mask, H, q_hi, q_lo,
-        CODE_BITS)
+    lo_part = (blk >= H)[None, :]                    # part lo: blocks h ..
+    lo, hi, base, fix, k, scale_at = _block_terms(
+        words_ptr, meta_ptr, blk_off, mask, tl.where(lo_part, q_lo, q_hi),
+        tl.where(lo_part, 8, 0), CODE_BITS)
     beta = tl.load(beta_ptr + scale_at, mask=mask, other=0.0)
     offs = rn[:, None] * row_len + blk[None, :] * 8
     out_ptrs = out_ptr + offs
     z_ptrs = z_ptr + offs
-    _store_coordinate(out_ptrs, z_ptrs, mask, r0, 0, k, delta, beta, HAS_DITHER)
-    _store_coordinate(out_ptrs, z_ptrs, mask, r1, 1, k, delta, beta, HAS_DITHER)
-    _store_coordinate(out_ptrs, z_ptrs, mask, r2, 2, k, delta, beta, HAS_DITHER)
-    _store_coordinate(out_ptrs, z_ptrs, mask, r3, 3, k, delta, beta, HAS_DITHER)
-    _store_coordinate(out_ptrs, z_ptrs, mask, r4, 4, k, delta, beta, HAS_DITHER)
-    _store_coordinate(out_ptrs, z_ptrs, mask, r5, 5, k, delta, beta, HAS_DITHER)
-    _store_coordinate(out_ptrs, z_ptrs, mask, r6, 6, k, delta, beta, HAS_DITHER)
-    _store_coordinate(out_ptrs, z_ptrs, mask, r7, 7, k, delta, beta, HAS_DITHER)
+    _store_coordinate(out_ptrs, z_ptrs, mask, lo, hi, 0, k, base, fix, beta,
+                      HAS_DITHER, CODE_BITS)
+    _store_coordinate(out_ptrs, z_ptrs, mask, lo, hi, 1, k, base, fix, beta,
+                      HAS_DITHER, CODE_BITS)
+    _store_coordinate(out_ptrs, z_ptrs, mask, lo, hi, 2, k, base, fix, beta,
+                      HAS_DITHER, CODE_BITS)
+    _store_coordinate(out_ptrs, z_ptrs, mask, lo, hi, 3, k, base, fix, beta,
+                      HAS_DITHER, CODE_BITS)
+    _store_coordinate(out_ptrs, z_ptrs, mask, lo, hi, 4, k, base, fix, beta,
+                      HAS_DITHER, CODE_BITS)
+    _store_coordinate(out_ptrs, z_ptrs, mask, lo, hi, 5, k, base, fix, beta,
+                      HAS_DITHER, CODE_BITS)
+    _store_coordinate(out_ptrs, z_ptrs, mask, lo, hi, 6, k, base, fix, beta,
+                      HAS_DITHER, CODE_BITS)
+    _store_coordinate(out_ptrs, z_ptrs, mask, lo, hi, 7, k, base, fix, beta,
+                      HAS_DITHER, CODE_BITS)
 
 
 # ---------------------------------------------------------------- layout
@@ -454,10 +559,10 @@ class GpuLayout:
     coded_blocks: int
     stride_b: int              # coded_blocks rounded up to ROW_ALIGN
     q: tuple                   # (q_hi, q_lo); 0 for an absent part
-    code_bits: int             # 4 or 8
+    code_bits: int             # 4 or 8 bits per half m_j
     words: torch.Tensor        # (a, stride_b * code_bits // 4) int32
     meta: torch.Tensor         # (a, stride_b) uint8
-    tab: torch.Tensor          # (20,) float32
+    tab: torch.Tensor          # (16,) float32
     betas: torch.Tensor        # (16,) float64
     dither: torch.Tensor | None            # (a, n_pad) float64
     row_scale: torch.Tensor | None         # (a,) float32 (not for dither)
@@ -479,12 +584,13 @@ class GpuLayout:
 
     @property
     def bytes_read(self) -> int:
-        """Bytes of weight data one call of the fused kernel reads: codes
+        """Bytes of weight data one call of the fused kernel reads: halves
         and meta byte of every coded block, the per-vector constants and the
         table (padding is never loaded)."""
-        per_block = self.code_bits + 1          # 8 codes, then the meta byte
+        per_block = self.code_bits + 1          # 8 halves, then the meta byte
         consts = 8 * self.vectors if self.row_scale is not None else 0
-        return self.vectors * self.coded_blocks * per_block + consts + 80
+        return (self.vectors * self.coded_blocks * per_block + consts
+                + 4 * TAB_SIZE)
 
     @property
     def bits_per_weight(self) -> float:
@@ -563,6 +669,42 @@ def decisions(codes, q):
     return s, k, down.astype(np.int64), r
 
 
+def stored_fields(codes, q):
+    """What the layout stores for each row of ``codes`` (m, 8): the halves
+    ``m`` (m, 8) in [0, q), the parity ``pi``, whether the D8 parity fix
+    applies (``odd``) and the coordinate ``k`` it moves; and numba's
+    residuals ``r`` (output = beta r / 2).
+
+    With numba's decisions (:func:`decisions`) and ``f_j = floor((a_j + q)
+    / D)`` for ``a = Y - q s``, the residuals before the fix, ``r_j = a_j -
+    D f_j``, lie in ``[-q, q)`` and all have the parity of ``c_7 + q s``
+    (``Y_j = c_7`` mod 2, ``D`` even), so ``r_j + q = 2 m_j + pi`` with
+    ``m_j`` in ``[0, q)`` and ``pi`` one bit per block. The fix moves
+    ``r_k`` by ``D`` towards 0 -- down when ``r_k >= 0`` -- which the kernels
+    read from ``m_k``: a move the other way would make ``|r|^2`` larger by
+    ``4 D |r_k|`` than this one, so numba never makes it (at ``r_k = 0`` its
+    float64 comparison is exact). Checked here on every
+    block: ``2 m + pi - q`` with the fix is numba's ``r``, bit for bit.
+    """
+    s, k, down, r = decisions(codes, q)
+    Y = _e8_doubled_points(np.asarray(codes, dtype=np.int64))
+    D = 2 * q
+    a = Y - q * s[:, None]
+    f = (a + q) // D
+    r_pre = a - D * f
+    odd = (f.sum(axis=1) & 1) == 1
+    pi = (r_pre[:, 0] + q) & 1
+    m = (r_pre + q - pi[:, None]) // 2
+    rows = np.arange(len(k))
+    r_k = 2 * m[rows, k] + pi - q
+    fixed = 2 * m + (pi - q)[:, None]
+    fixed[rows, k] += np.where(odd, np.where(r_k >= 0, -D, D), 0)
+    if (not np.array_equal(fixed, r) or (len(m) and (m.min() < 0 or m.max() >= q))
+            or np.any((k != 0) & ~odd)):
+        raise AssertionError("stored halves disagree with numba's decode")
+    return m, pi, odd.astype(np.int64), k, r
+
+
 def gpu_layout(qm, device=None) -> GpuLayout:
     """The device layout of a fixed-mode nested-lattice QuantizedMatrix.
 
@@ -578,8 +720,8 @@ def gpu_layout(qm, device=None) -> GpuLayout:
     Returns
     -------
     GpuLayout
-        Codes (4 bits each when every ``q <= 16``, else 8), one byte per block
-        holding the scale index and numba's two decoding decisions,
+        Halves ``m`` (4 bits each when every ``q <= 16``, else 8), one byte
+        per block holding the parity, the parity fix and the scale index,
         per-part scales, and -- without dither -- the per-vector constants of
         :func:`quant_linear`: ``row_scale = alpha * |a_i| / sqrt(n_pad)``
         (1 when not normalised) and ``row_offset = mean_i - row_scale * c_i /
@@ -638,10 +780,11 @@ def gpu_layout(qm, device=None) -> GpuLayout:
         for v0 in range(0, a, LAYOUT_CHUNK):   # v0 * per * L is a multiple of 8
             v1 = min(a, v0 + LAYOUT_CHUNK)
             codes, index = _part_codes(part, a * per, v0 * per, (v1 - v0) * per)
-            s, k, down, r = decisions(codes, q)
-            codes_all[v0:v1, b0:b1] = codes.reshape(v1 - v0, per, 8)
-            meta[v0:v1, b0:b1] = (index | s << COSET_SHIFT | k << FIX_SHIFT
-                                  | down << DIR_SHIFT).reshape(v1 - v0, per)
+            m, pi, odd, k, r = stored_fields(codes, q)
+            codes_all[v0:v1, b0:b1] = m.reshape(v1 - v0, per, 8)
+            meta[v0:v1, b0:b1] = (pi << PARITY_SHIFT | odd << ODD_SHIFT
+                                  | k << FIX_SHIFT
+                                  | index << INDEX_SHIFT).reshape(v1 - v0, per)
             raw = betas[index][:, None] * (0.5 * r)     # numba's decode, no dither
             c_dot_u[v0:v1] += raw.reshape(v1 - v0, 8 * per) @ u[8 * b0:8 * b1]
     dither = None
@@ -668,8 +811,8 @@ def gpu_layout(qm, device=None) -> GpuLayout:
 
 
 def _assemble(codes, meta, shape, h, qs, betas, code_bits, device, **extra):
-    """Pack ``codes`` (a, coded, 8) and ``meta`` (a, coded) into a
-    GpuLayout: rows padded to ``ROW_ALIGN`` blocks, codes ``code_bits``
+    """Pack the halves ``codes`` (a, coded, 8) and ``meta`` (a, coded) into
+    a GpuLayout: rows padded to ``ROW_ALIGN`` blocks, halves ``code_bits``
     each, the float32 ``tab`` and float64 betas of the two parts."""
     a, coded = meta.shape
     stride_b = -(-coded // ROW_ALIGN) * ROW_ALIGN
@@ -684,17 +827,14 @@ def _assemble(codes, meta, shape, h, qs, betas, code_bits, device, **extra):
         words = packed.view(np.int32)
     else:
         words = c.view(np.int32).reshape(a, 2 * stride_b)
-    tab = np.zeros(20, dtype=np.float32)
-    betas64 = np.zeros(16)
+    tab = np.zeros(TAB_SIZE, dtype=np.float32)
+    betas64 = np.zeros(TAB_SIZE)
     for slot, name in enumerate(("hi", "lo")):
         if name not in qs:
             continue
         b = np.asarray(betas[name], dtype=np.float32)
-        tab[8 * slot:8 * slot + len(b)] = b / np.float32(2)      # exact
+        tab[8 * slot:8 * slot + len(b)] = b
         betas64[8 * slot:8 * slot + len(b)] = b.astype(np.float64)
-        D = 2 * qs[name]
-        tab[16 + slot] = 1.0 / D
-        tab[18 + slot] = (qs[name] + 0.5) / D
     extra.setdefault("dither", None)
     extra.setdefault("row_scale", None)
     extra.setdefault("row_offset", None)
@@ -711,7 +851,7 @@ def _assemble(codes, meta, shape, h, qs, betas, code_bits, device, **extra):
 
 
 def random_layout(n, a, q, betas, *, device=None, seed=0):
-    """A layout of random codes and random decisions, **for timing only**:
+    """A layout of random halves and random meta bytes, **for timing only**:
     it decodes to arbitrary lattice vectors, not to any matrix. One part of
     ``q`` (and the given scales) covers all ``n / 8`` blocks; per-vector
     constants are 1 and 0, no rotation. Building it costs no quantization
@@ -721,8 +861,11 @@ def random_layout(n, a, q, betas, *, device=None, seed=0):
     B = -(-n // 8)
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, q, size=(a, B, 8), dtype=np.uint8)
-    meta = (rng.integers(0, len(betas), size=(a, B))
-            | rng.integers(0, 256, size=(a, B)) & 0xF8).astype(np.uint8)
+    meta = (rng.integers(0, len(betas), size=(a, B)) << INDEX_SHIFT
+            | rng.integers(0, 32, size=(a, B)))
+    # a block without the fix has k = 0 (as gpu_layout stores it)
+    no_fix = (meta >> ODD_SHIFT & 1) == 0
+    meta = np.where(no_fix, meta & ~(7 << FIX_SHIFT), meta).astype(np.uint8)
     ones = torch.ones(a, dtype=torch.float32, device=device)
     return _assemble(codes, meta, (n, a), B, {"hi": int(q)}, {"hi": betas},
                      4 if q <= 16 else 8, device, row_scale=ones,
@@ -747,9 +890,11 @@ def _config(m, n_vectors):
     The decode costs the same whatever the number of rows it serves, so the
     variant is chosen by the compiled instructions per weight of its loop
     (sm_90 SASS, :func:`loop_instruction_counts`, float32 products): about
-    17.5 for "gemv" (one row), 22 for "fma" with 2 rows, 36 with 4, 38 for
-    "dot" with 16 rows and 93 with 64. BLOCK_N is small for a GEMV so that
-    it still has hundreds of programs (an H100 has 132 SMs).
+    7.4 for "gemv" (one row), 11 for "fma" with 2 rows, 20 with 4, 30 for
+    "dot" with 16 rows and 82 with 64 (17.5, 22, 36, 38 and 93 when the
+    layout stored the codes ``c`` and the kernels ran the integer decoder).
+    BLOCK_N is small for a GEMV so that it still has hundreds of programs
+    (an H100 has 132 SMs).
     """
     if m == 1:
         return "gemv", 1, 16 if n_vectors <= 8192 else 32, 32, 4
@@ -761,17 +906,29 @@ def _config(m, n_vectors):
     return "dot", block_m, 64, 16, 4
 
 
-def _coordinate_major(x_rot, layout):
-    """``x[m, j, b] = x_rot[m, 8b + j]`` for the coded blocks, zero for the
-    padding blocks, as a (M, 8, stride_b) float32 tensor: the kernels then
-    read ``x_j`` of consecutive blocks from consecutive addresses (16-byte
-    loads, one cache line per warp) instead of at a stride of 32 bytes."""
+def _tiled(x_rot, layout, block_m, block_b):
+    """The activations as the fused kernels read them: a (M', T, X_ROWS,
+    block_b) float32 tensor, ``T = cdiv(stride_b, block_b)``. For block
+    ``b = t block_b + i``, row ``j < 8`` holds ``x_rot[m, 8b + j] * 2^(23 -
+    p_j)`` (``p_j`` from :data:`FIELD_SHIFTS`: the inverse scale of the half
+    the kernels multiply it with), row 8 the block's sum and rows 9..16 the
+    unscaled
+    coordinates; zero past the coded blocks and for the padding rows up to
+    ``M'``, a multiple of ``block_m``. Per K step a program then reads
+    ``x_j`` of consecutive blocks at consecutive addresses and fixed
+    offsets, and no load needs a mask."""
     m = x_rot.shape[0]
     bc = layout.coded_blocks
-    x = torch.zeros((m, 8, layout.stride_b), dtype=torch.float32,
-                    device=x_rot.device)
-    x[:, :, :bc] = x_rot[:, :8 * bc].reshape(m, bc, 8).transpose(1, 2)
-    return x
+    T = -(-layout.stride_b // block_b)
+    x = torch.zeros((-(-m // block_m) * block_m, T * block_b, X_ROWS),
+                    dtype=torch.float32, device=x_rot.device)
+    plain = x_rot[:, :8 * bc].reshape(m, bc, 8)
+    scale = torch.tensor([2.0 ** (23 - p) for p in FIELD_SHIFTS[layout.code_bits]],
+                         dtype=torch.float32, device=x_rot.device)
+    x[:m, :bc, :8] = plain * scale                    # powers of two: exact
+    x[:m, :bc, 8] = plain.sum(dim=2)
+    x[:m, :bc, 9:] = plain
+    return x.reshape(x.shape[0], T, block_b, X_ROWS).transpose(2, 3).contiguous()
 
 
 def _launch_matmul(x_rot, layout, out, xsum, bias, precision, config):
@@ -784,14 +941,14 @@ def _launch_matmul(x_rot, layout, out, xsum, bias, precision, config):
         raise ValueError("tl.dot needs BLOCK_M, BLOCK_N, BLOCK_B >= 16")
     epilogue = xsum is not None
     dummy = layout.tab
-    x_rot = _coordinate_major(x_rot, layout)
-    args = (x_rot, layout.words, layout.meta, layout.tab, out,
+    x = _tiled(x_rot, layout, 1 if kind == "gemv" else block_m, block_b)
+    args = (x, layout.words, layout.meta, layout.tab, out,
             xsum if epilogue else dummy,
             layout.row_scale if epilogue else dummy,
             layout.row_offset if epilogue else dummy,
             bias if bias is not None else dummy,
             m, N, layout.stride_b, layout.h, layout.q[0], layout.q[1],
-            x_rot.stride(0), x_rot.stride(1), out.stride(0))
+            x.stride(0), out.stride(0))
     common = dict(CODE_BITS=layout.code_bits, BLOCK_N=block_n, BLOCK_B=block_b,
                   EPILOGUE=epilogue, HAS_BIAS=bias is not None,
                   num_warps=warps, enable_fp_fusion=True)
@@ -917,7 +1074,7 @@ def decode_rows(layout, dtype=torch.float64):
     has_dither = layout.dither is not None
     grid = (triton.cdiv(a, block_n), triton.cdiv(layout.coded_blocks, block_b))
     _decode_rows_kernel[grid](
-        layout.words, layout.meta, layout.tab, layout.betas,
+        layout.words, layout.meta, layout.betas,
         layout.dither if has_dither else layout.betas, out,
         a, layout.coded_blocks, layout.stride_b, layout.h, layout.q[0],
         layout.q[1], layout.n_pad, CODE_BITS=layout.code_bits, BLOCK_N=block_n,
@@ -1094,16 +1251,18 @@ def loop_instruction_counts(config=("gemv", 1, 16, 32, 4), code_bits=4, arch=90,
                bias_ptr=f32)
     # ints as Triton specialises them at run time: strides divisible by 16
     sig.update({k: "i32" for k in ("M", "N", "stride_b", "H", "q_hi", "q_lo",
-                                   "stride_xm", "stride_xj", "stride_om")})
+                                   "stride_xm", "stride_om")})
     sig.update({k: "constexpr" for k in cx})
     attrs = {(i,): [["tt.divisibility", 16]]
              for i, k in enumerate(sig) if k.endswith("_ptr")
-             or k in ("stride_b", "stride_xm", "stride_xj", "stride_om")}
+             or k in ("stride_b", "stride_xm", "stride_om")}
     src = triton.compiler.ASTSource(fn=fn, signature=sig,
                                     constexprs=cx, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": warps, "enable_fp_fusion": True})
     ptx_ops = _ptx_opcodes(kernel.asm["ptx"])
+    # the halves are read as subnormal floats: the loop must not flush them
+    ftz = any(".ftz" in op for op in ptx_ops)
     sass_ops = _sass_opcodes(kernel.asm["cubin"])
     threads = 32 * warps
     weights = block_n * block_b * 8
@@ -1111,7 +1270,8 @@ def loop_instruction_counts(config=("gemv", 1, 16, 32, 4), code_bits=4, arch=90,
                precision=precision,
                threads=threads, weights_per_iteration=weights,
                ptx_per_iteration=len(ptx_ops),
-               ptx_per_weight=len(ptx_ops) * threads / weights)
+               ptx_per_weight=len(ptx_ops) * threads / weights,
+               ftz_in_loop=ftz)
     if sass_ops is not None:
         top = collections.Counter(o.split(".")[0] for o in sass_ops)
         out.update(sass_per_iteration=len(sass_ops),
