@@ -468,3 +468,52 @@ def test_multiscale_kernel_equals_reference(q):
         np.testing.assert_array_equal(dec, out)
         # every scale is used somewhere, so every path is exercised
         assert len(np.unique(index)) >= 3
+
+
+@pytest.mark.parametrize("q", [2, 3, 4, 6, 7, 8, 14])
+def test_multiscale_kernel_on_the_boundary_of_qV(q):
+    """Fine points exactly on the boundary of q V(E8) (max <t, r> = q over
+    the roots): the kernel's facet shortcut hands these ties to the full
+    overload test; it must agree with the oracle on every one, and on points
+    just inside and outside."""
+    from nqlib.kernels.cpu.nested import (
+        decode_multiscale_rows,
+        encode_multiscale_rows,
+    )
+    from nqlib.lattices import E8
+    from nqlib.reference.nested import encode_multiscale
+
+    rng = np.random.default_rng(100 + q)
+    # E8 points in the box [-q, q]^8: D8 (even coordinate sum) and D8 + 1/2
+    d = rng.integers(-q, q + 1, (100_000, 8)).astype(np.float64)
+    d[:, 0] -= np.where(d.sum(1) % 2 == 1, np.sign(d[:, 0] + 0.5), 0)
+    h = rng.integers(-q, q, (100_000, 8)) + 0.5
+    h[:, 0] -= np.where((h - 0.5).sum(1) % 2 == 1, 1.0, 0.0)
+    t = np.vstack([d, h])
+    np.testing.assert_array_equal(E8().closest_point(t, backend="numpy"), t)
+    a = np.abs(t)
+    two = np.sort(a, axis=1)[:, -2:].sum(1)
+    neg = (t < 0).sum(1)
+    half = 0.5 * (a.sum(1) - 2 * a.min(1) * (neg % 2))
+    top = np.maximum(two, half)
+    pts = np.vstack([t[top == q][:2000], t[top == q - 0.5][:500],
+                     t[top == q + 0.5][:500], t[top == q - 1][:500],
+                     t[top == q + 1][:500]])
+    assert (np.sum(top == q) > 50)
+    betas = np.array([1.0, 1.5, 3.0])
+    for z in (np.zeros((1, 8)), None):
+        if z is None:   # a dyadic dither keeps Q(x / beta + z) on the points
+            z = np.zeros((pts.shape[0], 8))
+        m = pts.shape[0]
+        codes = np.empty((m, 8), np.int64)
+        index = np.empty(m, np.int64)
+        err = np.empty(m)
+        dec = np.empty((m, 8))
+        encode_multiscale_rows(pts, q, betas, z, codes, index, err, dec)
+        rc, ri, re = encode_multiscale(pts, q, betas, z)
+        np.testing.assert_array_equal(index, ri)
+        np.testing.assert_array_equal(codes, rc)
+        np.testing.assert_array_equal(err, re)
+        out = np.empty_like(dec)
+        decode_multiscale_rows(codes, index, q, betas, z, out)
+        np.testing.assert_array_equal(dec, out)

@@ -18,23 +18,51 @@ from nqlib.kernels.cpu.lattice import (
 
 
 @njit(cache=True, inline="always")
-def _wrap_e8_fast(t, q, codes_row, k, uk, w, tmp, u):
-    """:func:`wrap_e8_into` with a shortcut that gives the same answer.
-
-    E8 points have even squared norms, so ``||t||^2 < q^2 / 2`` means
-    ``||t||^2 <= q^2 / 2 - 2``: ``t / q`` lies inside the packing ball of
-    radius ``1 / sqrt(2)``, at least about ``2 / q^2`` from every facet of
-    the Voronoi cell of 0 -- no overload, and far from any tie for float64
-    (the full test would find the same). Only the codes are computed then.
-    """
-    n2 = 0.0
+def _root_max(t):
+    """``max <t, r>`` over the 240 roots ``r`` of E8 (the Voronoi-relevant
+    vectors): the two largest ``|t_i|`` (roots ``+-e_i +- e_j``), or half
+    the sum of ``|t_i|`` with an even number of sign flips (roots
+    ``(+-1/2)^8``; when ``t`` has an odd number of negative coordinates the
+    smallest ``|t_i|`` pays). Exact for points of E8 (dyadic arithmetic)."""
+    s = 0.0
+    a1 = 0.0
+    a2 = 0.0
+    amin = np.inf
+    neg = 0
     for j in range(8):
-        n2 += t[j] * t[j]
-    if 2.0 * n2 < q * q:
+        a = abs(t[j])
+        s += a
+        neg += t[j] < 0.0
+        amin = min(amin, a)
+        if a > a1:
+            a2 = a1
+            a1 = a
+        elif a > a2:
+            a2 = a
+    half = 0.5 * (s - 2.0 * amin) if neg & 1 else 0.5 * s
+    return max(a1 + a2, half)
+
+
+@njit(cache=True, inline="always")
+def _wrap_e8_fast(t, q, codes_row, k, uk, w, tmp, u):
+    """:func:`wrap_e8_into`, deciding overload from the facets of ``q V``.
+
+    The Voronoi cell of E8 is ``{y : <y, r> <= 1}`` over its 240 roots, so
+    for the fine point ``t``: ``max <t, r> < q`` means ``t`` is inside ``q V``
+    (no overload) and ``> q`` means outside (overload), both with a margin
+    of at least 1/4 in ``<t, r>`` (``t`` and ``r`` are half-integral), far
+    beyond float64 error -- the full test would find the same. Equality is a
+    tie on the boundary, decided by the full test (same rule as every other
+    backend). On overload the codes are not written (the caller moves on).
+    """
+    m = _root_max(t)
+    if m < q:
         _e8_coordinates(t, k)
         for j in range(8):
             codes_row[j] = np.int64(_mod(k[j], q))
         return False
+    if m > q:
+        return True
     return wrap_e8_into(t, q, codes_row, k, uk, w, tmp, u)
 
 
