@@ -407,6 +407,10 @@ SM90_SCRIPT = textwrap.dedent(r"""
         out_ptr=f64, N="i32", BC="i32", stride_b="i32", H="i32", q_hi="i32",
         q_lo="i32", row_len="i32"), dict(CODE_BITS=4, BLOCK_N=16, BLOCK_B=32,
         HAS_DITHER=True), enable_fp_fusion=False)
+    for bits in (4, 8):
+        compile_for_sm90(M._tile_kernel, dict(
+            xr_ptr=f32, out_ptr=f32, M="i32", BC="i32", stride_xr="i32",
+            T="i32"), dict(CODE_BITS=bits, BLOCK_B=32), enable_fp_fusion=False)
     k = compile_for_sm90(H._fwht_kernel, dict(x_ptr=f32, scale_ptr=f32, M="i32"),
                          dict(N=4096, LOG_N=12, BLOCK_M=1), num_warps=8)
     sass = M._sass_text(k.asm["cubin"])
@@ -442,3 +446,27 @@ def test_kernels_compile_for_sm90():
         assert ops.get("I2F", 0) + ops.get("I2FP", 0) <= per_thread / 8, ops
     assert out["fma-4"]["sass_per_weight"] < 2 * out["gemv-4"]["sass_per_weight"]
     assert out["dot-4"]["sass_per_weight"] < 16 * out["gemv-4"]["sass_per_weight"]
+
+
+@pytest.mark.parametrize("name", ["two-part", "8-bit", "sketched"])
+@pytest.mark.parametrize("m,block_m,block_b", [(1, 1, 32), (3, 4, 16), (5, 16, 16)])
+def test_activation_tiles(layouts, name, m, block_m, block_b):
+    """The one-launch tiling kernel writes what the fused kernels expect:
+    scaled coordinates (exact powers of two), block sums, plain coordinates,
+    zeros past the coded blocks and on the padding rows."""
+    lay = layouts[name]
+    rng = np.random.default_rng(m)
+    x_rot = torch.from_numpy(rng.standard_normal((m, lay.n_pad)).astype(np.float32))
+    x = mt._tiled(x_rot.to(DEVICE), lay, block_m, block_b).cpu().numpy()
+    T = -(-lay.stride_b // block_b)
+    rows = -(-m // block_m) * block_m
+    assert x.shape == (rows, T, mt.X_ROWS, block_b)
+    full = np.zeros((rows, T * block_b, 8), dtype=np.float32)
+    bc = lay.coded_blocks
+    full[:m, :bc] = x_rot.numpy()[:, :8 * bc].reshape(m, bc, 8)
+    got = x.transpose(0, 1, 3, 2).reshape(rows, T * block_b, mt.X_ROWS)
+    scale = np.array([2.0 ** (23 - p) for p in mt.FIELD_SHIFTS[lay.code_bits]],
+                     dtype=np.float32)
+    np.testing.assert_array_equal(got[..., :8], full * scale)
+    np.testing.assert_allclose(got[..., 8], full.sum(axis=2), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[..., 9:], full)

@@ -65,11 +65,25 @@ def _fwht_kernel(
     tl.store(x_ptr + offs, x, mask=mask)
 
 
+_SCALES: dict = {}
+
+
+def _scale_tensor(scale, dtype, device):
+    """``scale`` as a one-element tensor on the device, made once per
+    (scale, dtype, device): later launches copy nothing from the host, so
+    they can be captured in a CUDA graph."""
+    key = (float(scale), dtype, str(device))
+    t = _SCALES.get(key)
+    if t is None:
+        t = _SCALES[key] = torch.tensor([scale], dtype=dtype, device=device)
+    return t
+
+
 def _launch(rows, scale):
     """One pass on contiguous (m, n) rows, n <= MAX_TILE a power of two."""
     m, n = rows.shape
     block_m = max(1, TILE // n)
-    scale_t = torch.tensor([scale], dtype=rows.dtype, device=rows.device)
+    scale_t = _scale_tensor(scale, rows.dtype, rows.device)
     grid = (triton.cdiv(m, block_m),)
     _fwht_kernel[grid](rows, scale_t, m, N=n, LOG_N=n.bit_length() - 1,
                        BLOCK_M=block_m, num_warps=4 if n <= 2048 else 8,

@@ -906,29 +906,55 @@ def _config(m, n_vectors):
     return "dot", block_m, 64, 16, 4
 
 
+@triton.jit
+def _tile_kernel(xr_ptr, out_ptr, M, BC, stride_xr, T,
+                 CODE_BITS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One (row, K tile) of :func:`_tiled`: rows 0..7 the scaled
+    coordinates, row 8 the block sums, rows 9..16 the plain coordinates,
+    zeros past the coded blocks and the input rows."""
+    mm = tl.program_id(0)
+    t = tl.program_id(1)
+    i = tl.arange(0, BLOCK_B)
+    j = tl.arange(0, 8)
+    b = t * BLOCK_B + i
+    limit = tl.where(mm < M, BC, 0)          # no coded blocks on padding rows
+    ok = (b < limit)[:, None] & (j < 8)[None, :]
+    src = xr_ptr + mm.to(tl.int64) * stride_xr + 8 * b[:, None] + j[None, :]
+    xv = tl.load(src, mask=ok, other=0.0)                       # [BB, 8]
+    # 2^(23 - p_j) built from its bits (exact): p_j = FIELD_SHIFTS[CODE_BITS][j]
+    if CODE_BITS == 4:
+        p = tl.where(j < 5, 4 * j, 4 * j - 12)
+    else:
+        p = (j % 2) * 8
+    scale = ((150 - p) << 23).to(tl.float32, bitcast=True)
+    base = out_ptr + (mm.to(tl.int64) * T + t) * (_X_ROWS * BLOCK_B)
+    rows = base + j[None, :] * BLOCK_B + i[:, None]
+    tl.store(rows, xv * scale[None, :])
+    tl.store(base + 8 * BLOCK_B + i, tl.sum(xv, axis=1))
+    tl.store(rows + 9 * BLOCK_B, xv)
+
+
 def _tiled(x_rot, layout, block_m, block_b):
     """The activations as the fused kernels read them: a (M', T, X_ROWS,
     block_b) float32 tensor, ``T = cdiv(stride_b, block_b)``. For block
     ``b = t block_b + i``, row ``j < 8`` holds ``x_rot[m, 8b + j] * 2^(23 -
     p_j)`` (``p_j`` from :data:`FIELD_SHIFTS`: the inverse scale of the half
     the kernels multiply it with), row 8 the block's sum and rows 9..16 the
-    unscaled
-    coordinates; zero past the coded blocks and for the padding rows up to
-    ``M'``, a multiple of ``block_m``. Per K step a program then reads
-    ``x_j`` of consecutive blocks at consecutive addresses and fixed
-    offsets, and no load needs a mask."""
+    unscaled coordinates; zero past the coded blocks and for the padding
+    rows up to ``M'``, a multiple of ``block_m``. Per K step a program then
+    reads ``x_j`` of consecutive blocks at consecutive addresses and fixed
+    offsets, and no load needs a mask. One launch of :func:`_tile_kernel`
+    (no host-to-device copy, so it can be captured in a CUDA graph)."""
     m = x_rot.shape[0]
-    bc = layout.coded_blocks
     T = -(-layout.stride_b // block_b)
-    x = torch.zeros((-(-m // block_m) * block_m, T * block_b, X_ROWS),
-                    dtype=torch.float32, device=x_rot.device)
-    plain = x_rot[:, :8 * bc].reshape(m, bc, 8)
-    scale = torch.tensor([2.0 ** (23 - p) for p in FIELD_SHIFTS[layout.code_bits]],
-                         dtype=torch.float32, device=x_rot.device)
-    x[:m, :bc, :8] = plain * scale                    # powers of two: exact
-    x[:m, :bc, 8] = plain.sum(dim=2)
-    x[:m, :bc, 9:] = plain
-    return x.reshape(x.shape[0], T, block_b, X_ROWS).transpose(2, 3).contiguous()
+    rows = -(-m // block_m) * block_m
+    x = torch.empty((rows, T, X_ROWS, block_b), dtype=torch.float32,
+                    device=x_rot.device)
+    if rows and T:
+        _tile_kernel[(rows, T)](x_rot, x, m, layout.coded_blocks,
+                                x_rot.stride(0), T, CODE_BITS=layout.code_bits,
+                                BLOCK_B=block_b, enable_fp_fusion=False)
+    return x
 
 
 def _launch_matmul(x_rot, layout, out, xsum, bias, precision, config):
