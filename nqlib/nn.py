@@ -172,6 +172,17 @@ class QuantLinear(torch.nn.Module):
                 self._qw.dequantize(np.float32).T.copy())
         return self._w_cache
 
+    def _weight_on(self, device) -> torch.Tensor:
+        """:meth:`dequantized_weight` on ``device``, copied there once (not
+        on every call) and cached beside the CPU copy."""
+        W = self.dequantized_weight()
+        if W.device == torch.device(device):
+            return W
+        cache = getattr(self, "_w_device_cache", None)
+        if cache is None or cache[0] is not W or cache[1] != device:
+            cache = self._w_device_cache = (W, device, W.to(device))
+        return cache[2]
+
     # --------------------------------------------------------------- forward
     #: Forward backend. ``"auto"``: the fused Triton decode-matmul
     #: (:mod:`nqlib.kernels.gpu.matmul_triton`) for CUDA inputs when the
@@ -224,7 +235,7 @@ class QuantLinear(torch.nn.Module):
             y = self._forward_triton(x2)
             return y.to(x.dtype).reshape(*lead, self.out_features)
         if self.act_rate is None:
-            W = self.dequantized_weight().to(x.device)
+            W = self._weight_on(x.device)
             y = x2.to(W.dtype) @ W.T
         else:
             y = self._forward_quantized_acts(x2)

@@ -132,7 +132,7 @@ def test_wrong_magic():
         nqlib.load(io.BytesIO(b"PK\x03\x04 a zip file"))
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 1, 3, 255])
 def test_wrong_version(version):
     """Only the version check can catch this: the checksum is recomputed."""
     data = bytearray(quantized("nested-fixed").to_bytes()[:-4])
@@ -156,3 +156,15 @@ def test_trailing_or_missing_bytes_with_valid_checksum(case):
         matrix.QuantizedMatrix.from_bytes(with_crc(body + b"\x00\x00"))
     with pytest.raises(ValueError, match="truncated|corrupted|cannot be decoded"):
         matrix.QuantizedMatrix.from_bytes(with_crc(body[:-2]))
+
+
+def test_more_than_eight_scales_is_refused():
+    """The scale index of a fixed-mode block is 3 bits wide on the GPU: a
+    file that claims more than 8 scales is refused when read."""
+    A = np.random.default_rng(4).standard_normal((256, 8))
+    Q = nqlib.quantize(A, 4.0, mode="fixed")
+    part = Q.payload["hi"] if Q.payload["hi"]["L"] else Q.payload["lo"]
+    part["betas"] = np.linspace(0.1, 1.0, 9).astype(np.float32)
+    Q._bytes = None
+    with pytest.raises(ValueError, match="corrupted fixed-mode header"):
+        matrix.QuantizedMatrix.from_bytes(Q.to_bytes())

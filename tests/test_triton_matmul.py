@@ -470,3 +470,23 @@ def test_activation_tiles(layouts, name, m, block_m, block_b):
     np.testing.assert_array_equal(got[..., :8], full * scale)
     np.testing.assert_allclose(got[..., 8], full.sum(axis=2), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(got[..., 9:], full)
+
+
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_fused_matmul_with_flushed_subnormals(layouts, matrices, m):
+    """With flush-to-zero on (torch.set_flush_denormal), the interpreter
+    path must not read the halves as subnormals (they would all become 0):
+    the launcher falls back to normal-float halves, same answers."""
+    if DEVICE == "cuda" or not torch.set_flush_denormal(True):
+        pytest.skip("needs the interpreter on a CPU that can flush denormals")
+    try:
+        assert not mt._subnormals_kept("cpu")
+        lay = layouts["4-bit"]
+        x = torch.from_numpy(np.random.default_rng(m).standard_normal(
+            (m, lay.n_pad)).astype(np.float32))
+        got = mt.decode_matmul(x, lay).numpy().astype(np.float64)
+    finally:
+        torch.set_flush_denormal(False)
+    assert mt._subnormals_kept("cpu")
+    ref = x.numpy().astype(np.float64) @ _decode_codes(matrices["4-bit"]).T
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -49,11 +49,14 @@ def matmul(QA, QB, *, backend="auto") -> np.ndarray:
     backend : {"auto", "numpy", "numba", "triton"}
         ``"auto"``, ``"numpy"`` and ``"numba"`` decode on the CPU (numba
         kernels) and multiply with numpy. ``"triton"`` needs two nested,
-        fixed-mode operands: it decodes them on the GPU with the kernels of
-        :mod:`nqlib.kernels.gpu.matmul_triton` (bit-identical to the CPU
-        decoders), applies the projections, shrinkage and rotations in torch
-        (float64) and multiplies there; CPU tensors and the Triton
-        interpreter stand in for a GPU when ``TRITON_INTERPRET=1``.
+        fixed-mode operands: it builds their GPU layouts on the host (one
+        numba pass records the decoder's decisions), decodes them on the GPU
+        with the kernels of :mod:`nqlib.kernels.gpu.matmul_triton`
+        (bit-identical to the CPU decoders), applies the projections,
+        shrinkage and rotations in torch (float64) and multiplies there; CPU
+        tensors and the Triton interpreter stand in for a GPU when
+        ``TRITON_INTERPRET=1``. Layouts are not cached between calls: for
+        repeated products with one weight, use :class:`nqlib.nn.QuantLinear`.
 
     Returns
     -------

@@ -230,8 +230,11 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
     Notes
     -----
     The derivation of the block update is in this module's docstring. With
-    ``H`` proportional to the identity and ``center=False`` the feedback
-    vanishes and the words are those of ``quantize(A, rate, mode="fixed")``.
+    ``H`` proportional to the identity, ``center=False`` and ``n`` a
+    multiple of 8 the feedback vanishes and the words are those of
+    ``quantize(A, rate, mode="fixed")`` (with padding, the projection that
+    removes the padded coordinates makes the coded-domain ``H`` no longer
+    proportional to the identity).
     Book: chapter "Quantizing a sentence-embedding model", label
     ``ch-minilm``.
     """

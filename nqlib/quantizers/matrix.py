@@ -50,7 +50,8 @@ METHODS = ("nested", "rtn", "rtn-hadamard", "ecsq")
 MODES = ("variable", "fixed")
 ESTIMATORS = ("mmse", "unbiased")
 MAGIC = b"NQM"
-FORMAT_VERSION = 1
+#: 2: dithered files carry the 64-bit dither key (version 1 had none)
+FORMAT_VERSION = 2
 #: allowed excess of the achieved rate over the target (bits per entry)
 RATE_TOLERANCE = 0.02
 MIN_RATE = 0.1
@@ -318,7 +319,8 @@ class QuantizedMatrix:
         version = data[3]
         if version != FORMAT_VERSION:
             raise ValueError(f"unsupported format version {version} (this nqlib "
-                             f"reads version {FORMAT_VERSION})")
+                             f"reads version {FORMAT_VERSION}; quantize the "
+                             "matrix again)")
         if len(data) < 4 + _HEADER.size + 8:
             raise ValueError("quantized matrix data is truncated")
         body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
@@ -401,7 +403,9 @@ def _read_payload(r: _Reader, qm: QuantizedMatrix) -> dict:
         parts = {}
         for part in ("hi", "lo"):
             L, q, k = r.unpack("BHB")
-            if L and not (8 <= L <= 64 and 1 <= k and q >= 2):
+            # k <= 8 scales (fixed.MAX_SCALES): the scale index is 3 bits
+            # wide in the GPU layout
+            if L and not (8 <= L <= 64 and 1 <= k <= 8 and q >= 2):
                 raise ValueError("corrupted fixed-mode header")
             parts[part] = dict(L=L, q=q, betas=r.array(np.float32, k))
         for part, count in (("hi", a * h), ("lo", a * (B - h))):
@@ -591,11 +595,12 @@ def quantize(A, rate, *, seed=0, mode="variable", method="nested",
         a deterministic function of the input.
     dither : bool
         Subtractive dither, uniform on the E8 Voronoi cell (nested only).
-        Makes the error independent of the input; costs a little rate at
-        low rates. It is drawn from ``seed`` and a 64-bit key hashed from
-        ``A`` (stored, 8 bytes), so two different matrices get independent
-        dithers even with the same seed and shape -- what the universal
-        guarantee of chapter ``ch-universal`` needs.
+        Over a random ``seed`` it makes the error uniform and independent of
+        the input; costs a little rate at low rates. It is drawn from
+        ``seed`` and a 64-bit key hashed from ``A`` (stored, 8 bytes), so two
+        different matrices get independent dither streams even with the
+        same seed and shape -- what the universal guarantee of chapter
+        ``ch-universal`` needs (its expectations are over the seed).
     center, normalize, rotate : bool
         Switch off a step of the pipeline (for ablations). ``rotate`` is
         forced False for ``"rtn"`` and True for ``"rtn-hadamard"``.

@@ -50,8 +50,8 @@ def _wrap_e8_fast(t, q, codes_row, k, uk, w, tmp, u):
     The Voronoi cell of E8 is ``{y : <y, r> <= 1}`` over its 240 roots, so
     for the fine point ``t``: ``max <t, r> < q`` means ``t`` is inside ``q V``
     (no overload) and ``> q`` means outside (overload), both with a margin
-    of at least 1/4 in ``<t, r>`` (``t`` and ``r`` are half-integral), far
-    beyond float64 error -- the full test would find the same. Equality is a
+    of at least 1 in ``<t, r>`` (E8 is an integral lattice: ``<t, r>`` is an
+    integer), far beyond float64 error -- the full test finds the same. Equality is a
     tie on the boundary, decided by the full test (same rule as every other
     backend). On overload the codes are not written (the caller moves on).
     """
@@ -105,8 +105,10 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr, dec):
     itself: the same bits as :func:`decode_multiscale_rows` (without
     overload the decoder's ``y - q Q(y / q)`` is exactly the fine point).
     """
-    want_dec = dec.shape[0] > 0
     m = x.shape[0]
+    if dec.shape[0] != 0 and dec.shape[0] != m:
+        raise ValueError("dec must have 0 or as many rows as x")
+    want_dec = dec.shape[0] > 0
     k = betas.shape[0]
     zm = z.shape[0]
     nchunks = (m + CHUNK - 1) // CHUNK

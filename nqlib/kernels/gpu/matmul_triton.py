@@ -251,7 +251,8 @@ def _block_terms(words_ptr, meta_ptr, blk_off, mask, q, tab_at,
 # --------------------------------------------------------- fused matmul
 @triton.jit
 def _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0, stride_b,
-               q, tab_at, CODE_BITS: tl.constexpr, BLOCK_B: tl.constexpr):
+               q, tab_at, CODE_BITS: tl.constexpr, BLOCK_B: tl.constexpr,
+               SCALED: tl.constexpr):
     """One K step of the GEMV: ``acc += beta <x_block, r_block / 2>`` for the
     blocks ``b0 .. b0 + BLOCK_B - 1`` of ``BLOCK_N`` vectors."""
     # stride_b is a multiple of 16, so the block mask is constant over runs
@@ -268,14 +269,20 @@ def _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0, stride_b,
     xt = x_row + _X_ROWS * b0 + tl.arange(0, BLOCK_B)
     xk = tl.load(xt[None, :] + (9 + k) * BLOCK_B)    # x_k, from the cache
     s = tl.load(xt + 8 * BLOCK_B)[None, :] * base + xk * fix
-    s += tl.load(xt)[None, :] * _half(lo, hi, 0, CODE_BITS, True)
-    s += tl.load(xt + BLOCK_B)[None, :] * _half(lo, hi, 1, CODE_BITS, True)
-    s += tl.load(xt + 2 * BLOCK_B)[None, :] * _half(lo, hi, 2, CODE_BITS, True)
-    s += tl.load(xt + 3 * BLOCK_B)[None, :] * _half(lo, hi, 3, CODE_BITS, True)
-    s += tl.load(xt + 4 * BLOCK_B)[None, :] * _half(lo, hi, 4, CODE_BITS, True)
-    s += tl.load(xt + 5 * BLOCK_B)[None, :] * _half(lo, hi, 5, CODE_BITS, True)
-    s += tl.load(xt + 6 * BLOCK_B)[None, :] * _half(lo, hi, 6, CODE_BITS, True)
-    s += tl.load(xt + 7 * BLOCK_B)[None, :] * _half(lo, hi, 7, CODE_BITS, True)
+    # SCALED: the pre-scaled rows 0..7 times the subnormal-trick halves;
+    # else the plain rows 9..16 times the halves as normal floats
+    if SCALED:
+        xc = xt
+    else:
+        xc = xt + 9 * BLOCK_B
+    s += tl.load(xc)[None, :] * _half(lo, hi, 0, CODE_BITS, SCALED)
+    s += tl.load(xc + BLOCK_B)[None, :] * _half(lo, hi, 1, CODE_BITS, SCALED)
+    s += tl.load(xc + 2 * BLOCK_B)[None, :] * _half(lo, hi, 2, CODE_BITS, SCALED)
+    s += tl.load(xc + 3 * BLOCK_B)[None, :] * _half(lo, hi, 3, CODE_BITS, SCALED)
+    s += tl.load(xc + 4 * BLOCK_B)[None, :] * _half(lo, hi, 4, CODE_BITS, SCALED)
+    s += tl.load(xc + 5 * BLOCK_B)[None, :] * _half(lo, hi, 5, CODE_BITS, SCALED)
+    s += tl.load(xc + 6 * BLOCK_B)[None, :] * _half(lo, hi, 6, CODE_BITS, SCALED)
+    s += tl.load(xc + 7 * BLOCK_B)[None, :] * _half(lo, hi, 7, CODE_BITS, SCALED)
     return acc + s * hb
 
 
@@ -304,6 +311,7 @@ def _decode_gemv_kernel(
     BLOCK_B: tl.constexpr,      # 8-blocks per K step (K tile = 8 BLOCK_B)
     EPILOGUE: tl.constexpr,     # out = scale acc + xsum offset (+ bias)
     HAS_BIAS: tl.constexpr,
+    SCALED: tl.constexpr = True,  # subnormal-trick halves (see _scaled_field)
 ):
     # one row of x per program (axis 1): every tensor is 2-D [vectors,
     # blocks] in one register layout, so the loop needs no shared memory
@@ -317,17 +325,17 @@ def _decode_gemv_kernel(
     h_end = (H // BLOCK_B) * BLOCK_B
     for b0 in range(0, h_end, BLOCK_B):
         acc = _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0,
-                         stride_b, q_hi, 0, CODE_BITS, BLOCK_B)
+                         stride_b, q_hi, 0, CODE_BITS, BLOCK_B, SCALED)
     lo_start = h_end
     if h_end < H:
         lo_part = (h_end + tl.arange(0, BLOCK_B) >= H)[None, :]
         acc = _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok,
                          h_end, stride_b, tl.where(lo_part, q_lo, q_hi),
-                         tl.where(lo_part, 8, 0), CODE_BITS, BLOCK_B)
+                         tl.where(lo_part, 8, 0), CODE_BITS, BLOCK_B, SCALED)
         lo_start = h_end + BLOCK_B
     for b0 in range(lo_start, stride_b, BLOCK_B):
         acc = _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0,
-                         stride_b, q_lo, 8, CODE_BITS, BLOCK_B)
+                         stride_b, q_lo, 8, CODE_BITS, BLOCK_B, SCALED)
     out = tl.sum(acc, axis=1)
     if EPILOGUE:
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
@@ -353,17 +361,22 @@ def _dot_coordinate(acc, x_ptrs, lo, hi, j: tl.constexpr, k, hb, shift, shift_k,
 
 @triton.jit
 def _fma_coordinate(s, x_ptrs, lo, hi, j: tl.constexpr, BLOCK_B: tl.constexpr,
-                    CODE_BITS: tl.constexpr):
-    """``s += x_j m_j`` on the [rows, vectors, blocks] accumulator."""
-    xj = tl.load(x_ptrs + j * BLOCK_B)[:, None, :]              # scaled
-    return s + xj * _half(lo, hi, j, CODE_BITS, True)[None]
+                    CODE_BITS: tl.constexpr, SCALED: tl.constexpr):
+    """``s += x_j m_j`` on the [rows, vectors, blocks] accumulator (rows
+    0..7 of the tile, pre-scaled, with the subnormal-trick halves when
+    ``SCALED``; else rows 9..16 and the halves as normal floats)."""
+    if SCALED:
+        xj = tl.load(x_ptrs + j * BLOCK_B)[:, None, :]
+    else:
+        xj = tl.load(x_ptrs + (9 + j) * BLOCK_B)[:, None, :]
+    return s + xj * _half(lo, hi, j, CODE_BITS, SCALED)[None]
 
 
 @triton.jit
 def _matmul_step(acc, x_rows, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0,
                  stride_b, q, tab_at, CODE_BITS: tl.constexpr,
                  BLOCK_B: tl.constexpr, USE_DOT: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, SCALED: tl.constexpr):
     """One K step of :func:`_decode_matmul_kernel` (blocks ``b0 .. b0 +
     BLOCK_B - 1``)."""
     # stride_b is a multiple of 16, so the block mask is constant over
@@ -401,14 +414,14 @@ def _matmul_step(acc, x_rows, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0,
         xs = tl.load(x_ptrs + 8 * BLOCK_B)[:, None, :]
         xk = tl.load(x_ptrs[:, None, :] + ((9 + k) * BLOCK_B)[None])
         s = xs * base[None] + xk * fix[None]
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 0, BLOCK_B, CODE_BITS)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 1, BLOCK_B, CODE_BITS)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 2, BLOCK_B, CODE_BITS)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 3, BLOCK_B, CODE_BITS)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 4, BLOCK_B, CODE_BITS)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 5, BLOCK_B, CODE_BITS)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 6, BLOCK_B, CODE_BITS)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 7, BLOCK_B, CODE_BITS)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 0, BLOCK_B, CODE_BITS, SCALED)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 1, BLOCK_B, CODE_BITS, SCALED)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 2, BLOCK_B, CODE_BITS, SCALED)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 3, BLOCK_B, CODE_BITS, SCALED)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 4, BLOCK_B, CODE_BITS, SCALED)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 5, BLOCK_B, CODE_BITS, SCALED)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 6, BLOCK_B, CODE_BITS, SCALED)
+        s = _fma_coordinate(s, x_ptrs, lo, hi, 7, BLOCK_B, CODE_BITS, SCALED)
         acc += s * hb[None]
     return acc
 
@@ -439,6 +452,7 @@ def _decode_matmul_kernel(
     PRECISION: tl.constexpr,    # tl.dot input precision
     EPILOGUE: tl.constexpr,     # out = scale acc + xsum offset (+ bias)
     HAS_BIAS: tl.constexpr,
+    SCALED: tl.constexpr = True,  # subnormal-trick halves (FMA variant)
 ):
     rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -456,19 +470,19 @@ def _decode_matmul_kernel(
     for b0 in range(0, h_end, BLOCK_B):
         acc = _matmul_step(acc, x_rows, words_ptr, meta_ptr, tab_ptr, rn, n_ok,
                            b0, stride_b, q_hi, 0, CODE_BITS, BLOCK_B, USE_DOT,
-                           PRECISION)
+                           PRECISION, SCALED)
     lo_start = h_end
     if h_end < H:
         lo_part = (h_end + tl.arange(0, BLOCK_B) >= H)[None, :]
         acc = _matmul_step(acc, x_rows, words_ptr, meta_ptr, tab_ptr, rn, n_ok,
                            h_end, stride_b, tl.where(lo_part, q_lo, q_hi),
                            tl.where(lo_part, 8, 0), CODE_BITS, BLOCK_B, USE_DOT,
-                           PRECISION)
+                           PRECISION, SCALED)
         lo_start = h_end + BLOCK_B
     for b0 in range(lo_start, stride_b, BLOCK_B):
         acc = _matmul_step(acc, x_rows, words_ptr, meta_ptr, tab_ptr, rn, n_ok,
                            b0, stride_b, q_lo, 8, CODE_BITS, BLOCK_B, USE_DOT,
-                           PRECISION)
+                           PRECISION, SCALED)
     if USE_DOT:
         out = acc
     else:
@@ -957,6 +971,20 @@ def _tiled(x_rot, layout, block_m, block_b):
     return x
 
 
+def _subnormals_kept(device) -> bool:
+    """Whether the GEMV/FMA kernels may read halves as subnormal floats
+    (:func:`_scaled_field`). On CUDA the compiled code keeps subnormals
+    (Triton emits ``mul.f32`` without ``.ftz``, checked by
+    :func:`loop_instruction_counts`). Under the interpreter the kernels run
+    as numpy on the host, whose flush-to-zero / denormals-are-zero state
+    (e.g. ``torch.set_flush_denormal(True)``) would turn every half into 0:
+    probe it, and fall back to the conversion-free normal-float halves."""
+    if torch.device(device).type == "cuda":
+        return True
+    tiny = np.array([1], dtype=np.int32).view(np.float32)   # 2^-149
+    return bool((tiny * np.float32(2.0**126))[0] != 0)
+
+
 def _launch_matmul(x_rot, layout, out, xsum, bias, precision, config):
     m = x_rot.shape[0]
     N = layout.vectors
@@ -977,6 +1005,7 @@ def _launch_matmul(x_rot, layout, out, xsum, bias, precision, config):
             x.stride(0), out.stride(0))
     common = dict(CODE_BITS=layout.code_bits, BLOCK_N=block_n, BLOCK_B=block_b,
                   EPILOGUE=epilogue, HAS_BIAS=bias is not None,
+                  SCALED=_subnormals_kept(x_rot.device),
                   num_warps=warps, enable_fp_fusion=True)
     if kind == "gemv":
         grid = (triton.cdiv(N, block_n), m)
@@ -1267,7 +1296,7 @@ def loop_instruction_counts(config=("gemv", 1, 16, 32, 4), code_bits=4, arch=90,
 
     kind, block_m, block_n, block_b, warps = config
     cx = dict(CODE_BITS=code_bits, BLOCK_N=block_n, BLOCK_B=block_b,
-              EPILOGUE=True, HAS_BIAS=True)
+              EPILOGUE=True, HAS_BIAS=True, SCALED=True)
     if kind != "gemv":
         cx.update(BLOCK_M=block_m, USE_DOT=kind == "dot", PRECISION=precision)
     fn = _decode_gemv_kernel if kind == "gemv" else _decode_matmul_kernel
