@@ -275,14 +275,8 @@ def _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0, stride_b,
         xc = xt
     else:
         xc = xt + 9 * BLOCK_B
-    s += tl.load(xc)[None, :] * _half(lo, hi, 0, CODE_BITS, SCALED)
-    s += tl.load(xc + BLOCK_B)[None, :] * _half(lo, hi, 1, CODE_BITS, SCALED)
-    s += tl.load(xc + 2 * BLOCK_B)[None, :] * _half(lo, hi, 2, CODE_BITS, SCALED)
-    s += tl.load(xc + 3 * BLOCK_B)[None, :] * _half(lo, hi, 3, CODE_BITS, SCALED)
-    s += tl.load(xc + 4 * BLOCK_B)[None, :] * _half(lo, hi, 4, CODE_BITS, SCALED)
-    s += tl.load(xc + 5 * BLOCK_B)[None, :] * _half(lo, hi, 5, CODE_BITS, SCALED)
-    s += tl.load(xc + 6 * BLOCK_B)[None, :] * _half(lo, hi, 6, CODE_BITS, SCALED)
-    s += tl.load(xc + 7 * BLOCK_B)[None, :] * _half(lo, hi, 7, CODE_BITS, SCALED)
+    for j in tl.static_range(8):
+        s += tl.load(xc + j * BLOCK_B)[None, :] * _half(lo, hi, j, CODE_BITS, SCALED)
     return acc + s * hb
 
 
@@ -392,36 +386,17 @@ def _matmul_step(acc, x_rows, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0,
         # w_j = beta m_j + beta (pi - q) / 2 (+ beta delta / 2 at j = k)
         shift = base * hb
         shift_k = (base + fix) * hb
-        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 0, k, hb, shift, shift_k,
-                              BLOCK_B, PRECISION, CODE_BITS)
-        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 1, k, hb, shift, shift_k,
-                              BLOCK_B, PRECISION, CODE_BITS)
-        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 2, k, hb, shift, shift_k,
-                              BLOCK_B, PRECISION, CODE_BITS)
-        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 3, k, hb, shift, shift_k,
-                              BLOCK_B, PRECISION, CODE_BITS)
-        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 4, k, hb, shift, shift_k,
-                              BLOCK_B, PRECISION, CODE_BITS)
-        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 5, k, hb, shift, shift_k,
-                              BLOCK_B, PRECISION, CODE_BITS)
-        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 6, k, hb, shift, shift_k,
-                              BLOCK_B, PRECISION, CODE_BITS)
-        acc = _dot_coordinate(acc, x_ptrs, lo, hi, 7, k, hb, shift, shift_k,
-                              BLOCK_B, PRECISION, CODE_BITS)
+        for j in tl.static_range(8):
+            acc = _dot_coordinate(acc, x_ptrs, lo, hi, j, k, hb, shift, shift_k,
+                                  BLOCK_B, PRECISION, CODE_BITS)
     else:
         # as in the GEMV kernel: sum_j x_j m_j + base sum_j x_j + fix x_k,
         # times beta
         xs = tl.load(x_ptrs + 8 * BLOCK_B)[:, None, :]
         xk = tl.load(x_ptrs[:, None, :] + ((9 + k) * BLOCK_B)[None])
         s = xs * base[None] + xk * fix[None]
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 0, BLOCK_B, CODE_BITS, SCALED)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 1, BLOCK_B, CODE_BITS, SCALED)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 2, BLOCK_B, CODE_BITS, SCALED)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 3, BLOCK_B, CODE_BITS, SCALED)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 4, BLOCK_B, CODE_BITS, SCALED)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 5, BLOCK_B, CODE_BITS, SCALED)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 6, BLOCK_B, CODE_BITS, SCALED)
-        s = _fma_coordinate(s, x_ptrs, lo, hi, 7, BLOCK_B, CODE_BITS, SCALED)
+        for j in tl.static_range(8):
+            s = _fma_coordinate(s, x_ptrs, lo, hi, j, BLOCK_B, CODE_BITS, SCALED)
         acc += s * hb[None]
     return acc
 
