@@ -132,11 +132,11 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr, dec):
                 beta = betas[s]
                 for j in range(8):
                     v[j] = x[i, j] / beta + z[iz, j]
-                e8_into(v, t, tmp)
+                Ts = T[s]                  # the fine point, written in place
+                e8_into(v, Ts, tmp)
                 e = 0.0
                 for j in range(8):
-                    T[s, j] = t[j]
-                    d = beta * (t[j] - z[iz, j]) - x[i, j]
+                    d = beta * (Ts[j] - z[iz, j]) - x[i, j]
                     e += d * d
                 g[s] = e
                 done[s] = False
@@ -147,9 +147,7 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr, dec):
                     if not done[s] and (s_min < 0 or g[s] < g[s_min]):
                         s_min = s
                 done[s_min] = True
-                for j in range(8):
-                    t[j] = T[s_min, j]
-                if not _wrap_e8_fast(t, q, crow, kk, uk, w, tmp, u):
+                if not _wrap_e8_fast(T[s_min], q, crow, kk, uk, w, tmp, u):
                     found = s_min
                     break
             if found >= 0:
