@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nqlib import _backend
-from nqlib.matmul import matmul
+from nqlib.matmul import _same_domain, matmul
 from nqlib.quantizers import matrix as _matrix
 from nqlib.quantizers.matrix import QuantizedMatrix, quantize
 
@@ -504,12 +504,6 @@ def calibration_hessians(model: torch.nn.Module, calibration,
     return {n: (sums[n] / rows[n]).numpy() for n in names}
 
 
-def _same_domain(QA: QuantizedMatrix, QB: QuantizedMatrix) -> bool:
-    """Whether :func:`nqlib.matmul` forms ``QA.T @ QB`` in the coded domain."""
-    return (QA.rotate == QB.rotate and QA.n_pad == QB.n_pad
-            and QA.center == QB.center)
-
-
 #: the last quantized activation: (options, a copy of the input, its
 #: QuantizedMatrix). Quantization is deterministic, so an equal input gives
 #: the same result; comparing values (not identities or version counters,
@@ -534,7 +528,3 @@ def _quantized_activations(x2, act_rate, qw, act_mode):
                            keep_decoded=True, **kw)
     _ACT_CACHE[0] = (key, x2.detach().clone(), QX)
     return QX
-
-
-def _is_cuda(x) -> bool:
-    return _backend.is_torch_tensor(x) and x.device.type == "cuda"

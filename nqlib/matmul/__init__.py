@@ -96,6 +96,8 @@ def matmul(QA, QB, *, backend="auto") -> np.ndarray:
 
 
 def _same_domain(QA, QB) -> bool:
+    """Whether the product of ``QA`` and ``QB`` can be formed in the coded
+    (rotated, padded, centred) domain: both were coded the same way."""
     return (QA.rotate == QB.rotate and QA.n_pad == QB.n_pad
             and QA.center == QB.center)
 

@@ -70,6 +70,8 @@ from nqlib.quantizers.matrix import (
     _as_matrix,
     _dither,
     _project,
+    _scaled_padded_rotated,
+    _unit_mean_direction,
     quantize,
 )
 
@@ -83,18 +85,11 @@ def _coded_domain(A, template: QuantizedMatrix) -> np.ndarray:
     """The rows ``y_i`` (a, n_pad) that :func:`quantize` codes, rebuilt from
     the template's stored (float32) means and norms with the same arithmetic
     as the quantizer."""
-    n, a = template.shape
-    n_pad = template.n_pad
     X = np.ascontiguousarray(A.T)
     if template.center:
         X = X - template.means.astype(np.float64)[:, None]
-    Y = np.zeros((a, n_pad))
-    Y[:, :n] = X
-    if template.normalize:
-        s = template.norms.astype(np.float64)
-        Y *= np.where(s > 0, np.sqrt(n_pad) / np.where(s > 0, s, 1.0), 0.0)[:, None]
-    P = template.rotation()
-    return P.apply(Y) if P is not None else Y
+    return _scaled_padded_rotated(X, template.n_pad, template.norms,
+                                  template.rotation())
 
 
 def _coded_hessian(H, template: QuantizedMatrix) -> np.ndarray:
@@ -110,10 +105,7 @@ def _coded_hessian(H, template: QuantizedMatrix) -> np.ndarray:
     # contains the mean direction u), so only u is left to project out:
     # (I - u u^T) Hp (I - u u^T).
     if template.center:
-        u = np.zeros(n_pad)
-        u[:n] = 1 / np.sqrt(n)
-        if P is not None:
-            u = P.apply(u)
+        u = _unit_mean_direction(P, n, n_pad)
         Hu = Hp @ u
         Hp = Hp - np.outer(u, Hu) - np.outer(Hu, u) + float(u @ Hu) * np.outer(u, u)
     return 0.5 * (Hp + Hp.T)

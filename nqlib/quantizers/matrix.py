@@ -142,10 +142,26 @@ def _dither_key(A: np.ndarray) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def _unit_mean_direction(P: RandomHadamard, n: int) -> np.ndarray:
-    e = np.zeros(P.n)
+def _unit_mean_direction(P: RandomHadamard | None, n: int, n_pad: int) -> np.ndarray:
+    """The unit all-ones direction of length ``n``, zero-padded to ``n_pad``,
+    in the coded domain (rotated by ``P`` when there is one)."""
+    e = np.zeros(n_pad)
     e[:n] = 1.0 / np.sqrt(n)
-    return P.apply(e)
+    return P.apply(e) if P is not None else e
+
+
+def _scaled_padded_rotated(Xc: np.ndarray, n_pad: int, norms, P) -> np.ndarray:
+    """The rows the lattice codes: the centred vectors ``Xc`` (a, n)
+    zero-padded to ``n_pad``, scaled to norm ``sqrt(n_pad)`` by their stored
+    (float32) ``norms`` when given (zero vectors stay zero), rotated by ``P``
+    when given."""
+    a, n = Xc.shape
+    Y = np.zeros((a, n_pad))
+    Y[:, :n] = Xc
+    if norms is not None:
+        s = norms.astype(np.float64)
+        Y *= np.where(s > 0, np.sqrt(n_pad) / np.where(s > 0, s, 1.0), 0.0)[:, None]
+    return P.apply(Y) if P is not None else Y
 
 
 # ------------------------------------------------------------ the container
@@ -484,19 +500,32 @@ def _decode_codes(qm: QuantizedMatrix) -> np.ndarray:
     return float(np.float32(p["step"])) * U.reshape(a, n_pad).astype(np.float64)
 
 
+def _fixed_part_codes(part, count, start=0):
+    """Codes (count, 8) and scale indices of the blocks ``start .. start +
+    count - 1`` of one fixed-mode payload part (``start * L`` a multiple of
+    8 bits); ``ValueError`` when a word is out of range (corruption)."""
+    from nqlib.kernels.cpu import nested as kern
+
+    L = part["L"]
+    first_byte = start * L // 8
+    data = part["packed"][first_byte:first_byte + -(-count * L // 8)]
+    words = np.empty(count, dtype=np.uint64)
+    kern.unpack_words(np.ascontiguousarray(data), L, count, words)
+    codes = np.empty((count, 8), dtype=np.int64)
+    index = np.empty(count, dtype=np.int64)
+    kern.split_mixed_radix(words, part["q"], codes, index)
+    if count and (codes.max() >= part["q"] or index.max() >= len(part["betas"])):
+        raise ValueError("corrupted fixed-mode payload (code out of range)")
+    return codes, index
+
+
 def _decode_fixed_part(c, count, z):
     from nqlib.kernels.cpu import nested as kern
 
-    words = np.empty(count, dtype=np.uint64)
-    kern.unpack_words(c["packed"], c["L"], count, words)
-    codes = np.empty((count, 8), dtype=np.int64)
-    index = np.empty(count, dtype=np.int64)
-    kern.split_mixed_radix(words, c["q"], codes, index)
-    betas = c["betas"].astype(np.float64)
-    if count and (codes.max() >= c["q"] or index.max() >= len(betas)):
-        raise ValueError("corrupted fixed-mode payload (code out of range)")
+    codes, index = _fixed_part_codes(c, count)
     out = np.empty((count, 8))
-    kern.decode_multiscale_rows(codes, index, c["q"], betas, z, out)
+    kern.decode_multiscale_rows(codes, index, c["q"], c["betas"].astype(np.float64),
+                                z, out)
     return out
 
 
@@ -510,8 +539,7 @@ def _project(Y: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
         Z[:, n:] = 0.0
         Y = P.apply(Z) if P is not None else Z
     if qm.center:
-        u = _unit_mean_direction(P, n) if P is not None else np.r_[
-            np.full(n, 1 / np.sqrt(n)), np.zeros(qm.n_pad - n)]
+        u = _unit_mean_direction(P, n, qm.n_pad)
         Y = Y - np.outer(Y @ u, u)
     return Y
 
@@ -689,14 +717,10 @@ def _quantize(A, rate, *, seed=0, mode="variable", method="nested",
     if center:
         means = X.mean(axis=1).astype(np.float32)
         X = X - means.astype(np.float64)[:, None]
-    Xp = np.zeros((a, n_pad))
-    Xp[:, :n] = X
     if normalize:
         norms = np.sqrt((X * X).sum(axis=1)).astype(np.float32)
-        s = norms.astype(np.float64)
-        Xp *= np.where(s > 0, np.sqrt(n_pad) / np.where(s > 0, s, 1.0), 0.0)[:, None]
-    if rotate:
-        Xp = RandomHadamard(n_pad, seed).apply(Xp)
+    Xp = _scaled_padded_rotated(X, n_pad, norms,
+                                RandomHadamard(n_pad, seed) if rotate else None)
     qm = QuantizedMatrix(shape=(n, a), rate=rate, method=method, mode=mode,
                          flags=flags, seed=seed, alpha=1.0, means=means,
                          norms=norms, payload={},

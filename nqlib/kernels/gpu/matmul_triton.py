@@ -282,10 +282,10 @@ def _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0, stride_b,
 
 @triton.jit
 def _decode_gemv_kernel(
-    x_ptr,          # (M, T, 9, BLOCK_B) float32, T = cdiv(stride_b, BLOCK_B):
-                    # rotated inputs tiled along K, x[m, t, j, i] = x_rot[m,
-                    # 8b + j] for block b = t BLOCK_B + i (0 past the coded
-                    # blocks), and x[m, t, 8, i] = sum_j x[m, t, j, i]
+    x_ptr,          # (M, T, X_ROWS, BLOCK_B) float32, T = cdiv(stride_b,
+                    # BLOCK_B): the rotated inputs tiled along K by _tiled
+                    # (rows 0..7 scaled coordinates, 8 the block sum, 9..16
+                    # the plain coordinates of block b = t BLOCK_B + i)
     words_ptr,      # (N, stride_b * CODE_BITS / 4) int32: packed halves m_j
     meta_ptr,       # (N, stride_b) uint8: pi | odd << 1 | k << 2 | index << 5
     tab_ptr,        # (16,) float32: beta per part and scale
@@ -403,7 +403,7 @@ def _matmul_step(acc, x_rows, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0,
 
 @triton.jit
 def _decode_matmul_kernel(
-    x_ptr,          # (>= M, T, 9, BLOCK_B) float32: as for the GEMV kernel,
+    x_ptr,          # (>= M, T, X_ROWS, BLOCK_B) float32: as for the GEMV kernel,
                     # rows padded to a multiple of BLOCK_M with zeros
     words_ptr,      # (N, stride_b * CODE_BITS / 4) int32: packed halves m_j
     meta_ptr,       # (N, stride_b) uint8: pi | odd << 1 | k << 2 | index << 5
@@ -589,24 +589,12 @@ class GpuLayout:
         return 8.0 * self.bytes_read / (n * a)
 
 
-def _part_codes(part, count, chunk_start, chunk_count):
-    """Codes (chunk, 8) and scale indices of blocks ``[chunk_start,
-    chunk_start + chunk_count)`` of one payload part (``chunk_start * L`` is
-    a multiple of 8 bits)."""
-    from nqlib.kernels.cpu import nested as kern
-
-    L = part["L"]
-    first_byte = chunk_start * L // 8
-    data = part["packed"][first_byte:first_byte + -(-chunk_count * L // 8)]
-    words = np.empty(chunk_count, dtype=np.uint64)
-    kern.unpack_words(np.ascontiguousarray(data), L, chunk_count, words)
-    codes = np.empty((chunk_count, 8), dtype=np.int64)
-    index = np.empty(chunk_count, dtype=np.int64)
-    kern.split_mixed_radix(words, part["q"], codes, index)
-    if chunk_count and (codes.max() >= part["q"]
-                        or index.max() >= len(part["betas"])):
-        raise ValueError("corrupted fixed-mode payload (code out of range)")
-    return codes, index
+def _rotation_tensors(P, dtype, device):
+    """``(signs, O, p)`` of the RandomHadamard ``P`` as ``dtype`` tensors on
+    ``device``, in the form :func:`random_hadamard` takes."""
+    return (torch.from_numpy(P.signs.astype(dtype)).to(device),
+            torch.from_numpy(P.orthogonal.astype(dtype)).to(device),
+            P.power_of_two)
 
 
 def _e8_doubled_points(codes):
@@ -729,7 +717,13 @@ def gpu_layout(qm, device=None) -> GpuLayout:
     :attr:`GpuLayout.bits_per_weight`. Book: chapter "Kernels: CPU and GPU",
     label ``ch-kernels``.
     """
-    from nqlib.quantizers.matrix import QuantizedMatrix, _dither, _padded
+    from nqlib.quantizers.matrix import (
+        QuantizedMatrix,
+        _dither,
+        _fixed_part_codes,
+        _padded,
+        _unit_mean_direction,
+    )
 
     if not isinstance(qm, QuantizedMatrix):
         raise ValueError(f"expected a QuantizedMatrix, got {type(qm).__name__}")
@@ -756,10 +750,7 @@ def gpu_layout(qm, device=None) -> GpuLayout:
     meta = np.zeros((a, coded), dtype=np.uint8)
     P = qm.rotation()
     # c_i = <raw_i, u>, u the rotated unit all-ones vector (epilogue constant)
-    u = np.zeros(n_pad)
-    if qm.center:
-        u[:n] = 1.0 / np.sqrt(n)
-        u = P.apply(u) if P is not None else u
+    u = _unit_mean_direction(P, n, n_pad) if qm.center else np.zeros(n_pad)
     c_dot_u = np.zeros(a)
     for name, b0, b1 in parts:
         part = p[name]
@@ -768,7 +759,7 @@ def gpu_layout(qm, device=None) -> GpuLayout:
         betas = np.asarray(part["betas"], dtype=np.float64)
         for v0 in range(0, a, LAYOUT_CHUNK):   # v0 * per * L is a multiple of 8
             v1 = min(a, v0 + LAYOUT_CHUNK)
-            codes, index = _part_codes(part, a * per, v0 * per, (v1 - v0) * per)
+            codes, index = _fixed_part_codes(part, (v1 - v0) * per, v0 * per)
             m, pi, odd, k, r = stored_fields(codes, q)
             codes_all[v0:v1, b0:b1] = m.reshape(v1 - v0, per, 8)
             meta[v0:v1, b0:b1] = (pi << PARITY_SHIFT | odd << ODD_SHIFT
@@ -788,11 +779,7 @@ def gpu_layout(qm, device=None) -> GpuLayout:
             offset = qm.means.astype(np.float64) - scale * c_dot_u / np.sqrt(n)
         row_scale = torch.from_numpy(scale.astype(np.float32)).to(device)
         row_offset = torch.from_numpy(offset.astype(np.float32)).to(device)
-    rotation = None
-    if P is not None:
-        rotation = (torch.from_numpy(P.signs.astype(np.float32)).to(device),
-                    torch.from_numpy(P.orthogonal.astype(np.float32)).to(device),
-                    P.power_of_two)
+    rotation = None if P is None else _rotation_tensors(P, np.float32, device)
     betas = {name: p[name]["betas"] for name in qs}
     return _assemble(codes_all, meta, (n, a), h, qs, betas, code_bits, device,
                      dither=dither, row_scale=row_scale, row_offset=row_offset,
@@ -1124,12 +1111,10 @@ def decoded_rows(qm, layout=None, device=None):
     if P is not None:
         from nqlib.kernels.gpu.hadamard_triton import random_hadamard
 
-        signs = torch.from_numpy(np.array(P.signs)).to(dev)
-        O = torch.from_numpy(np.array(P.orthogonal)).to(dev)
+        rotation = _rotation_tensors(P, np.float64, dev)
 
         def rot(t, inverse):
-            return random_hadamard(t.contiguous(), signs, O, P.power_of_two,
-                                   inverse=inverse)
+            return random_hadamard(t.contiguous(), *rotation, inverse=inverse)
     else:
         def rot(t, inverse):
             return t
@@ -1153,10 +1138,8 @@ def dequantized_rows(qm, layout=None, device=None):
     if P is not None:
         from nqlib.kernels.gpu.hadamard_triton import random_hadamard
 
-        dev = Y.device
-        Y = random_hadamard(Y, torch.from_numpy(np.array(P.signs)).to(dev),
-                            torch.from_numpy(np.array(P.orthogonal)).to(dev),
-                            P.power_of_two, inverse=True)
+        Y = random_hadamard(Y, *_rotation_tensors(P, np.float64, Y.device),
+                            inverse=True)
     Z = Y[:, :n] * torch.from_numpy(qm._row_scales()).to(Y.device)[:, None]
     if qm.center:
         Z = Z + torch.from_numpy(qm.means.astype(np.float64)).to(Y.device)[:, None]
