@@ -436,52 +436,55 @@ def test_kept_decoded_rows_equal_decoding_the_bytes(method, mode, shape, rate):
 
 
 # ------------------------------------------- the multiscale E8 encoder
-@pytest.mark.parametrize("q", [2, 3, 6, 7, 14, 16, 255])
-def test_multiscale_kernel_equals_reference(q):
-    """The numba multiscale encoder (with its packing-ball shortcut for the
-    overload test) picks the same scale and codes as the numpy oracle, on
-    scales from always-overloading to never-overloading, with and without
-    dither; dyadic inputs put many points on Voronoi boundaries."""
+def _assert_multiscale_matches_oracle(x, q, betas, z):
+    """The numba multiscale encoder gives the numpy oracle's scale indices,
+    codes and errors, and its reconstruction is the decoder's, bit for bit.
+    Returns the indices."""
     from nqlib.kernels.cpu.nested import (
         decode_multiscale_rows,
         encode_multiscale_rows,
     )
     from nqlib.reference.nested import encode_multiscale
 
+    m = x.shape[0]
+    codes = np.empty((m, 8), np.int64)
+    index = np.empty(m, np.int64)
+    err = np.empty(m)
+    dec = np.empty((m, 8))
+    encode_multiscale_rows(x, q, betas, z, codes, index, err, dec)
+    rc, ri, re = encode_multiscale(x, q, betas, z)
+    np.testing.assert_array_equal(index, ri)
+    np.testing.assert_array_equal(codes, rc)
+    np.testing.assert_array_equal(err, re)
+    out = np.empty_like(dec)
+    decode_multiscale_rows(codes, index, q, betas, z, out)
+    np.testing.assert_array_equal(dec, out)
+    return index
+
+
+@pytest.mark.parametrize("q", [2, 3, 6, 7, 14, 16, 255])
+def test_multiscale_kernel_equals_reference(q):
+    """The numba multiscale encoder (with its facet shortcut for the overload
+    test) picks the same scale and codes as the numpy oracle, on scales from
+    always-overloading to never-overloading, with and without dither;
+    dyadic inputs put many points on Voronoi boundaries."""
     rng = np.random.default_rng(q)
     x = np.vstack([rng.standard_normal((3000, 8)) * 2.0,
                    rng.integers(-8, 9, (1000, 8)) * 0.25])
     betas = np.array([0.3, 0.9, 2.5, 5.5, 12.0]) / q
     for z in (np.zeros((1, 8)), rng.uniform(-0.5, 0.5, (x.shape[0], 8))):
-        codes = np.empty((x.shape[0], 8), np.int64)
-        index = np.empty(x.shape[0], np.int64)
-        err = np.empty(x.shape[0])
-        dec = np.empty((x.shape[0], 8))
-        encode_multiscale_rows(x, q, betas, z, codes, index, err, dec)
-        rc, ri, re = encode_multiscale(x, q, betas, z)
-        np.testing.assert_array_equal(index, ri)
-        np.testing.assert_array_equal(codes, rc)
-        np.testing.assert_array_equal(err, re)
-        # the reconstruction it returns is the decoder's, bit for bit
-        out = np.empty_like(dec)
-        decode_multiscale_rows(codes, index, q, betas, z, out)
-        np.testing.assert_array_equal(dec, out)
-        # every scale is used somewhere, so every path is exercised
+        index = _assert_multiscale_matches_oracle(x, q, betas, z)
+        # several scales are used, so every path is exercised
         assert len(np.unique(index)) >= 3
 
 
 @pytest.mark.parametrize("q", [2, 3, 4, 6, 7, 8, 14])
 def test_multiscale_kernel_on_the_boundary_of_qV(q):
     """Fine points exactly on the boundary of q V(E8) (max <t, r> = q over
-    the roots): the kernel's facet shortcut hands these ties to the full
-    overload test; it must agree with the oracle on every one, and on points
-    just inside and outside."""
-    from nqlib.kernels.cpu.nested import (
-        decode_multiscale_rows,
-        encode_multiscale_rows,
-    )
+    the roots; an integer, E8 being integral): the kernel's facet shortcut
+    hands these ties to the full overload test; it must agree with the
+    oracle on every one, and on points just inside and outside."""
     from nqlib.lattices import E8
-    from nqlib.reference.nested import encode_multiscale
 
     rng = np.random.default_rng(100 + q)
     # E8 points in the box [-q, q]^8: D8 (even coordinate sum) and D8 + 1/2
@@ -496,24 +499,10 @@ def test_multiscale_kernel_on_the_boundary_of_qV(q):
     neg = (t < 0).sum(1)
     half = 0.5 * (a.sum(1) - 2 * a.min(1) * (neg % 2))
     top = np.maximum(two, half)
-    pts = np.vstack([t[top == q][:2000], t[top == q - 0.5][:500],
-                     t[top == q + 0.5][:500], t[top == q - 1][:500],
+    assert np.sum(top == q) > 50
+    pts = np.vstack([t[top == q][:2000], t[top == q - 1][:500],
                      t[top == q + 1][:500]])
-    assert (np.sum(top == q) > 50)
     betas = np.array([1.0, 1.5, 3.0])
-    for z in (np.zeros((1, 8)), None):
-        if z is None:   # a dyadic dither keeps Q(x / beta + z) on the points
-            z = np.zeros((pts.shape[0], 8))
-        m = pts.shape[0]
-        codes = np.empty((m, 8), np.int64)
-        index = np.empty(m, np.int64)
-        err = np.empty(m)
-        dec = np.empty((m, 8))
-        encode_multiscale_rows(pts, q, betas, z, codes, index, err, dec)
-        rc, ri, re = encode_multiscale(pts, q, betas, z)
-        np.testing.assert_array_equal(index, ri)
-        np.testing.assert_array_equal(codes, rc)
-        np.testing.assert_array_equal(err, re)
-        out = np.empty_like(dec)
-        decode_multiscale_rows(codes, index, q, betas, z, out)
-        np.testing.assert_array_equal(dec, out)
+    # one shared z, and one z per row (the kernel's other indexing path)
+    for z in (np.zeros((1, 8)), np.zeros((pts.shape[0], 8))):
+        _assert_multiscale_matches_oracle(pts, q, betas, z)
