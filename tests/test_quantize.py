@@ -506,3 +506,15 @@ def test_multiscale_kernel_on_the_boundary_of_qV(q):
     # one shared z, and one z per row (the kernel's other indexing path)
     for z in (np.zeros((1, 8)), np.zeros((pts.shape[0], 8))):
         _assert_multiscale_matches_oracle(pts, q, betas, z)
+
+
+def test_multiscale_kernel_refuses_a_short_output():
+    """``dec`` must have 0 rows (skip) or one per input row: a shorter one
+    would be written past its end."""
+    from nqlib.kernels.cpu.nested import encode_multiscale_rows
+
+    x = np.zeros((10, 8))
+    args = (x, 4, np.array([0.5]), np.zeros((1, 8)), np.empty((10, 8), np.int64),
+            np.empty(10, np.int64), np.empty(10))
+    with pytest.raises(ValueError, match="dec must have 0 or as many rows"):
+        encode_multiscale_rows(*args, np.empty((3, 8)))
