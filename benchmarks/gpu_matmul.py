@@ -2,7 +2,10 @@
 
 For every shape (K x N: in_features x out_features; the weight W is N x K)
 and batch M it times, with CUDA events after a warm-up (and inside a CUDA
-graph when capture works):
+graph when capture works), cycling through enough distinct copies of the
+weights that their total is four times the L2 cache, so every call reads its
+weights from memory (a single 4-bit layout replayed back to back would sit in
+L2 while fp16 would not, inflating the speedup):
 
 * ``kernel``: ``decode_matmul(x_rot, layout)`` -- the fused Triton kernel on
   rotated activations (``nqlib.kernels.gpu.matmul_triton``);
@@ -68,11 +71,49 @@ def isa_counts():
     return rows
 
 
-def gpu_time_us(fn, *, warmup=10, repeat=200):
-    """Mean time of ``fn()`` in microseconds with CUDA events, replayed from
-    a CUDA graph when capture works (no launch overhead), else eagerly.
+def l2_bytes() -> int:
+    """The device's L2 cache size in bytes (50 MiB if torch cannot tell)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+
+
+def copies_past_l2(nbytes: int, *, factor: int = 4, cap: int = 64) -> int:
+    """How many distinct copies of ``nbytes`` of operands make the replayed
+    working set at least ``factor`` times the L2 cache, so every call reads
+    its weights from memory, not from L2 (at most ``cap``)."""
+    return max(2, min(cap, -(-factor * l2_bytes() // max(1, nbytes))))
+
+
+def clone_layout(layout):
+    """A copy of a GpuLayout with its own device memory (same codes)."""
+    import dataclasses
+
+    import torch
+
+    fields = {f.name: getattr(layout, f.name)
+              for f in dataclasses.fields(layout)}
+    for name, value in fields.items():
+        if isinstance(value, torch.Tensor):
+            fields[name] = value.clone()
+        elif isinstance(value, tuple) and value and all(
+                isinstance(v, torch.Tensor) for v in value):
+            fields[name] = tuple(v.clone() for v in value)
+    return type(layout)(**fields)
+
+
+def gpu_time_us(fns, *, warmup=10, repeat=50):
+    """Mean time of one call, in microseconds, over calls that cycle through
+    ``fns`` (one callable per copy of the operands, so the weights are read
+    from memory, not replayed from L2), with CUDA events; replayed from a
+    CUDA graph when capture works (no launch overhead), else eagerly.
     Returns (microseconds, "graph" | "eager")."""
     import torch
+
+    def fn():
+        for f in fns:
+            f()
 
     for _ in range(warmup):
         fn()
@@ -104,7 +145,7 @@ def gpu_time_us(fn, *, warmup=10, repeat=200):
         run()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / repeat, mode
+    return start.elapsed_time(end) * 1e3 / (repeat * len(fns)), mode
 
 
 def build_layout(k, n, codes, seed):
@@ -141,16 +182,28 @@ def time_gpu(args):
     for k, n in SHAPES:
         print(f"shape {k} x {n} (K x N)", flush=True)
         layout, label = build_layout(k, n, args.codes, args.seed)
-        W16 = torch.randn((n, k), device=DEVICE, dtype=torch.float16)
+        # distinct copies of each operand, cycled, so that neither the 4-bit
+        # layout nor the fp16 weight is served from L2 (a single replayed
+        # 4-bit layout fits in an H100's L2 and fp16 does not)
+        n_q = copies_past_l2(layout.bytes_read)
+        n_16 = copies_past_l2(2 * n * k)
+        layouts = [layout] + [clone_layout(layout) for _ in range(n_q - 1)]
+        W16s = [torch.randn((n, k), device=DEVICE, dtype=torch.float16)
+                for _ in range(n_16)]
+        print(f"    {n_q} layout copies, {n_16} fp16 copies "
+              f"(L2 {l2_bytes() / 2**20:.0f} MiB)", flush=True)
         for m in BATCHES:
             x = torch.randn((m, layout.n_pad), device=DEVICE)
             x16 = torch.randn((m, k), device=DEVICE, dtype=torch.float16)
             xin = x[:, :k].contiguous()
-            t_kernel, mode = gpu_time_us(partial(
-                mt.decode_matmul, x, layout, precision=args.precision))
-            t_layer, _ = gpu_time_us(partial(
-                mt.quant_linear, xin, layout, precision=args.precision))
-            t_fp16, _ = gpu_time_us(partial(torch.matmul, x16, W16.T))
+            t_kernel, mode = gpu_time_us([partial(
+                mt.decode_matmul, x, lay, precision=args.precision)
+                for lay in layouts])
+            t_layer, _ = gpu_time_us([partial(
+                mt.quant_linear, xin, lay, precision=args.precision)
+                for lay in layouts])
+            t_fp16, _ = gpu_time_us([partial(torch.matmul, x16, W.T)
+                                     for W in W16s])
             moved = layout.bytes_read + 4 * m * (layout.n_pad + n)
             moved16 = 2 * (n * k + m * (k + n))
             row = dict(K=k, N=n, M=m, codes=label, precision=args.precision,

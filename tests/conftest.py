@@ -4,6 +4,7 @@
   device is present, so Triton kernels run (exactly, slowly) on CPU tensors.
 * ``NUMBA_NUM_THREADS=1`` keeps two pytest-xdist workers from oversubscribing
   the cores.
+* hypothesis runs without deadlines (no test asserts a timing).
 * Markers: ``slow``, ``gpu`` (needs real hardware; skipped otherwise),
   ``notebook`` (executes a book chapter).
 """
@@ -26,6 +27,17 @@ if not _cuda_visible():
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# No test may depend on how loaded the machine is: hypothesis's per-example
+# deadline and its "too slow" health check are timing assertions, so both
+# are off for the whole suite (numba's first call compiles, and another
+# process may hold every core).
+settings.register_profile(
+    "nqlib", deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("nqlib")
 
 
 def pytest_collection_modifyitems(config, items):
