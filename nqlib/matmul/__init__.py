@@ -21,6 +21,7 @@ import numpy as np
 
 from nqlib import _backend
 from nqlib.quantizers.matrix import QuantizedMatrix
+from nqlib.theory.distortion import matmul_distortion
 
 __all__ = ["matmul", "matmul_distortion"]
 
@@ -131,17 +132,3 @@ def _matmul_triton(QA, QB) -> np.ndarray:
             nu = torch.from_numpy(QB.means.astype(np.float64)).to(device)
             C = C + n * torch.outer(mu, nu)
     return C.cpu().numpy()
-
-
-def matmul_distortion(A, B, C_hat) -> float:
-    """``||A.T B - C_hat||_F^2 / (n a b)``: the book's normalised distortion."""
-    A = np.asarray(A, dtype=np.float64)
-    B = np.asarray(B, dtype=np.float64)
-    C_hat = np.asarray(C_hat, dtype=np.float64)
-    n, a = A.shape
-    if B.ndim != 2 or B.shape[0] != n:
-        raise ValueError(f"B must have shape ({n}, b), got {B.shape}")
-    if C_hat.shape != (a, B.shape[1]):
-        raise ValueError(f"C_hat must have shape {(a, B.shape[1])}, got {C_hat.shape}")
-    E = A.T @ B - C_hat
-    return float((E * E).sum() / (n * a * B.shape[1]))

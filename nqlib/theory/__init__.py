@@ -2,9 +2,13 @@
 generated from them, and seeded Monte Carlo with ideal test channels.
 No kernels, no torch.
 
-The constants of the phase transition are re-exported here and computed on
-first access: ``R_STAR`` (the critical rate, about 0.906 bit/entry),
-``SLOPE`` (the slope of the tangent from the origin) and ``GAMMA_AT_R_STAR``.
+Submodules: :mod:`~nqlib.theory.bound` (phi, Gamma, R* and their sympy
+forms), :mod:`~nqlib.theory.gaussian`, :mod:`~nqlib.theory.montecarlo` and
+:mod:`~nqlib.theory.distortion` (the product distortion, numpy only). The
+sympy-based ones load on first access, so that ``import nqlib`` stays light.
+The constants of the phase transition are computed on first access too:
+``R_STAR`` (the critical rate, about 0.906 bit/entry), ``SLOPE`` (the slope of
+the tangent from the origin) and ``GAMMA_AT_R_STAR``.
 
 Examples
 --------
@@ -15,24 +19,26 @@ Examples
 0.4375
 """
 
-from nqlib.theory import bound, gaussian, montecarlo
-from nqlib.theory.bound import gamma, gamma_inv, gap_bits, phi, unbiased_bound
+import importlib
 
-_CONSTANTS = ("R_STAR", "SLOPE", "GAMMA_AT_R_STAR")
+from nqlib.theory import distortion
+from nqlib.theory.distortion import matmul_distortion
 
-__all__ = [
-    "gaussian", "bound", "montecarlo",
-    "phi", "gamma", "gamma_inv", "gap_bits", "unbiased_bound",
-    *_CONSTANTS,
-]
+_SUBMODULES = ("bound", "gaussian", "montecarlo")
+_FROM_BOUND = ("phi", "gamma", "gamma_inv", "gap_bits", "unbiased_bound",
+               "R_STAR", "SLOPE", "GAMMA_AT_R_STAR")
+
+__all__ = ["distortion", "matmul_distortion", *_SUBMODULES, *_FROM_BOUND]
 
 
 def __getattr__(name):
-    # PEP 562: the symbolic constants are solved (sympy) on first access.
-    if name in _CONSTANTS:
-        return getattr(bound, name)
+    # PEP 562: sympy (and the symbolic solutions) load on first access.
+    if name in _SUBMODULES:
+        return importlib.import_module(f"nqlib.theory.{name}")
+    if name in _FROM_BOUND:
+        return getattr(importlib.import_module("nqlib.theory.bound"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_CONSTANTS))
+    return sorted(set(globals()) | set(__all__))

@@ -39,6 +39,7 @@ import numpy as np
 
 from nqlib import _checks
 from nqlib.theory import bound
+from nqlib.theory.distortion import matmul_distortion
 
 __all__ = [
     "gaussian_matrices", "test_channel", "unbiased_channel", "sketch_plan",
@@ -287,47 +288,6 @@ def sketch(A, rate, rng, *, rotation_seed, point_rate=None):
         return np.zeros_like(A)
     kept = _haar_rows(n, m, rotation_seed)  # the first m rows of U
     return kept.T @ test_channel(kept @ A, kept_rate, rng)
-
-
-def matmul_distortion(A, B, C_hat):
-    """Normalised product error ``||A^T B - C_hat||_F^2 / (n a b)``.
-
-    Parameters
-    ----------
-    A : array_like, shape (n, a)
-    B : array_like, shape (n, b)
-    C_hat : array_like, shape (a, b)
-        An estimate of ``A.T @ B``.
-
-    Returns
-    -------
-    float
-        The squared Frobenius error per product entry and per unit of the
-        inner dimension; its expectation is 1 for ``C_hat = 0`` on iid
-        N(0, 1) data.
-
-    Raises
-    ------
-    ValueError
-        On non-finite or mis-shaped input.
-
-    Notes
-    -----
-    Book: chapter "The problem: compressing for the product", label
-    ``ch-problem``.
-    """
-    A = _matrix(A, "A")
-    B = _matrix(B, "B")
-    C_hat = _matrix(C_hat, "C_hat")
-    n, a = A.shape
-    if B.shape[0] != n:
-        raise ValueError(f"A and B must have the same number of rows, got "
-                         f"{A.shape} and {B.shape}")
-    b = B.shape[1]
-    if C_hat.shape != (a, b):
-        raise ValueError(f"C_hat must have shape {(a, b)}, got {C_hat.shape}")
-    err = A.T @ B - C_hat
-    return float(np.sum(err * err) / (n * a * b))
 
 
 def distortion_samples(scheme, n, a, b, rate, *, reps, seed, point_rate=None):
