@@ -33,7 +33,7 @@ def _round(v):
     return np.floor(v + 0.5)
 
 
-def _sq_dist_sequential(v, y):
+def sq_dist_sequential(v, y):
     """Sum of squared differences over the last axis, in index order."""
     e = v - y
     d = e[..., 0] * e[..., 0]
@@ -68,8 +68,8 @@ def closest_point_e8(v):
     v = np.asarray(v, dtype=np.float64)
     y0 = closest_point_dn(v)
     y1 = closest_point_dn(v - 0.5) + 0.5
-    d0 = _sq_dist_sequential(v, y0)
-    d1 = _sq_dist_sequential(v, y1)
+    d0 = sq_dist_sequential(v, y0)
+    d1 = sq_dist_sequential(v, y1)
     return np.where((d1 < d0)[..., None], y1, y0)
 
 
@@ -91,8 +91,8 @@ def closest_point_a2(v):
     shift = np.array([0.5, SQRT3 / 2])
     y0 = _closest_point_rect(v)
     y1 = _closest_point_rect(v - shift) + shift
-    d0 = _sq_dist_sequential(v, y0)
-    d1 = _sq_dist_sequential(v, y1)
+    d0 = sq_dist_sequential(v, y0)
+    d1 = sq_dist_sequential(v, y1)
     return np.where((d1 < d0)[..., None], y1, y0)
 
 
@@ -164,7 +164,7 @@ def closest_point_e8_bruteforce(x):
     return np.where((d1 < d0)[:, None], y1, y0)
 
 
-def _lattice_coordinates(t, generator_inverse):
+def lattice_coordinates(t, generator_inverse):
     """Integer coordinates ``round(G^-1 t)`` of lattice points ``t``, as int64.
 
     The product is summed in index order; rounding absorbs its float error.
@@ -180,7 +180,7 @@ def _lattice_coordinates(t, generator_inverse):
     return c
 
 
-def _lattice_point(c, generator):
+def lattice_point(c, generator):
     """``G c`` for integer coordinates ``c``, summed in index order (float64)."""
     G = np.asarray(generator, dtype=np.float64)
     d = G.shape[0]
@@ -206,15 +206,15 @@ def voronoi_encode(x, closest_point, generator, generator_inverse, q, beta, dith
     x = np.asarray(x, dtype=np.float64)
     v = x / beta + dither
     t = closest_point(v)
-    k = _lattice_coordinates(t, generator_inverse)
+    k = lattice_coordinates(t, generator_inverse)
     codes = np.mod(k, q)
-    u = closest_point(_lattice_point(codes, generator) / q)
-    uk = _lattice_coordinates(u, generator_inverse)
+    u = closest_point(lattice_point(codes, generator) / q)
+    uk = lattice_coordinates(u, generator_inverse)
     overload = np.any(uk * q != codes - k, axis=-1)
     return codes, overload
 
 
 def voronoi_decode(codes, closest_point, generator, q, beta, dither):
     """Voronoi-code decoder: ``y = G c``, ``x_hat = beta (y - q Q(y / q) - z)``."""
-    y = _lattice_point(codes, generator)
+    y = lattice_point(codes, generator)
     return beta * ((y - q * closest_point(y / q)) - dither)

@@ -5,10 +5,10 @@ for bit."""
 import numpy as np
 
 from .lattices import (
-    _lattice_coordinates,
-    _lattice_point,
-    _sq_dist_sequential,
     closest_point_e8,
+    lattice_coordinates,
+    lattice_point,
+    sq_dist_sequential,
 )
 
 
@@ -41,13 +41,13 @@ def encode_multiscale(x, q, betas, z):
     for s, beta in enumerate(betas):
         v = x / beta + z
         t = closest_point_e8(v)
-        kc = _lattice_coordinates(t, Gi)
+        kc = lattice_coordinates(t, Gi)
         codes = np.mod(kc, q)
-        y = _lattice_point(codes, G)
+        y = lattice_point(codes, G)
         u = closest_point_e8(y / q)
-        over[:, s] = np.any(_lattice_coordinates(u, Gi) * q != codes - kc, axis=-1)
-        gran[:, s] = _sq_dist_sequential(beta * (t - z), x)
-        dec[:, s] = _sq_dist_sequential(beta * ((y - q * u) - z), x)
+        over[:, s] = np.any(lattice_coordinates(u, Gi) * q != codes - kc, axis=-1)
+        gran[:, s] = sq_dist_sequential(beta * (t - z), x)
+        dec[:, s] = sq_dist_sequential(beta * ((y - q * u) - z), x)
         all_codes[s] = codes
     masked = np.where(over, np.inf, gran)
     idx = np.argmin(masked, axis=1)
@@ -60,6 +60,6 @@ def encode_multiscale(x, q, betas, z):
 
 def decode_multiscale(codes, index, q, betas, z):
     G = e8_generator()
-    y = _lattice_point(codes, G)
+    y = lattice_point(codes, G)
     beta = np.asarray(betas, dtype=np.float64)[index][:, None]
     return beta * ((y - q * closest_point_e8(y / q)) - z)

@@ -161,9 +161,11 @@ def _point_into(kind, G, c, y):
 
 
 @njit(cache=True, inline="always")
-def _mod(a, q):
-    # a mod q in [0, q) for an integer-valued a; float division is exact
-    # enough here (|a| << 2^50) and much cheaper than an integer modulo.
+def mod_floor(a, q):
+    """``a mod q`` in ``[0, q)`` for an integer-valued ``a`` (float64).
+
+    Float division is exact enough here (``|a| << 2^50``) and much cheaper
+    than an integer modulo."""
     af = np.float64(a)
     return af - q * np.floor(af / q)
 
@@ -181,7 +183,7 @@ def encode_into(kind, v, q, G, Ginv, codes_row, k, uk, t, w, tmp):
     closest_point_into(kind, v, t, tmp)
     _coordinates_into(kind, Ginv, t, k)
     for j in range(d):
-        codes_row[j] = np.int64(_mod(k[j], q))
+        codes_row[j] = np.int64(mod_floor(k[j], q))
     _point_into(kind, G, codes_row, w)
     for j in range(d):
         w[j] = w[j] / q
@@ -298,8 +300,9 @@ def e8_into(v, out, tmp):
 
 
 @njit(cache=True, inline="always")
-def _e8_coordinates(t, k):
-    # k = G^-1 t for the basis of nqlib.lattices.E8 (suffix sums; exact).
+def e8_coordinates(t, k):
+    """Write ``k = G^-1 t`` for the basis of :func:`nqlib.lattices.E8`
+    (suffix sums; exact for lattice points ``t``)."""
     t7 = t[7]
     s = 0.0
     for j in range(6, 0, -1):
@@ -335,14 +338,14 @@ def encode_e8_into(v, q, codes_row, k, uk, t, w, tmp, u):
 def wrap_e8_into(t, q, codes_row, k, uk, w, tmp, u):
     """Codes ``(G^-1 t) mod q`` of the E8 point ``t`` into ``codes_row``;
     returns True on overload (the decoder would not return ``t``)."""
-    _e8_coordinates(t, k)
+    e8_coordinates(t, k)
     for j in range(8):
-        codes_row[j] = np.int64(_mod(k[j], q))
+        codes_row[j] = np.int64(mod_floor(k[j], q))
     _e8_point(codes_row, w)
     for j in range(8):
         w[j] = w[j] / q
     e8_into(w, u, tmp)
-    _e8_coordinates(u, uk)
+    e8_coordinates(u, uk)
     bad = 0
     for j in range(8):
         bad += uk[j] * q != codes_row[j] - k[j]

@@ -9,10 +9,10 @@ from numba import njit, prange
 
 from nqlib.kernels.cpu.lattice import (
     CHUNK,
-    _e8_coordinates,
-    _mod,
     decode_e8_into,
+    e8_coordinates,
     e8_into,
+    mod_floor,
     wrap_e8_into,
 )
 
@@ -57,9 +57,9 @@ def _wrap_e8_fast(t, q, codes_row, k, uk, w, tmp, u):
     """
     m = _root_max(t)
     if m < q:
-        _e8_coordinates(t, k)
+        e8_coordinates(t, k)
         for j in range(8):
-            codes_row[j] = np.int64(_mod(k[j], q))
+            codes_row[j] = np.int64(mod_floor(k[j], q))
         return False
     if m > q:
         return True

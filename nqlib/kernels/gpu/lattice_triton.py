@@ -61,13 +61,13 @@ TILE = 512
 
 # ----------------------------------------------------------------- helpers
 @triton.jit
-def _round(v):
+def round_half_up(v):
     """Nearest integer, halves up: ``floor(v + 0.5)``."""
     return tl.floor(v + 0.5)
 
 
 @triton.jit
-def _column(a, cols, j: tl.constexpr):
+def column(a, cols, j: tl.constexpr):
     """Column ``j`` of the tile ``a`` as a [BLOCK_M] vector.
 
     A masked row sum: the one selected entry plus zeros, exact (a -0.0 entry
@@ -77,7 +77,7 @@ def _column(a, cols, j: tl.constexpr):
 
 
 @triton.jit
-def _put_column(a, cols, j: tl.constexpr, values):
+def put_column(a, cols, j: tl.constexpr, values):
     """The tile ``a`` with column ``j`` replaced by the [BLOCK_M] ``values``."""
     return tl.where(cols[None, :] == j, values[:, None], a)
 
@@ -85,9 +85,9 @@ def _put_column(a, cols, j: tl.constexpr, values):
 @triton.jit
 def _sum_in_order(a, cols, N: tl.constexpr):
     """Row sums of ``a`` over columns 0..N-1, added left to right."""
-    total = _column(a, cols, 0)
+    total = column(a, cols, 0)
     for j in tl.static_range(1, N):
-        total = total + _column(a, cols, j)
+        total = total + column(a, cols, j)
     return total
 
 
@@ -101,7 +101,7 @@ def _dn_point(v, shift, cols, N: tl.constexpr):
     """
     inside = (cols < N)[None, :]
     u = v - shift
-    f = tl.where(inside, _round(u), 0.0)
+    f = tl.where(inside, round_half_up(u), 0.0)
     odd = (tl.sum(f.to(tl.int64), axis=1) & 1) == 1
     err = tl.where(inside, tl.abs(u - f), -1.0)  # padding never wins
     worst_err = tl.max(err, axis=1)
@@ -122,14 +122,14 @@ def _a2_coset_point(v, s0, s1, sqrt3, cols):
     first = cols[None, :] == 0
     shift = tl.where(first, s0, s1)
     scale = tl.where(first, 1.0, sqrt3)
-    return _round((v - shift) / scale) * scale + shift
+    return round_half_up((v - shift) / scale) * scale + shift
 
 
 @triton.jit
-def _closest_point(v, cols, sqrt3, KIND: tl.constexpr, N: tl.constexpr):
+def closest_point_tile(v, cols, sqrt3, KIND: tl.constexpr, N: tl.constexpr):
     """Nearest lattice point to every row of the float64 tile ``v``."""
     if KIND == KIND_ZN:
-        y = _round(v)
+        y = round_half_up(v)
     elif KIND == KIND_DN:
         y = _dn_point(v, 0.0, cols, N)
     elif KIND == KIND_E8:
@@ -171,7 +171,7 @@ def _closest_point_kernel(
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float64)
     sqrt3 = tl.load(consts_ptr + CONST_SQRT3)
-    y = _closest_point(v, cols, sqrt3, KIND, N)
+    y = closest_point_tile(v, cols, sqrt3, KIND, N)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -47,13 +47,13 @@ from nqlib.kernels.gpu.lattice_triton import (
     KIND_E8,
     KIND_ZN,
     ZN,
-    _closest_point,
-    _column,
-    _put_column,
-    _round,
     as_kernel_floats,
     check_rows,
+    closest_point_tile,
+    column,
     constants,
+    put_column,
+    round_half_up,
     tile_shape,
 )
 
@@ -72,10 +72,10 @@ def _matvec_in_order(m_ptr, u, cols, N: tl.constexpr):
     ``s_j = M[j, 0] u_0 + M[j, 1] u_1 + ...``, summed in index order."""
     inside = cols < N
     s = tl.load(m_ptr + cols * N, mask=inside, other=0.0)[None, :] * \
-        _column(u, cols, 0)[:, None]
+        column(u, cols, 0)[:, None]
     for i in tl.static_range(1, N):
         m_i = tl.load(m_ptr + cols * N + i, mask=inside, other=0.0)
-        s = s + m_i[None, :] * _column(u, cols, i)[:, None]
+        s = s + m_i[None, :] * column(u, cols, i)[:, None]
     return s
 
 
@@ -88,18 +88,18 @@ def _coordinates(t, cols, ginv_ptr, KIND: tl.constexpr, N: tl.constexpr):
     elif KIND == KIND_E8:
         # k_j = round(t_j + ... + t_6 - (7 - j) t_7), j = 6 .. 1;
         # k_0 = round((t_0 + ... + t_6 - 7 t_7) / 2); k_7 = round(2 t_7)
-        t7 = _column(t, cols, 7)
-        k = _put_column(tl.zeros_like(t), cols, 7, _round(2.0 * t7))
-        s = _column(t, cols, 6)
-        k = _put_column(k, cols, 6, _round(s - t7))
+        t7 = column(t, cols, 7)
+        k = put_column(tl.zeros_like(t), cols, 7, round_half_up(2.0 * t7))
+        s = column(t, cols, 6)
+        k = put_column(k, cols, 6, round_half_up(s - t7))
         for i in tl.static_range(5):
             j = 5 - i
-            s = s + _column(t, cols, j)
-            k = _put_column(k, cols, j, _round(s - (7 - j) * t7))
-        k0 = _round(((s + _column(t, cols, 0)) - 7.0 * t7) * 0.5)
-        k = _put_column(k, cols, 0, k0)
+            s = s + column(t, cols, j)
+            k = put_column(k, cols, j, round_half_up(s - (7 - j) * t7))
+        k0 = round_half_up(((s + column(t, cols, 0)) - 7.0 * t7) * 0.5)
+        k = put_column(k, cols, 0, k0)
     else:
-        k = _round(_matvec_in_order(ginv_ptr, t, cols, N))
+        k = round_half_up(_matvec_in_order(ginv_ptr, t, cols, N))
     return k
 
 
@@ -111,16 +111,16 @@ def _point(c, cols, g_ptr, KIND: tl.constexpr, N: tl.constexpr):
     elif KIND == KIND_E8:
         # y_0 = (2 c_0 - c_1) + h, y_j = (c_j - c_{j+1}) + h (j = 1..5),
         # y_6 = c_6 + h, y_7 = h, with h = c_7 / 2
-        h = 0.5 * _column(c, cols, 7)
-        nxt = _column(c, cols, 1)
-        y = _put_column(tl.zeros_like(c), cols, 0,
-                        (2.0 * _column(c, cols, 0) - nxt) + h)
+        h = 0.5 * column(c, cols, 7)
+        nxt = column(c, cols, 1)
+        y = put_column(tl.zeros_like(c), cols, 0,
+                        (2.0 * column(c, cols, 0) - nxt) + h)
         for j in tl.static_range(1, 6):
             cur = nxt
-            nxt = _column(c, cols, j + 1)
-            y = _put_column(y, cols, j, (cur - nxt) + h)
-        y = _put_column(y, cols, 6, nxt + h)
-        y = _put_column(y, cols, 7, h)
+            nxt = column(c, cols, j + 1)
+            y = put_column(y, cols, j, (cur - nxt) + h)
+        y = put_column(y, cols, 6, nxt + h)
+        y = put_column(y, cols, 7, h)
     else:
         y = _matvec_in_order(g_ptr, c, cols, N)
     return y
@@ -157,12 +157,12 @@ def _encode_kernel(
     beta = tl.load(consts_ptr + CONST_BETA)
     qf = q.to(tl.float64)
 
-    t = _closest_point(x / beta + z, cols, sqrt3, KIND, N)
+    t = closest_point_tile(x / beta + z, cols, sqrt3, KIND, N)
     k = _coordinates(t, cols, ginv_ptr, KIND, N)
     c = k - qf * tl.floor(k / qf)
     # the decoder will see y = G c and return y - q Q(y / q): it returns t
     # iff Q(y / q) = G (c - k) / q, compared in integer coordinates
-    u = _closest_point(_point(c, cols, g_ptr, KIND, N) / qf, cols, sqrt3, KIND, N)
+    u = closest_point_tile(_point(c, cols, g_ptr, KIND, N) / qf, cols, sqrt3, KIND, N)
     uk = _coordinates(u, cols, ginv_ptr, KIND, N)
     ci = c.to(tl.int64)
     bad = (uk.to(tl.int64) * q != ci - k.to(tl.int64)) & inside
@@ -199,7 +199,7 @@ def _decode_kernel(
     qf = q.to(tl.float64)
 
     y = _point(c, cols, g_ptr, KIND, N)
-    u = _closest_point(y / qf, cols, sqrt3, KIND, N)
+    u = closest_point_tile(y / qf, cols, sqrt3, KIND, N)
     out = beta * ((y - qf * u) - z)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
