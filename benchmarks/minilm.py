@@ -23,8 +23,11 @@ Columns: ``w_bits`` / ``a_bits`` achieved bits per entry of the weights (all
 37 layers, every byte) and of the activations (every quantized input);
 ``cos`` mean cosine similarity of the embeddings to float32's; ``top10``
 mean overlap of each sentence's 10 nearest neighbours in the corpus;
-``MB`` bytes of the linear layers' weights; ``s/batch`` CPU time per batch
-of 32 sentences; ``cos_gap`` the distance to the ideal channel's cosine.
+``MB`` bytes of the linear layers' weights (the files' bytes); ``res`` the
+bytes the linear layers keep in memory (weights, side information, caches
+and biases: ``QuantLinear.resident_nbytes``) over the float32 layers'
+weights and biases; ``s/batch`` CPU time per batch of 32 sentences;
+``cos_gap`` the distance to the ideal channel's cosine.
 
 Usage: ``python benchmarks/minilm.py [--quick] [--json PATH]``.
 """
@@ -144,8 +147,10 @@ def run(n_eval, n_cal, settings=("W4", "W4A4"), systems=None, seed=0,
     calibrate = lambda m: m.encode(cal_s, batch_size=1)  # noqa: E731 (no padding)
     hessians = calibration_hessians(base, calibrate)
     fp32_bytes = sum(4 * m.weight.numel() for _, m in linear_layers(base))
+    fp32_resident = sum(4 * sum(p.numel() for p in m.parameters())
+                        for _, m in linear_layers(base))
     rows = [dict(setting="-", system="fp32", w_bits=32.0, a_bits=32.0, cos=1.0,
-                 top10=1.0, MB=fp32_bytes / 1e6, **{"s/batch": t0})]
+                 top10=1.0, MB=fp32_bytes / 1e6, res=1.0, **{"s/batch": t0})]
     layer_err = {}
     for setting in settings:
         acts = setting == "W4A4"
@@ -172,9 +177,11 @@ def run(n_eval, n_cal, settings=("W4", "W4A4"), systems=None, seed=0,
                 a_bits = sum(m.act_bits_per_entry * m.act_entries
                              for m in qls) / ent
             cos = float(np.mean(np.sum(E0 * E, axis=1)))
+            resident = sum(m.resident_nbytes for m in qls)
             rows.append(dict(setting=setting, system=system,
                              w_bits=rep.bits_per_entry, a_bits=a_bits, cos=cos,
                              top10=top_k_agreement(E0, E), MB=rep.bytes_after / 1e6,
+                             res=resident / fp32_resident,
                              cos_gap=ideal_cos - cos, **{"s/batch": t}))
             if not acts:
                 layer_err[system] = relative_output_errors(base, model, hessians)
@@ -221,7 +228,7 @@ def main():
           f"sentences, seed {args.seed}; {machine_line()}, torch threads 1")
     rows, layer_err = run(n_eval, n_cal, seed=args.seed)
     print_table(rows, ["setting", "system", "w_bits", "a_bits", "cos", "top10",
-                       "cos_gap", "MB", "s/batch"])
+                       "cos_gap", "MB", "res", "s/batch"])
     print("\nworst layers (W4, relative output error on calibration inputs):")
     for system, errs in layer_err.items():
         worst = sorted(errs.items(), key=lambda kv: -kv[1])[:3]

@@ -8,6 +8,29 @@ import numbers
 
 import numpy as np
 
+from nqlib import _backend
+
+
+def to_numpy(x):
+    """``x`` as a numpy array; torch tensors are detached and copied to the
+    CPU first.
+
+    numpy has no bfloat16: a ``torch.bfloat16`` tensor becomes float32, which
+    holds every bfloat16 value exactly. Other dtypes keep their numpy
+    equivalent (float16 stays float16). Anything that is not a tensor is
+    returned as given (``np.asarray`` is left to the caller).
+    """
+    if not _backend.is_torch_tensor(x):
+        return x
+    import torch
+
+    t = x.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.to(torch.float32)
+    # force=True: also resolves conjugate / negative views and moves the data
+    # off an accelerator
+    return t.numpy(force=True)
+
 
 def as_float_array(x, name: str, *, last_dim: int | None = None,
                    ndim: int | None = None, dtype=None) -> np.ndarray:
@@ -15,8 +38,10 @@ def as_float_array(x, name: str, *, last_dim: int | None = None,
 
     Parameters
     ----------
-    x : array_like
-        The data.
+    x : array_like or torch.Tensor
+        The data, in any memory layout (non-contiguous, Fortran-ordered); a
+        tensor of any device and real dtype, bfloat16 and float16 included
+        (see :func:`to_numpy`).
     name : str
         The argument's name, used in error messages.
     last_dim : int, optional
@@ -27,7 +52,7 @@ def as_float_array(x, name: str, *, last_dim: int | None = None,
         Target float dtype; by default float32 stays float32 and anything
         else becomes float64.
     """
-    arr = np.asarray(x)
+    arr = np.asarray(to_numpy(x))
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating)
         or np.issubdtype(arr.dtype, np.integer)

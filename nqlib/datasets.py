@@ -100,3 +100,51 @@ def stdlib_sentences(n: int | None = None, *, seed: int = 0,
         raise ValueError(f"n={n} exceeds the {len(pool)} sentences available")
     idx = np.random.default_rng(seed).choice(len(pool), size=n, replace=False)
     return [pool[i] for i in sorted(idx)]
+
+
+@functools.cache
+def _all_stdlib_documents(min_words: int, max_words: int):
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        if any(part in {"test", "tests", "idlelib", "site-packages",
+                        "lib2to3", "turtledemo"} for part in path.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        for doc in _docstrings(tree):
+            text = " ".join(_sentences(doc, min_words, max_words))
+            if text:
+                docs.append((module, text))
+    return tuple(docs)
+
+
+def stdlib_documents(*, min_words: int = 6, max_words: int = 40
+                     ) -> list[tuple[str, str]]:
+    """The standard library's docstrings as running English text.
+
+    Each docstring that has prose becomes one document: its sentences (the
+    ones :func:`stdlib_sentences` keeps) in their original order, joined by
+    spaces. Unlike the sentence pool, the text keeps its context -- what a
+    language model's perplexity needs.
+
+    Parameters
+    ----------
+    min_words, max_words : int
+        Keep sentences with this many words.
+
+    Returns
+    -------
+    list of (str, str)
+        ``(module, text)`` in a fixed order (modules sorted by path, then
+        the order of :func:`ast.walk`), so that a split by module is
+        reproducible.
+
+    Notes
+    -----
+    Book: chapter "Quantizing a language model", label ``ch-lm``.
+    """
+    return list(_all_stdlib_documents(int(min_words), int(max_words)))

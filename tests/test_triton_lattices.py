@@ -76,7 +76,8 @@ def sample_points(lat, rng, m, scale):
 
 
 def tensor(a, dtype=torch.float64):
-    return torch.as_tensor(np.ascontiguousarray(a)).to(device=DEVICE, dtype=dtype)
+    # a copy: cached arrays (lattice generators) are read-only
+    return torch.tensor(np.ascontiguousarray(a)).to(device=DEVICE, dtype=dtype)
 
 
 # ------------------------------------------------------------ closest point

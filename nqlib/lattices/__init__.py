@@ -51,7 +51,8 @@ class Lattice:
         Dimension d.
     generator : ndarray, shape (d, d)
         Basis vectors as **columns**: lattice points are ``generator @ u``,
-        ``u`` integer.
+        ``u`` integer. Read-only: lattices are cached and shared by the whole
+        process (copy it to modify it).
     normalized_second_moment : float
         The known value of G(L) (Conway & Sloane, SPLAG table 2.3): Z 1/12,
         A2 5/(36 sqrt 3) = 0.0801875, D4 0.0766032, E8 929/12960; D_n from
@@ -64,6 +65,14 @@ class Lattice:
     generator: np.ndarray = field(repr=False)
     normalized_second_moment: float = field(repr=False)
 
+    def __post_init__(self):
+        # Lattices are cached (E8() is E8()) and shared by every decoder in
+        # the process: their arrays are private read-only copies, so that no
+        # caller can change what every later decode uses.
+        G = np.array(self.generator, dtype=np.float64)
+        G.setflags(write=False)
+        object.__setattr__(self, "generator", G)
+
     @property
     def volume(self) -> float:
         """Volume of the Voronoi cell, ``|det G|``."""
@@ -71,8 +80,11 @@ class Lattice:
 
     @functools.cached_property
     def generator_inverse(self) -> np.ndarray:
-        """``G^-1``: lattice coordinates of a point are ``G^-1 @ x``."""
-        return np.linalg.inv(self.generator)
+        """``G^-1``: lattice coordinates of a point are ``G^-1 @ x``
+        (read-only, like :attr:`generator`)."""
+        inv = np.linalg.inv(self.generator)
+        inv.setflags(write=False)
+        return inv
 
     @property
     def kind(self) -> int:
@@ -97,8 +109,12 @@ class Lattice:
         Returns
         -------
         ndarray or torch.Tensor, shape (..., dim)
-            The lattice points, with the type, dtype (and device) of ``x``.
-            Integer inputs give float64.
+            The lattice points, with the type, dtype (and device) of ``x``:
+            numpy in, numpy out; torch in, torch out. Integer arrays give
+            float64. Half-precision inputs (numpy float16, torch float16 and
+            bfloat16) are decoded in float64 and the points rounded to the
+            input's dtype, which holds them exactly while their coordinates
+            are at most 2^10 (float16) or 2^7 (bfloat16) in magnitude.
 
         Notes
         -----
@@ -161,7 +177,9 @@ def _to_numpy(x, name, dim):
         import torch
 
         _check_tensor(x, name, dim)
-        arr = x.detach().cpu().numpy()
+        # bfloat16 arrives as float32 (numpy has no bfloat16); the arithmetic
+        # is float64 anyway and the result is cast back to x's dtype
+        arr = _checks.to_numpy(x)
 
         def restore(out):
             return torch.from_numpy(np.ascontiguousarray(out)).to(
@@ -169,7 +187,10 @@ def _to_numpy(x, name, dim):
 
         return arr, restore
     arr = _checks.as_float_array(x, name, last_dim=dim)
-    dtype = arr.dtype
+    given = np.asarray(x).dtype
+    # floats keep their dtype (float16 included: the points are computed in
+    # float64 and rounded once); integers and booleans give float64
+    dtype = given if np.issubdtype(given, np.floating) else arr.dtype
 
     def restore(out):
         return out.astype(dtype, copy=False)

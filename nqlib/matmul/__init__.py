@@ -100,7 +100,9 @@ def _same_domain(QA, QB) -> bool:
     """Whether the product of ``QA`` and ``QB`` can be formed in the coded
     (rotated, padded, centred) domain: both were coded the same way."""
     return (QA.rotate == QB.rotate and QA.n_pad == QB.n_pad
-            and QA.center == QB.center)
+            and QA.center == QB.center
+            # the rotation is drawn as the format version draws it
+            and (not QA.rotate or QA.version == QB.version))
 
 
 def _matmul_triton(QA, QB) -> np.ndarray:

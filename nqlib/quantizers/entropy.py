@@ -16,7 +16,15 @@ sum) the description of a block is
 only side information. Probability tables are quantised to integers with a
 fixed rule, so encoder and decoder build bit-identical models; a CRC of the
 symbols guards against a mismatch (for instance a file written by a
-different version).
+different version). What the decoder really reproduces is the integer
+table: from format version 3 it is computed with
+:func:`nqlib.quantizers.draws.exp_nonpositive` (IEEE operations only, no
+libm) and scaled to its peak (no floating-point sum), so every machine
+builds the same integers; the weights are then handed to ``constriction``
+as ``weights / sum(weights)`` -- a sum of integers, exact -- whose
+quantisation to its fixed-point model is its own deterministic arithmetic.
+Version-2 files used ``np.exp`` and a floating-point normalisation
+(``version=2`` arguments below).
 
 The scalar baseline (entropy-coded uniform scalar quantization, ECSQ) uses
 one discretised Gaussian for all coordinates.
@@ -30,17 +38,31 @@ import zlib
 
 import numpy as np
 
-#: integer precision of the probability tables (weights are >= 1, sum ~ 2^16)
+from nqlib.quantizers import draws
+
+#: integer precision of the probability tables: weights are >= 1; the peak
+#: weight is 2^16 (format version 3), or the weights sum to about 2^16 (2)
 TABLE_BITS = 16
+#: the format version whose tables the functions below build by default
+VERSION = 3
 
 
-def _gaussian_table(values, offset, sigma):
-    """Integer weights ∝ exp(-(v + offset)^2 / (2 sigma^2)) over ``values``."""
+def _gaussian_table(values, offset, sigma, version=VERSION):
+    """Integer weights ∝ exp(-(v + offset)^2 / (2 sigma^2)) over ``values``
+    (float64 holding integers).
+
+    Version 3: ``max(1, floor(2^16 exp(l - max l) + 1/2))`` with nqlib's own
+    exp, the same integers on every machine. Version 2: normalised by a
+    floating-point sum first, with ``np.exp``.
+    """
     v = np.asarray(values, dtype=np.float64) + offset
     s = float(np.float32(sigma))
     logw = -(v * v) / (2.0 * s * s)
-    p = np.exp(logw - logw.max())
-    p /= p.sum()
+    if version >= draws.FIRST_OWN_DRAWS:
+        p = draws.exp_nonpositive(logw - logw.max())
+    else:
+        p = np.exp(logw - logw.max())
+        p /= p.sum()
     return np.maximum(1.0, np.floor(p * 2.0**TABLE_BITS + 0.5))
 
 
@@ -96,17 +118,18 @@ def e8_fit(T2, stats=None):
     return sig[0], sig[1], st["K"], p1
 
 
-def _e8_tables(sigma0, sigma1, K):
+def _e8_tables(sigma0, sigma1, K, version=VERSION):
     """Integer weight tables of the model: the main table per coset over
     ``u in [-K, K]`` and, per (coset, parity), the table of the last
     coordinate over ``w`` with ``u_7 = 2 w + parity``."""
     vals = np.arange(-K, K + 1)
-    main = [_gaussian_table(vals, 0.5 * c, s) for c, s in ((0, sigma0), (1, sigma1))]
+    main = [_gaussian_table(vals, 0.5 * c, s, version)
+            for c, s in ((0, sigma0), (1, sigma1))]
     last = {}
     for c, s in ((0, sigma0), (1, sigma1)):
         for par in (0, 1):
             w = np.arange((-K - par) // 2, (K - par) // 2 + 1)
-            last[c, par] = (w, _gaussian_table(2 * w + par, 0.5 * c, s))
+            last[c, par] = (w, _gaussian_table(2 * w + par, 0.5 * c, s, version))
     return vals, main, last
 
 
@@ -148,43 +171,65 @@ def symbols_crc(*arrays) -> int:
     """CRC32 of integer arrays (as int32 bytes), to detect a model mismatch."""
     crc = 0
     for a in arrays:
-        crc = zlib.crc32(np.ascontiguousarray(a, dtype=np.int32).tobytes(), crc)
+        # the array's own buffer (no bytes copy)
+        crc = zlib.crc32(np.ascontiguousarray(a, dtype=np.int32), crc)
     return crc
 
 
+#: blocks whose symbols :func:`e8_encode` extracts at a time (bounded memory)
+ENCODE_CHUNK_BLOCKS = 1 << 17
+
+
 def e8_encode(T2, params):
-    """ANS-encode E8 points; returns the compressed uint32 words."""
+    """ANS-encode E8 points; returns the compressed uint32 words.
+
+    The symbol streams are those of :func:`e8_split`; they are extracted
+    ``ENCODE_CHUNK_BLOCKS`` blocks at a time by a compiled pass
+    (``e8_stream_symbols``), so the memory used is a few megabytes whatever
+    the size of ``T2``. ``encode_reverse`` of a sequence pushes its symbols
+    last to first, so pushing the chunks last to first gives the same words
+    as one call on the whole stream.
+    """
     import constriction
 
-    coset, u, parity = e8_split(T2)
+    from nqlib.kernels.cpu.nested import e8_stream_symbols
+
+    T2 = np.ascontiguousarray(T2, dtype=np.int32)
     sigma0, sigma1, K, p1 = params
     vals, main, last = _e8_tables(sigma0, sigma1, K)
     coder = constriction.stream.stack.AnsCoder()
+    rows = ENCODE_CHUNK_BLOCKS
+    starts = range((T2.shape[0] - 1) // rows * rows, -1, -rows)
+    buf = np.empty(7 * min(rows, T2.shape[0]), dtype=np.int32)
+
+    def push(stream, c, par, offset, weights):
+        model = _categorical(weights)
+        for s in starts:  # last chunk first: the coder is a stack
+            count = e8_stream_symbols(T2[s:s + rows], stream, c, par, offset, buf)
+            if count:
+                coder.encode_reverse(buf[:count], model)
+
     # The decoder reads: coset bits, main symbols (coset 0 then 1), last
     # symbols per (coset, parity). A stack is last-in first-out, so encode
     # in the reverse order.
     for c in (1, 0):
         for par in (1, 0):
             w, tab = last[c, par]
-            s = (coset == c) & (parity == par)
-            sym = ((u[s, 7] - par) >> 1) - w[0]
-            if sym.size:
-                coder.encode_reverse(sym.astype(np.int32), _categorical(tab))
+            push(2, c, par, int(w[0]), tab)
     for c in (1, 0):
-        sym = (u[coset == c, :7] + K).ravel()
-        if sym.size:
-            coder.encode_reverse(sym.astype(np.int32), _categorical(main[c]))
-    coder.encode_reverse(coset.astype(np.int32),
-                         _categorical(np.array([65536.0 - p1, float(p1)])))
+        push(1, c, 0, int(K), main[c])
+    push(0, 0, 0, 0, np.array([65536.0 - p1, float(p1)]))
     return coder.get_compressed()
 
 
-def e8_decode(words, m, params):
-    """Inverse of :func:`e8_encode`: the doubled points ``2t`` (m, 8) int64."""
+def e8_decode(words, m, params, version=VERSION):
+    """Inverse of :func:`e8_encode`: the doubled points ``2t`` (m, 8) int64
+    (``version``: the format version of the tables the words were coded
+    with)."""
     import constriction
 
     sigma0, sigma1, K, p1 = params
-    vals, main, last = _e8_tables(sigma0, sigma1, K)
+    vals, main, last = _e8_tables(sigma0, sigma1, K, version)
     coder = constriction.stream.stack.AnsCoder(np.asarray(words, dtype=np.uint32))
     coset = coder.decode(_categorical(np.array([65536.0 - p1, float(p1)])), m)
     coset = np.asarray(coset, dtype=np.int64)
@@ -234,10 +279,12 @@ def scalar_encode(U, params):
     return coder.get_compressed()
 
 
-def scalar_decode(words, count, params):
+def scalar_decode(words, count, params, version=VERSION):
+    """Inverse of :func:`scalar_encode` (``version``: as in
+    :func:`e8_decode`)."""
     import constriction
 
     sigma, K = params
-    tab = _gaussian_table(np.arange(-K, K + 1), 0.0, sigma)
+    tab = _gaussian_table(np.arange(-K, K + 1), 0.0, sigma, version)
     coder = constriction.stream.stack.AnsCoder(np.asarray(words, dtype=np.uint32))
     return np.asarray(coder.decode(_categorical(tab), count), dtype=np.int64) - K

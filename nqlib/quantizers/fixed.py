@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -78,7 +79,10 @@ def _design_sample():
     tail = direction * np.sqrt(rsq)[:, None]
     main_w = ((x * x).sum(axis=1) <= r0sq) / DESIGN_BLOCKS
     tail_w = np.full(TAIL_BLOCKS, TAIL_MASS / TAIL_BLOCKS)
-    return np.vstack([x, tail]), np.concatenate([main_w, tail_w])
+    sample, weights = np.vstack([x, tail]), np.concatenate([main_w, tail_w])
+    sample.setflags(write=False)  # cached: shared by every design
+    weights.setflags(write=False)
+    return sample, weights
 
 
 def _errors_on_grid(q, grid_betas):
@@ -177,17 +181,19 @@ def _table_path():
 
 
 @functools.cache
-def _table() -> dict:
+def _table() -> MappingProxyType:
     import json
 
     path = _table_path()
     if not path.exists():
-        return {}
+        return MappingProxyType({})
     data = json.loads(path.read_text())
     if data.get("key") != _design_key():
-        return {}
-    return {int(L): FixedCode(int(L), int(c["q"]), tuple(c["betas"]), float(c["mse"]))
-            for L, c in data["codes"].items()}
+        return MappingProxyType({})
+    # cached and shared by every quantizer in the process: read-only
+    return MappingProxyType(
+        {int(L): FixedCode(int(L), int(c["q"]), tuple(c["betas"]), float(c["mse"]))
+         for L, c in data["codes"].items()})
 
 
 def fixed_code(L: int) -> FixedCode:

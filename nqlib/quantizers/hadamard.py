@@ -7,9 +7,13 @@ For ``n = 2^k m`` with ``m`` odd, the rotation is
 with ``s`` random signs, ``H`` the Sylvester Hadamard matrix and ``O_m`` a
 Haar-random ``m x m`` orthogonal matrix (the identity when ``m = 1``). It is
 orthogonal, costs ``O(n (k + m))`` per vector, and needs no padding, so no
-rate is spent on padded coordinates. All randomness comes from
-``numpy.random.default_rng(seed)`` here, in the API layer; kernels receive
-arrays.
+rate is spent on padded coordinates. All randomness is drawn here, in the
+API layer, from the seed; kernels receive arrays. The draw is part of the
+file format: ``version=3`` (the default) draws the signs and ``O_m`` with
+nqlib's own generator and transforms (:mod:`nqlib.quantizers.draws`) and
+applies ``O_m`` in a fixed order of operations, so a file decodes to the same
+bits everywhere; ``version=2`` repeats what format-version-2 files used
+(numpy's ``Generator.choice`` / ``standard_normal``, ``np.linalg.qr``, BLAS).
 
 Book: chapter "The practical quantizer", label ``ch-practical``.
 """
@@ -21,6 +25,7 @@ import functools
 import numpy as np
 
 from nqlib import _backend, _checks
+from nqlib.quantizers import draws
 
 __all__ = ["RandomHadamard"]
 
@@ -30,19 +35,28 @@ def _split_power_of_two(n: int) -> tuple[int, int]:
     return p, n // p
 
 
+#: draw versions RandomHadamard reproduces (the format versions of nqlib files)
+VERSIONS = (2, 3)
+
+
 @functools.lru_cache(maxsize=32)
-def _parameters(n: int, seed: int):
-    rng = np.random.default_rng([seed, n, 0x6E71])  # 'nq': rotation stream
+def _parameters(n: int, seed: int, version: int = 3):
     p, m = _split_power_of_two(n)
-    signs = rng.choice(np.array([-1.0, 1.0]), size=n)
-    if m == 1:
-        O = np.ones((1, 1))
+    if version >= draws.FIRST_OWN_DRAWS:
+        signs = draws.signs(draws.stream_key(seed, n, draws.ROTATION_SIGNS), n)
+        O = (np.ones((1, 1)) if m == 1 else
+             draws.haar_orthogonal(draws.stream_key(seed, n, draws.ROTATION_ODD), m))
     else:
-        # Haar measure: QR of a Gaussian matrix with the signs of R's
-        # diagonal moved into Q (Mezzadri 2007).
-        Z = rng.standard_normal((m, m))
-        Q, Rm = np.linalg.qr(Z)
-        O = Q * np.sign(np.diag(Rm))[None, :]
+        rng = np.random.default_rng([seed, n, 0x6E71])  # 'nq': rotation stream
+        signs = rng.choice(np.array([-1.0, 1.0]), size=n)
+        if m == 1:
+            O = np.ones((1, 1))
+        else:
+            # Haar measure: QR of a Gaussian matrix with the signs of R's
+            # diagonal moved into Q (Mezzadri 2007).
+            Z = rng.standard_normal((m, m))
+            Q, Rm = np.linalg.qr(Z)
+            O = Q * np.sign(np.diag(Rm))[None, :]
     signs.setflags(write=False)
     O.setflags(write=False)
     return signs, p, O
@@ -58,6 +72,10 @@ class RandomHadamard:
     seed : int
         Shared seed: the encoders of both matrices and the decoder build the
         same rotation from it.
+    version : {3, 2}
+        Which draw: 3 (default) nqlib's own generator, Haar factor by
+        Gram-Schmidt and a fixed-order product (the same bits on every
+        machine); 2 the numpy/LAPACK/BLAS draw of format-version-2 files.
 
     Notes
     -----
@@ -76,15 +94,22 @@ class RandomHadamard:
     True
     """
 
-    def __init__(self, n: int, seed: int = 0):
+    def __init__(self, n: int, seed: int = 0, *, version: int = 3):
         self.n = _checks.check_int(n, "n", minimum=1)
         self.seed = _checks.check_int(seed, "seed", minimum=0)
-        self.signs, self.power_of_two, self.orthogonal = _parameters(self.n, self.seed)
+        if self.seed >= 2**64:
+            raise ValueError(f"seed must be < 2**64, got {self.seed}")
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        self.version = int(version)
+        self.signs, self.power_of_two, self.orthogonal = _parameters(
+            self.n, self.seed, self.version)
 
     def __repr__(self) -> str:
         m = self.n // self.power_of_two
+        legacy = "" if self.version == VERSIONS[-1] else f", version={self.version}"
         return (f"RandomHadamard(n={self.n} = {self.power_of_two} x {m}, "
-                f"seed={self.seed})")
+                f"seed={self.seed}{legacy})")
 
     def matrix(self) -> np.ndarray:
         """The dense ``n x n`` matrix ``P`` (reference; O(n^2) memory)."""
@@ -167,7 +192,16 @@ class RandomHadamard:
         r = rows.shape[0]
         if m > 1:
             O = self.orthogonal.T if transpose else self.orthogonal
-            rows = (rows.reshape(r * p, m) @ O.T).reshape(r, self.n)
+            flat = rows.reshape(r * p, m)
+            if self.version >= draws.FIRST_OWN_DRAWS:
+                # a fixed order of operations: the same bits on every machine
+                from nqlib.kernels.cpu.linalg import rows_times_matrix
+
+                out = np.empty_like(flat)
+                rows_times_matrix(flat, np.ascontiguousarray(O.T), out)
+                rows = out.reshape(r, self.n)
+            else:
+                rows = (flat @ O.T).reshape(r, self.n)
         if p > 1:
             # move the Hadamard axis last, transform, move it back
             t = np.ascontiguousarray(rows.reshape(r, p, m).transpose(0, 2, 1))

@@ -111,9 +111,11 @@ def _coded_hessian(H, template: QuantizedMatrix) -> np.ndarray:
     return 0.5 * (Hp + Hp.T)
 
 
-def _feedback(Hc, damp) -> np.ndarray:
+def _feedback(Hc, damp, cuts=None) -> np.ndarray:
     """The feedback rows ``V = R_D^{-1} R`` (n_pad x n_pad, unit block-upper
     triangular), ``R`` the upper Cholesky factor of ``(H' + lambda I)^{-1}``.
+    The blocks are the 8-blocks, or ``[cuts[i], cuts[i+1])`` when ``cuts``
+    (increasing, from 0 to n_pad) is given (the trellis mode's sequences).
 
     With ``J`` the reversal permutation, ``J H J = L L^T`` gives
     ``H = M M^T`` with ``M = J L J`` upper triangular, and ``R = M^{-1}``.
@@ -132,6 +134,11 @@ def _feedback(Hc, damp) -> np.ndarray:
                          "positive semi-definite H and damp > 0") from None
     M = np.ascontiguousarray(L[::-1, ::-1])
     R = solve_triangular(M, np.eye(N), lower=False)
+    if cuts is not None:
+        V = np.empty_like(R)
+        for c0, c1 in zip(cuts[:-1], cuts[1:]):
+            V[c0:c1] = np.linalg.solve(R[c0:c1, c0:c1], R[c0:c1])
+        return V
     B = N // 8
     blocks = np.arange(B)
     diag = R.reshape(B, 8, B, 8)[blocks, :, blocks, :]  # (B, 8, 8): R_bb
@@ -255,7 +262,8 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
     h = p["h"]
     zb = None
     if template.dither:
-        zb = _dither(seed, n_pad, a, a * B, template.dither_key).reshape(a, B, 8)
+        zb = _dither(seed, n_pad, a, a * B, template.dither_key,
+                     template.version).reshape(a, B, 8)
     enc, dec = _block_coders(backend)
     codes = np.zeros((a, B, 8), dtype=np.int64)
     index = np.zeros((a, B), dtype=np.int64)

@@ -74,7 +74,10 @@ def variable_curve():
     if not CURVE_PATH.exists():
         return None
     data = json.loads(CURVE_PATH.read_text())
-    return np.array(data["rate"]), np.array(data["D"])
+    rate, D = np.array(data["rate"]), np.array(data["D"])
+    rate.setflags(write=False)  # cached: shared by the whole process
+    D.setflags(write=False)
+    return rate, D
 
 
 @functools.cache

@@ -104,8 +104,7 @@ class VoronoiCode:
         d = self.dim
         if dither is None:
             return np.zeros((1, d))
-        if _backend.is_torch_tensor(dither):
-            dither = dither.detach().cpu().numpy()
+        # (a tensor of any dtype, bfloat16 included: as_float_array converts)
         z = _checks.as_float_array(dither, "dither", last_dim=d, dtype=np.float64)
         if z.ndim == 1:
             return z.reshape(1, d)
@@ -122,7 +121,9 @@ class VoronoiCode:
         Parameters
         ----------
         x : ndarray or torch.Tensor, shape (..., dim)
-            Finite real vectors.
+            Finite real vectors, of any real dtype (numpy float16, torch
+            float16 / bfloat16 included; the arithmetic is float64) and any
+            memory layout.
         dither : array_like, shape (dim,) or (..., dim), optional
             Subtractive dither ``z`` (shared with the decoder), one for all
             vectors or one per vector. None means no dither.
@@ -150,9 +151,9 @@ class VoronoiCode:
             return voronoi_triton.encode(self, x, dither)
         if tensor_input:
             _check_tensor(x, "x", d)
-            arr = x.detach().cpu().numpy()
-        else:
-            arr = _checks.as_float_array(x, "x", last_dim=d)
+        # numpy or torch, any float dtype (float16 / bfloat16 widen exactly)
+        # and any layout; float64 arithmetic in the kernels
+        arr = _checks.as_float_array(x, "x", last_dim=d)
         lead = arr.shape[:-1]
         rows = np.ascontiguousarray(arr.reshape(-1, d))
         m = rows.shape[0]
@@ -188,8 +189,7 @@ class VoronoiCode:
 
     # ---------------------------------------------------------------- decode
     def _check_codes(self, codes):
-        arr = codes.detach().cpu().numpy() if _backend.is_torch_tensor(codes) \
-            else np.asarray(codes)
+        arr = np.asarray(_checks.to_numpy(codes))
         if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
             if np.issubdtype(arr.dtype, np.floating) and np.all(
                     np.isfinite(arr)) and np.all(arr == np.round(arr)):
@@ -217,7 +217,8 @@ class VoronoiCode:
             The dither used by the encoder.
         dtype : numpy dtype, default float64
             Output dtype for numpy output (arithmetic is float64 and then
-            cast). Torch output is float32.
+            cast). Torch codes give a float32 tensor on their device (codes
+            are integers: there is no input float dtype to follow).
         backend : {"auto", "numba", "numpy", "triton"}
 
         Returns

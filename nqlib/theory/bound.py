@@ -47,6 +47,7 @@ transition at R*", label ``ch-phase-transition``.
 from __future__ import annotations
 
 import functools
+from types import MappingProxyType
 
 import numpy as np
 import sympy as sp
@@ -118,14 +119,15 @@ def _unbiased_of(r_star):
 def _numeric():
     """Numeric Gamma, Gamma^{-1} and the unbiased bound, from lambdify."""
     r_star = sp.Float(_r_star_expr().evalf(_DIGITS), _DIGITS)
-    return {
+    # cached and shared by the whole process: a read-only mapping
+    return MappingProxyType({
         "r_star": float(r_star),
         "slope": float(sp.diff(_gamma_of(r_star).args[0][0], R)),
         "gamma_at_r_star": float(phi_expr.subs(R, r_star)),
         "gamma": sp.lambdify(R, _gamma_of(r_star), "numpy"),
         "gamma_inv": sp.lambdify(D, _gamma_inv_of(r_star), "numpy"),
         "unbiased": sp.lambdify(R, _unbiased_of(r_star), "numpy"),
-    }
+    })
 
 
 _LAZY = {

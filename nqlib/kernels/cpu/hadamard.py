@@ -2,6 +2,8 @@
 
 from numba import njit, prange
 
+from nqlib.kernels.cpu.guard import guard_module
+
 
 @njit(cache=True, parallel=True)
 def fwht_rows(x, scale):
@@ -24,3 +26,7 @@ def fwht_rows(x, scale):
             h *= 2
         for j in range(n):
             x[i, j] *= scale
+
+
+# serialised when numba's threading layer is not thread-safe
+guard_module(globals())

@@ -15,6 +15,8 @@ one compiled, cached kernel serves all of them. The per-vector helpers are
 import numpy as np
 from numba import njit, prange
 
+from nqlib.kernels.cpu.guard import guard_module
+
 KIND_ZN = 0
 KIND_DN = 1
 KIND_E8 = 2
@@ -423,3 +425,7 @@ def decode_e8_rows(codes, q, beta, z, out):
             decode_e8_into(crow, q, beta, z[iz], r, y, w, tmp)
             for j in range(8):
                 out[i, j] = r[j]
+
+
+# serialised when numba's threading layer is not thread-safe
+guard_module(globals())

@@ -7,6 +7,7 @@ Arrays in, arrays out. Arithmetic follows :mod:`nqlib.kernels.cpu.lattice`.
 import numpy as np
 from numba import njit, prange
 
+from nqlib.kernels.cpu.guard import guard_module
 from nqlib.kernels.cpu.lattice import (
     CHUNK,
     decode_e8_into,
@@ -314,3 +315,49 @@ def e8_symbol_stats(T2, K, h_main, h_last, coset_count, sumsq):
         u7 = (T2[i, 7] - c) >> 1
         w = (u7 - p) >> 1
         h_last[c, p, w - ((-K - p) >> 1)] += 1
+
+
+@njit(cache=True)
+def e8_stream_symbols(T2, stream, coset, parity, offset, out):
+    """The symbols of one stream of the E8 entropy code (see
+    ``nqlib.quantizers.entropy``) for doubled points ``T2`` (m, 8), in block
+    order, written to ``out`` (int32, at least ``7 m`` long); returns how
+    many. With ``c`` a block's coset bit and ``u = (2t - c) / 2``:
+
+    * ``stream == 0``: ``c`` of every block;
+    * ``stream == 1``: ``u_0 + offset, .., u_6 + offset`` of the blocks with
+      ``c == coset``;
+    * ``stream == 2``: ``(u_7 - p) // 2 - offset`` of the blocks with
+      ``c == coset`` whose ``p = (u_0 + .. + u_6) mod 2`` equals ``parity``.
+
+    The same integers, in the same order, as ``entropy.e8_split`` and the
+    selections of ``e8_encode`` (one pass, no temporaries).
+    """
+    m = T2.shape[0]
+    k = 0
+    for i in range(m):
+        c = np.int64(T2[i, 0]) & 1
+        if stream == 0:
+            out[k] = c
+            k += 1
+            continue
+        if c != coset:
+            continue
+        if stream == 1:
+            for j in range(7):
+                out[k] = ((np.int64(T2[i, j]) - c) >> 1) + offset
+                k += 1
+            continue
+        par = np.int64(0)
+        for j in range(7):
+            par += (np.int64(T2[i, j]) - c) >> 1
+        if (par & 1) != parity:
+            continue
+        u7 = (np.int64(T2[i, 7]) - c) >> 1
+        out[k] = ((u7 - parity) >> 1) - offset
+        k += 1
+    return k
+
+
+# serialised when numba's threading layer is not thread-safe
+guard_module(globals())

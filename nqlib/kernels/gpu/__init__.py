@@ -5,7 +5,8 @@ launchers that check, allocate and launch them: :mod:`.lattice_triton`
 (closest lattice point), :mod:`.voronoi_triton` (Voronoi encode/decode),
 :mod:`.hadamard_triton` (the seeded block Walsh-Hadamard rotation) and
 :mod:`.matmul_triton` (the fixed-mode weight layout and the fused
-decode-in-registers matmul behind :class:`nqlib.nn.QuantLinear`).
+decode-in-registers matmul behind :class:`nqlib.nn.QuantLinear`) and
+:mod:`.trellis_triton` (the decoder of ``mode="trellis"`` payloads).
 They import torch and triton, so ``import nqlib`` never imports them: the
 public API imports them inside its ``backend == "triton"`` branches.
 

@@ -116,6 +116,15 @@ import triton.language as tl
 
 from nqlib.kernels.gpu.lattice_triton import check_rows
 
+# the decoder's decisions are host code shared with the CPU layout (one copy)
+from nqlib.quantizers.cpu_layout import (  # noqa: F401  (re-exported)
+    decisions,
+    stored_fields,
+)
+from nqlib.quantizers.cpu_layout import (  # noqa: F401  (re-exported)
+    e8_doubled_points as _e8_doubled_points,
+)
+
 #: Bit fields of the ``meta`` byte: parity ``pi`` of ``r + q`` (bit 0),
 #: whether the D8 parity fix applies (bit 1), the coordinate ``k`` it moves
 #: (bits 2-4: ``meta & 28`` is the shift ``4 k`` of its 4-bit half), the
@@ -597,91 +606,6 @@ def _rotation_tensors(P, dtype, device):
             P.power_of_two)
 
 
-def _e8_doubled_points(codes):
-    """``Y = 2 G c`` (int64) for the basis of :func:`nqlib.lattices.E8`."""
-    c = codes
-    Y = np.empty_like(c)
-    Y[:, 0] = 4 * c[:, 0] - 2 * c[:, 1] + c[:, 7]
-    Y[:, 1:6] = 2 * (c[:, 1:6] - c[:, 2:7]) + c[:, 7:8]
-    Y[:, 6] = 2 * c[:, 6] + c[:, 7]
-    Y[:, 7] = c[:, 7]
-    return Y
-
-
-def decisions(codes, q):
-    """numba's decoding decisions for each row of ``codes`` (m, 8): coset
-    ``s``, coordinate ``k`` moved by the parity fix (0 if none), ``down``
-    (1 when that move lowers ``r_k`` by ``D``), and the residuals ``r``
-    (output = beta r / 2).
-
-    Runs :func:`nqlib.kernels.cpu.nested.decode_multiscale_rows` at scale 1
-    without dither (its output is then exactly ``r / 2``), reads the chosen
-    point ``u = (Y - r) / D`` back, and checks that the integer decoder of
-    the kernels, given the decisions, returns the same ``r``.
-    """
-    from nqlib.kernels.cpu import nested as kern
-
-    m = codes.shape[0]
-    half = np.empty((m, 8))
-    kern.decode_multiscale_rows(codes, np.zeros(m, dtype=np.int64), q,
-                                np.ones(1), np.zeros((1, 8)), half)
-    r = (2.0 * half).astype(np.int64)
-    Y = _e8_doubled_points(codes)
-    D = 2 * q
-    u2 = (Y - r) // q                      # 2u, u the chosen E8 point
-    s = u2[:, 0] & 1
-    f = (u2 - s[:, None]) // 2             # u = f + s/2
-    f_plain = (Y - q * s[:, None] + q) // D
-    moved = f != f_plain
-    k = np.argmax(moved, axis=1)
-    down = (f - f_plain)[np.arange(m), k] == 1
-    # the integer decoder with these decisions (what the kernels compute)
-    r_int = Y - q * s[:, None] - D * f_plain
-    odd = (f_plain.sum(axis=1) & 1) == 1
-    hit = odd[:, None] & (np.arange(8)[None, :] == k[:, None])
-    r_int = np.where(hit, r_int - np.where(down, D, -D)[:, None], r_int)
-    if (not np.array_equal(r_int, r) or np.any(moved.sum(axis=1) > 1)
-            or np.any(moved.any(axis=1) != odd) or np.any((2 * half) != r)):
-        raise AssertionError("integer E8 decoder disagrees with numba")
-    return s, k, down.astype(np.int64), r
-
-
-def stored_fields(codes, q):
-    """What the layout stores for each row of ``codes`` (m, 8): the halves
-    ``m`` (m, 8) in [0, q), the parity ``pi``, whether the D8 parity fix
-    applies (``odd``) and the coordinate ``k`` it moves; and numba's
-    residuals ``r`` (output = beta r / 2).
-
-    With numba's decisions (:func:`decisions`) and ``f_j = floor((a_j + q)
-    / D)`` for ``a = Y - q s``, the residuals before the fix, ``r_j = a_j -
-    D f_j``, lie in ``[-q, q)`` and all have the parity of ``c_7 + q s``
-    (``Y_j = c_7`` mod 2, ``D`` even), so ``r_j + q = 2 m_j + pi`` with
-    ``m_j`` in ``[0, q)`` and ``pi`` one bit per block. The fix moves
-    ``r_k`` by ``D`` towards 0 -- down when ``r_k >= 0`` -- which the kernels
-    read from ``m_k``: a move the other way would make ``|r|^2`` larger by
-    ``4 D |r_k|`` than this one, so numba never makes it (at ``r_k = 0`` its
-    float64 comparison is exact). Checked here on every
-    block: ``2 m + pi - q`` with the fix is numba's ``r``, bit for bit.
-    """
-    s, k, down, r = decisions(codes, q)
-    Y = _e8_doubled_points(np.asarray(codes, dtype=np.int64))
-    D = 2 * q
-    a = Y - q * s[:, None]
-    f = (a + q) // D
-    r_pre = a - D * f
-    odd = (f.sum(axis=1) & 1) == 1
-    pi = (r_pre[:, 0] + q) & 1
-    m = (r_pre + q - pi[:, None]) // 2
-    rows = np.arange(len(k))
-    r_k = 2 * m[rows, k] + pi - q
-    fixed = 2 * m + (pi - q)[:, None]
-    fixed[rows, k] += np.where(odd, np.where(r_k >= 0, -D, D), 0)
-    if (not np.array_equal(fixed, r) or (len(m) and (m.min() < 0 or m.max() >= q))
-            or np.any((k != 0) & ~odd)):
-        raise AssertionError("stored halves disagree with numba's decode")
-    return m, pi, odd.astype(np.int64), k, r
-
-
 def gpu_layout(qm, device=None) -> GpuLayout:
     """The device layout of a fixed-mode nested-lattice QuantizedMatrix.
 
@@ -770,7 +694,8 @@ def gpu_layout(qm, device=None) -> GpuLayout:
     dither = None
     row_scale = row_offset = None
     if qm.dither:
-        z = _dither(qm.seed, n_pad, a, a * B, qm.dither_key).reshape(a, n_pad)
+        z = _dither(qm.seed, n_pad, a, a * B, qm.dither_key,
+                    qm.version).reshape(a, n_pad)
         dither = torch.from_numpy(np.ascontiguousarray(z)).to(device)
     else:
         scale = qm.alpha * qm._row_scales()

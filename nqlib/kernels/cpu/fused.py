@@ -1,0 +1,924 @@
+"""Fused decode-matmul for fixed-mode nested-lattice weights on the CPU.
+
+The weight ``W`` (``a`` rows of length ``n_pad = 8 B``) is held in the CPU
+layout built by :func:`nqlib.quantizers.cpu_layout.cpu_layout` and is never
+decoded to memory as a whole: the batch-1 kernel (:func:`gemv`) decodes every
+block in registers inside the dot products, and the batched kernel
+(:func:`gemm`) decodes a tile of 16 rows by 32 blocks (16 KiB of float32, in
+L1) at a time and multiplies it into every row of the batch (register tiles
+of 6 x 16 accumulators), applying the per-row scale, mean term and bias as
+it stores. :func:`rotate_rows` brings the activations to the coded domain
+(centring, zero padding, the seeded Hadamard rotation) in float32.
+
+Layout (per group of 8 rows ``8 g .. 8 g + 7``, per coded block ``b``)
+----------------------------------------------------------------------
+Row ``i`` of the weight decodes, on block ``b``, to ``beta * r / 2`` with
+``r / 2 = u + c(pi) + fix e_k`` (``u`` integers in [0, 16), ``c`` a
+half-integer constant, ``fix`` in {0, -q, +q}); see
+:mod:`nqlib.quantizers.cpu_layout` for the derivation. One SIMD lane per row:
+
+* ``words[g, b, l]`` (int32): ``u_0 .. u_6`` in bits ``4 j .. 4 j + 3``;
+  bits 28..31 hold ``u_7`` when ``q`` is odd, and ``odd | (u_7 >> 1) << 1``
+  when ``q`` is even (then ``u_7`` is odd exactly when ``u_0 + .. + u_6``
+  is, so its lowest bit is not stored);
+* ``nib[g, b]`` (uint32): lane ``l`` in bits ``4 l .. 4 l + 3``: the scale
+  index (3 bits) and the parity ``pi`` (bit 3);
+* ``kpl`` (uint8, 3 bytes per (g, b), one spare byte at the end): lane
+  ``l`` in bits ``3 l .. 3 l + 2`` of the little-endian 24-bit field: ``7 -
+  k``, ``k`` the coordinate the D8 parity fix moves.
+
+Whether the fix applies (``odd``) is read from the words: when ``q`` is odd
+it is the parity of ``u_0 + .. + u_7`` (the decoded block is a point of E8,
+whose coordinates sum to an even number, and the fix moves the sum by the
+odd ``q``); when ``q`` is even it is bit 28. The fix moves ``r_k`` towards
+0, down exactly when ``u_k >= 8`` (bit 3 of ``u_k``). So a block needs 39
+bits: 32 for the halves, 4 for scale and parity, 3 for ``k``.
+
+Per block and lane the kernels therefore do: two variable shifts (fields),
+two permutes (``beta`` from the scale table, ``x_k``), one more variable
+shift (the sign of ``u_k``), the ``odd`` bit, and per weight one logical
+``and``, one integer-to-float conversion and one fused multiply-add.
+
+The kernels are written as LLVM vector IR (numba ``@intrinsic``): numba's
+auto-vectoriser does not turn the per-lane table look-ups into AVX2
+permutes. Without AVX2 the permutes fall back to selects (same results).
+Word decoding (:func:`_block_fields`) is separate from the products
+(:func:`_gemv_codegen`, :func:`_decode_codegen`) so that another code can
+reuse the products.
+
+No import from the rest of nqlib but the guard. Arrays in, arrays out.
+Book: chapter "Kernels: CPU and GPU", label ``ch-kernels``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from nqlib.kernels.cpu.guard import guard_module
+from nqlib.kernels.cpu.lattice import CHUNK, decode_e8_into
+
+#: coded blocks per K tile of the batched kernel (256 coordinates: a tile of
+#: 16 rows is 16 KiB of float32)
+KC_BLOCKS = 32
+#: rows of activations per register tile of the batched kernel (6 x 16
+#: accumulators) and per cache block (a multiple of MR)
+MR = 6
+MC = 240
+#: the constant ``c(pi)`` of ``r / 2 = u + c``: -7.5 and -8 (odd q: pi = 0,
+#: 1; even q: pi = 1, 0)
+C_HALF = -7.5
+C_WHOLE = -8.0
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_F32 = ir.FloatType()
+_V8I = ir.VectorType(_I32, 8)
+_V8F = ir.VectorType(_F32, 8)
+
+
+def _avx2() -> bool:
+    """Whether the code numba generates may use AVX2 permutes."""
+    import llvmlite.binding as llvm
+    from numba.core import config
+
+    features = config.CPU_FEATURES
+    if features is None:
+        if config.CPU_NAME not in (None, "host"):
+            return False          # a portable target: no host features
+        features = llvm.get_host_cpu_features().flatten()
+    return "+avx2" in features.split(",")
+
+
+_HAVE_AVX2 = _avx2()
+
+
+class _Emit:
+    """Small helpers around an llvmlite IR builder for 8-lane vectors."""
+
+    def __init__(self, builder):
+        self.b = builder
+
+    @staticmethod
+    def vi(vals):
+        if np.isscalar(vals):
+            vals = [vals] * 8
+        return ir.Constant(_V8I, [ir.Constant(_I32, int(v) - (1 << 32)
+                                              if int(v) >= 1 << 31 else int(v))
+                                  for v in vals])
+
+    @staticmethod
+    def vf(vals):
+        if np.isscalar(vals):
+            vals = [vals] * 8
+        return ir.Constant(_V8F, [ir.Constant(_F32, float(v)) for v in vals])
+
+    def splat(self, val, vty):
+        undef = ir.Constant(vty, ir.Undefined)
+        v = self.b.insert_element(undef, val, ir.Constant(_I32, 0))
+        return self.b.shuffle_vector(v, undef, ir.Constant(_V8I, [0] * 8))
+
+    def fma(self, a, x, c):
+        fn = cgutils.get_or_insert_function(
+            self.b.module, ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
+        return self.b.call(fn, [a, x, c])
+
+    def neg(self, v):
+        """Select on the sign bit: ``v < 0`` lane by lane (int vector)."""
+        return self.b.icmp_signed("<", v, self.vi(0))
+
+    def perm(self, table, idx):
+        """``table[idx & 7]`` lane by lane (float or int ``table``)."""
+        b = self.b
+        isint = table.type == _V8I
+        if _HAVE_AVX2:
+            vty = _V8I if isint else _V8F
+            name = "llvm.x86.avx2.permd" if isint else "llvm.x86.avx2.permps"
+            fn = cgutils.get_or_insert_function(
+                b.module, ir.FunctionType(vty, [vty, _V8I]), name)
+            return b.call(fn, [table, idx])
+        # portable: a tree of selects on the three index bits
+        vty = table.type
+        level = [self.splat(b.extract_element(table, ir.Constant(_I32, j)), vty)
+                 for j in range(8)]
+        for bit in range(3):
+            take = b.icmp_signed("!=", b.and_(idx, self.vi(1 << bit)), self.vi(0))
+            level = [b.select(take, level[2 * i + 1], level[2 * i])
+                     for i in range(len(level) // 2)]
+        return level[0]
+
+    def load_vec(self, ptr, index, vty):
+        p = self.b.bitcast(self.b.gep(ptr, [index]), vty.as_pointer())
+        return self.b.load(p, align=4)
+
+    def store_vec(self, val, ptr, index):
+        p = self.b.bitcast(self.b.gep(ptr, [index]), val.type.as_pointer())
+        self.b.store(val, p, align=4)
+
+    def load_i32_unaligned(self, ptr_i8, index):
+        p = self.b.bitcast(self.b.gep(ptr_i8, [index]), _I32.as_pointer())
+        return self.b.load(p, align=1)
+
+
+def _data(context, builder, ty, val):
+    return context.make_array(ty)(context, builder, val).data
+
+
+def _shape(context, builder, ty, val, dim):
+    return builder.extract_value(
+        context.make_array(ty)(context, builder, val).shape, dim)
+
+
+# ------------------------------------------------------------- word decoding
+def _block_fields(e, W, nw, kw, odd_q, q32):
+    """Decode the fields of one block for 8 rows (lanes).
+
+    ``W`` the word vector, ``nw`` / ``kw`` the scalar 32-bit loads of the
+    scale/parity nibbles and of the ``7 - k`` field. Returns a dict:
+    ``pi_neg`` (sign bit = pi), ``kp`` (low 3 bits =
+    ``7 - k``), ``fix`` (``+q``, ``-q`` or 0, float), ``u7`` (``u_7`` as an
+    integer vector), ``nib`` (low 3 bits = scale index: the permute that
+    reads ``beta`` ignores the others) and ``word`` (``W``). ``u_j`` for
+    ``j < 7`` are read by the products from ``word`` (masked and
+    converted)."""
+    b = e.b
+    nib = b.lshr(e.splat(nw, _V8I), e.vi([0, 4, 8, 12, 16, 20, 24, 28]))
+    kp = b.lshr(e.splat(kw, _V8I), e.vi([0, 3, 6, 9, 12, 15, 18, 21]))
+    qf = b.sitofp(q32, _F32)
+    qv = e.splat(qf, _V8F)
+    # the sign of u_k: shift nibble k's bit 3 to bit 31 (4 kp = 28 - 4 k)
+    shift = e.perm(e.vi([0, 4, 8, 12, 16, 20, 24, 28]), kp)
+    down = e.neg(b.shl(W, shift))
+    fix = b.select(down, b.fneg(qv), qv)
+    if odd_q:
+        # parity of u_0 + .. + u_7: the low bits of the nibbles, summed by a
+        # multiplication, end in bit 31
+        odd = b.mul(b.and_(W, e.vi(0x11111111)), e.vi(0x88888888))
+        u7 = b.lshr(W, e.vi(28))
+    else:
+        odd = b.shl(W, e.vi(3))                           # bit 28
+        par = b.mul(b.and_(W, e.vi(0x01111111)), e.vi(0x88888888))
+        u7 = b.or_(b.and_(b.lshr(W, e.vi(28)), e.vi(14)), b.lshr(par, e.vi(31)))
+    fix = b.select(e.neg(odd), fix, e.vf(0.0))
+    return dict(nib=nib, pi_neg=b.shl(nib, e.vi(28)), kp=kp, fix=fix, u7=u7,
+                word=W)
+
+
+def _load_block(e, pw, pn, pk, rb):
+    """The word vector and the two 32-bit meta loads of block row ``rb``
+    (``g * Bc + b``)."""
+    b = e.b
+    W = e.load_vec(pw, b.mul(rb, ir.Constant(_I64, 8)), _V8I)
+    nw = b.load(b.gep(pn, [rb]), align=4)
+    kw = e.load_i32_unaligned(pk, b.mul(rb, ir.Constant(_I64, 3)))
+    return W, nw, kw
+
+
+# -------------------------------------------------------------- batch 1
+def _gemv_codegen(odd_q):
+    """``acc[l] += sum_b beta <x_b, r_b / 2>`` over blocks ``[b0, b1)`` of
+    group ``g`` (one part: one ``q`` and one scale table)."""
+
+    def codegen(context, builder, sig, args):
+        words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc = args
+        t = sig.args
+        e = _Emit(builder)
+        pw = _data(context, builder, t[0], words)
+        pn = _data(context, builder, t[1], nib)
+        pk = _data(context, builder, t[2], kpl)
+        pxs = _data(context, builder, t[3], xs)
+        pxr = _data(context, builder, t[4], xr)
+        pxc = _data(context, builder, t[5], xc)
+        ptab = _data(context, builder, t[6], tab)
+        pacc = _data(context, builder, t[11], acc)
+        Bc = _shape(context, builder, t[0], words, 1)
+        tabv = e.load_vec(ptab, ir.Constant(_I64, 0), _V8F)
+        q32 = builder.trunc(q, _I32)
+        accp = builder.bitcast(pacc, _V8F.as_pointer())
+        slot = cgutils.alloca_once(builder, _V8F)
+        builder.store(builder.load(accp, align=4), slot)
+        row0 = builder.mul(g, Bc)
+        one = ir.Constant(_I64, 1)
+        with cgutils.for_range_slice(builder, b0, b1, one, inc=True) as (blk, _):
+            b8 = builder.mul(blk, ir.Constant(_I64, 8))
+            W, nw, kw = _load_block(e, pw, pn, pk, builder.add(row0, blk))
+            f = _block_fields(e, W, nw, kw, odd_q, q32)
+            beta = e.perm(tabv, f["nib"])
+            # c(pi) X: xc[b] = (C_HALF X, C_WHOLE X)
+            c2 = builder.mul(blk, ir.Constant(_I64, 2))
+            xa = e.splat(builder.load(builder.gep(pxc, [c2])), _V8F)
+            xb = e.splat(builder.load(builder.gep(pxc, [builder.add(c2, one)])),
+                         _V8F)
+            pi1, pi0 = (xb, xa) if odd_q else (xa, xb)
+            base = builder.select(e.neg(f["pi_neg"]), pi1, pi0)
+            xk = e.perm(e.load_vec(pxr, b8, _V8F), f["kp"])   # x reversed
+            p = [base, builder.fmul(f["fix"], xk), None, None]
+            for j in range(8):
+                if j < 7:   # u_j 2^(4j), times x_j 2^(-4j) (exact scalings)
+                    uj = builder.sitofp(builder.and_(W, e.vi(15 << (4 * j))), _V8F)
+                else:
+                    uj = builder.sitofp(f["u7"], _V8F)
+                xj = e.splat(builder.load(builder.gep(
+                    pxs, [builder.add(b8, ir.Constant(_I64, j))])), _V8F)
+                # four independent chains: the loop is bound by throughput,
+                # not by the latency of one chain of fused multiply-adds
+                if j < 2:
+                    p[2 + j] = builder.fmul(uj, xj)
+                else:
+                    p[j % 4] = e.fma(uj, xj, p[j % 4])
+            s = builder.fadd(builder.fadd(p[0], p[1]), builder.fadd(p[2], p[3]))
+            builder.store(e.fma(s, beta, builder.load(slot)), slot)
+        builder.store(builder.load(slot), accp, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _gemv_intrinsic(odd_q):
+    @intrinsic
+    def _gemv_blocks(typingctx, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1,
+                     acc):
+        sig = types.void(words, nib, kpl, xs, xr, xc, tab, types.int64,
+                         types.int64, types.int64, types.int64, acc)
+        return sig, _gemv_codegen(odd_q)
+
+    return _gemv_blocks
+
+
+_gemv_odd = _gemv_intrinsic(True)
+_gemv_even = _gemv_intrinsic(False)
+
+
+# ------------------------------------------------------------- batched
+def _decode_codegen(odd_q):
+    """Decode blocks ``[b0, b1)`` of group ``g`` into the tile ``buf``: the
+    weight of coordinate ``8 (b - kb0) + j`` of row ``8 g + l`` goes to
+    ``buf[16 (8 (b - kb0) + j) + lane0 + l]``."""
+
+    def codegen(context, builder, sig, args):
+        words, nib, kpl, tab, q, g, b0, b1, buf, lane0, kb0 = args
+        t = sig.args
+        e = _Emit(builder)
+        pw = _data(context, builder, t[0], words)
+        pn = _data(context, builder, t[1], nib)
+        pk = _data(context, builder, t[2], kpl)
+        ptab = _data(context, builder, t[3], tab)
+        pbuf = _data(context, builder, t[8], buf)
+        Bc = _shape(context, builder, t[0], words, 1)
+        tabv = e.load_vec(ptab, ir.Constant(_I64, 0), _V8F)
+        q32 = builder.trunc(q, _I32)
+        c_pi1, c_pi0 = ((e.vf(C_WHOLE), e.vf(C_HALF)) if odd_q
+                        else (e.vf(C_HALF), e.vf(C_WHOLE)))
+        row0 = builder.mul(g, Bc)
+        one = ir.Constant(_I64, 1)
+        with cgutils.for_range_slice(builder, b0, b1, one, inc=True) as (blk, _):
+            W, nw, kw = _load_block(e, pw, pn, pk, builder.add(row0, blk))
+            f = _block_fields(e, W, nw, kw, odd_q, q32)
+            beta = e.perm(tabv, f["nib"])
+            c = builder.select(e.neg(f["pi_neg"]), c_pi1, c_pi0)
+            shift = builder.fmul(beta, c)                  # beta c
+            shift_k = e.fma(beta, f["fix"], shift)         # beta (c + fix)
+            kp = builder.and_(f["kp"], e.vi(7))
+            out0 = builder.add(builder.mul(builder.sub(blk, kb0),
+                                           ir.Constant(_I64, 128)), lane0)
+            for j in range(8):
+                if j < 7:
+                    uj = builder.and_(builder.lshr(W, e.vi(4 * j)), e.vi(15))
+                else:
+                    uj = f["u7"]
+                at_k = builder.icmp_signed("==", kp, e.vi(7 - j))
+                w = e.fma(builder.sitofp(uj, _V8F), beta,
+                          builder.select(at_k, shift_k, shift))
+                e.store_vec(w, pbuf, builder.add(out0, ir.Constant(_I64, 16 * j)))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _decode_intrinsic(odd_q):
+    @intrinsic
+    def _decode_blocks(typingctx, words, nib, kpl, tab, q, g, b0, b1, buf,
+                       lane0, kb0):
+        sig = types.void(words, nib, kpl, tab, types.int64, types.int64,
+                         types.int64, types.int64, buf, types.int64, types.int64)
+        return sig, _decode_codegen(odd_q)
+
+    return _decode_blocks
+
+
+_decode_odd = _decode_intrinsic(True)
+_decode_even = _decode_intrinsic(False)
+
+
+def _tile_codegen(mr):
+    """``C[m0 + r, n0 : n0 + 16] += sum_kk buf[kk, :] x[m0 + r, k0 + kk]``
+    for ``r < mr`` and ``kk < nk``, where ``x[m, k]`` is the float at flat
+    index ``m sm + k sk`` of the array ``x`` (the activations as rows: ``sk
+    = 1``; each row is read along its cache lines): a register tile of ``mr
+    x 16`` accumulators, two weight loads and ``mr`` broadcasts per
+    coordinate.
+
+    With ``first`` the sum is stored instead of added (``C`` need not be
+    initialised); with ``last`` the epilogue follows: ``C = ep[0] C + ep[1]
+    xsum[m] + ep[2]`` (per column: scale, mean, bias)."""
+
+    def codegen(context, builder, sig, args):
+        buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last = args
+        t = sig.args
+        e = _Emit(builder)
+        pbuf = _data(context, builder, t[0], buf)
+        px = _data(context, builder, t[2], x)
+        pc = _data(context, builder, t[7], C)
+        ldc = _shape(context, builder, t[7], C, 1)
+        rows = [builder.gep(px, [builder.add(
+            builder.mul(builder.add(m0, ir.Constant(_I64, r)), sm),
+            builder.mul(k0, sk))]) for r in range(mr)]
+        slots = [[cgutils.alloca_once_value(builder, e.vf(0.0)) for _ in range(2)]
+                 for _ in range(mr)]
+        zero = ir.Constant(_I64, 0)
+        one = ir.Constant(_I64, 1)
+        with cgutils.for_range_slice(builder, zero, nk, one, inc=True) as (kk, _):
+            w0 = e.load_vec(pbuf, builder.mul(kk, ir.Constant(_I64, 16)), _V8F)
+            w1 = e.load_vec(pbuf, builder.add(builder.mul(kk, ir.Constant(_I64, 16)),
+                                              ir.Constant(_I64, 8)), _V8F)
+            kks = builder.mul(kk, sk)
+            for r in range(mr):
+                xv = e.splat(builder.load(builder.gep(rows[r], [kks])), _V8F)
+                for half, w in enumerate((w0, w1)):
+                    s = slots[r][half]
+                    builder.store(e.fma(w, xv, builder.load(s)), s)
+        pep = _data(context, builder, t[9], ep)
+        pxs = _data(context, builder, t[10], xsum)
+        lde = _shape(context, builder, t[9], ep, 1)
+        is_first = builder.icmp_signed("!=", first, zero)
+        is_last = builder.icmp_signed("!=", last, zero)
+        col = [[e.load_vec(pep, builder.add(builder.add(builder.mul(
+            ir.Constant(_I64, f), lde), n0), ir.Constant(_I64, 8 * half)), _V8F)
+            for half in range(2)] for f in range(3)]
+        for r in range(mr):
+            mr_ = builder.add(m0, ir.Constant(_I64, r))
+            row = builder.add(builder.mul(mr_, ldc), n0)
+            xs = e.splat(builder.load(builder.gep(pxs, [mr_])), _V8F)
+            for half in range(2):
+                at = builder.add(row, ir.Constant(_I64, 8 * half))
+                acc = builder.load(slots[r][half])
+                old = e.load_vec(pc, at, _V8F)   # unused (any bits) when first
+                v = builder.select(is_first, acc, builder.fadd(old, acc))
+                tail = e.fma(col[1][half], xs, col[2][half])
+                v = builder.select(is_last, e.fma(col[0][half], v, tail), v)
+                e.store_vec(v, pc, at)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _tile_intrinsic(mr):
+    @intrinsic
+    def _tile(typingctx, buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first,
+              last):
+        sig = types.void(buf, types.int64, x, types.int64, types.int64,
+                         types.int64, types.int64, C, types.int64, ep, xsum,
+                         types.int64, types.int64)
+        return sig, _tile_codegen(mr)
+
+    return _tile
+
+
+_tile1, _tile2, _tile3, _tile4, _tile5, _tile6 = (_tile_intrinsic(r)
+                                                  for r in range(1, MR + 1))
+
+
+@intrinsic
+def _butterflies(typingctx, arr, off_a, off_b, count):
+    """``a, b = a + b, a - b`` elementwise on the runs ``arr.flat[off_a :
+    off_a + count]`` and ``arr.flat[off_b : off_b + count]`` (disjoint), 8
+    lanes at a time (numba does not vectorise this loop: the two runs are
+    in one array)."""
+    sig = types.void(arr, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        arr_v, off_a, off_b, count = args
+        e = _Emit(builder)
+        ptr = _data(context, builder, signature.args[0], arr_v)
+        pa = builder.gep(ptr, [off_a])
+        pb = builder.gep(ptr, [off_b])
+        nvec = builder.sdiv(count, ir.Constant(_I64, 8))
+        zero = ir.Constant(_I64, 0)
+        one = ir.Constant(_I64, 1)
+        with cgutils.for_range_slice(builder, zero, nvec, one, inc=True) as (i, _):
+            at = builder.mul(i, ir.Constant(_I64, 8))
+            a = e.load_vec(pa, at, _V8F)
+            b = e.load_vec(pb, at, _V8F)
+            e.store_vec(builder.fadd(a, b), pa, at)
+            e.store_vec(builder.fsub(a, b), pb, at)
+        tail = builder.mul(nvec, ir.Constant(_I64, 8))
+        with cgutils.for_range_slice(builder, tail, count, one, inc=True) as (i, _):
+            qa = builder.gep(pa, [i])
+            qb = builder.gep(pb, [i])
+            a = builder.load(qa)
+            b = builder.load(qb)
+            builder.store(builder.fadd(a, b), qa)
+            builder.store(builder.fsub(a, b), qb)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _hadamard8(typingctx, arr, off, count):
+    """The first three butterfly stages (spans 1, 2, 4) of a Walsh-Hadamard
+    transform on each run of 8 floats of ``arr.flat[off : off + count]``
+    (``count`` a multiple of 8), in registers: per stage a lane shuffle, an
+    add, a subtract and a select. The same operations, in the same order, as
+    the butterflies ``a, b = a + b, a - b`` on each pair."""
+    sig = types.void(arr, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        arr_v, off, count = args
+        e = _Emit(builder)
+        ptr = builder.gep(_data(context, builder, signature.args[0], arr_v), [off])
+        nvec = builder.sdiv(count, ir.Constant(_I64, 8))
+        zero = ir.Constant(_I64, 0)
+        one = ir.Constant(_I64, 1)
+        with cgutils.for_range_slice(builder, zero, nvec, one, inc=True) as (i, _):
+            at = builder.mul(i, ir.Constant(_I64, 8))
+            v = e.load_vec(ptr, at, _V8F)
+            for span in (1, 2, 4):
+                t = builder.shuffle_vector(v, v, ir.Constant(
+                    _V8I, [j ^ span for j in range(8)]))
+                low = ir.Constant(ir.VectorType(ir.IntType(1), 8),
+                                  [(j & span) == 0 for j in range(8)])
+                # low lane j: v_j + v_(j+span); high lane: v_(j-span) - v_j
+                v = builder.select(low, builder.fadd(v, t), builder.fsub(t, v))
+            e.store_vec(v, ptr, at)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _h8_stages(e, v):
+    """Butterfly stages of spans 1, 2, 4 on the 8 lanes of ``v``."""
+    b = e.b
+    for span in (1, 2, 4):
+        t = b.shuffle_vector(v, v, ir.Constant(_V8I, [j ^ span for j in range(8)]))
+        low = ir.Constant(ir.VectorType(ir.IntType(1), 8),
+                          [(j & span) == 0 for j in range(8)])
+        # low lane j: v_j + v_(j+span); high lane: v_(j-span) - v_j
+        v = b.select(low, b.fadd(v, t), b.fsub(t, v))
+    return v
+
+
+@intrinsic
+def _mix3_hadamard8(typingctx, arr, orth, off, count):
+    """For the rotation with an odd factor ``O_3``: on each window of 24
+    floats of ``arr.flat[off : off + count]`` (8 groups of 3 coordinates),
+    ``O_3`` within every group, then the Hadamard stages of spans 1, 2, 4
+    across the 8 groups, all in registers (the window is transposed to three
+    8-lane vectors and back). Per coordinate the same float32 operations, in
+    the same order, as the plain loops: ``sum_c O[a, c] y_c`` from 0 in
+    increasing ``c`` (no fused multiply-add), then the butterflies."""
+    sig = types.void(arr, orth, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        arr_v, orth_v, off, count = args
+        e = _Emit(builder)
+        b = builder
+        ptr = b.gep(_data(context, b, signature.args[0], arr_v), [off])
+        po = _data(context, b, signature.args[1], orth_v)
+        O = [[e.splat(b.load(b.gep(po, [ir.Constant(_I64, 3 * a + c)])), _V8F)
+              for c in range(3)] for a in range(3)]
+        v24 = ir.VectorType(_F32, 24)
+        nwin = b.sdiv(count, ir.Constant(_I64, 24))
+        zero = ir.Constant(_I64, 0)
+        one = ir.Constant(_I64, 1)
+        with cgutils.for_range_slice(b, zero, nwin, one, inc=True) as (w, _):
+            at = b.mul(w, ir.Constant(_I64, 24))
+            v = [e.load_vec(ptr, b.add(at, ir.Constant(_I64, 8 * k)), _V8F)
+                 for k in range(3)]
+            lo = b.shuffle_vector(v[0], v[1], ir.Constant(_V8I, []) if False else
+                                  ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
+            hi = b.shuffle_vector(v[2], v[2], ir.Constant(
+                ir.VectorType(_I32, 16), list(range(8)) + [0] * 8))
+            whole = b.shuffle_vector(lo, hi, ir.Constant(
+                ir.VectorType(_I32, 24), list(range(24))))
+            cols = [b.shuffle_vector(whole, whole, ir.Constant(
+                _V8I, [3 * i + c for i in range(8)])) for c in range(3)]
+            mixed = []
+            for a in range(3):
+                acc = e.vf(0.0)
+                for c in range(3):
+                    acc = b.fadd(acc, b.fmul(O[a][c], cols[c]))
+                mixed.append(_h8_stages(e, acc))
+            ab = b.shuffle_vector(mixed[0], mixed[1], ir.Constant(
+                ir.VectorType(_I32, 16), list(range(16))))
+            cc = b.shuffle_vector(mixed[2], mixed[2], ir.Constant(
+                ir.VectorType(_I32, 16), list(range(8)) + [0] * 8))
+            back = b.shuffle_vector(ab, cc, ir.Constant(
+                ir.VectorType(_I32, 24), list(range(24))))
+            # element 3 i + c of the window is lane i of column c
+            out = b.shuffle_vector(back, back, ir.Constant(
+                ir.VectorType(_I32, 24), [8 * (j % 3) + j // 3 for j in range(24)]))
+            for k in range(3):
+                part = b.shuffle_vector(out, out, ir.Constant(
+                    _V8I, list(range(8 * k, 8 * k + 8))))
+                e.store_vec(part, ptr, b.add(at, ir.Constant(_I64, 8 * k)))
+            del v24
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, fastmath={"reassoc", "nsz"})
+def _row_sum(x, r):
+    """``sum(x[r])`` in float32, in any order (vectorised: a function of its
+    own, not inlined into numba's IR, so that its flags survive)."""
+    s = np.float32(0.0)
+    for i in range(x.shape[1]):
+        s += x[r, i]
+    return s
+
+
+@njit(cache=True, inline="always")
+def _hadamard_run(y, off, p):
+    """In place, ``H_p`` on ``y[off : off + p]`` (``p`` a power of two, at
+    least 8), unscaled: the butterflies of spans 1, 2, 4 in registers, the
+    longer ones on runs of 8 lanes; stages in increasing span (as
+    :func:`nqlib.kernels.cpu.hadamard.fwht_rows`)."""
+    _hadamard8(y, off, p)
+    hh = 8
+    while hh < p:
+        for start in range(off, off + p, 2 * hh):
+            _butterflies(y, start, start + hh, hh)
+        hh *= 2
+
+
+# ------------------------------------------------------------- drivers
+@njit(cache=True)
+def gemv_activations(x_rot, coded, xs, xr, xc):
+    """The tiles of one row of rotated activations that :func:`gemv` reads,
+    for ``coded`` blocks: ``xs[b, j] = x_{8b+j} 2^(-4j)`` (``j < 7``; ``x``
+    itself at ``j = 7``), ``xr[b, j] = x_{8b+7-j}`` and ``xc[b] = (C_HALF X_b,
+    C_WHOLE X_b)`` with ``X_b`` the block sum."""
+    for b in range(coded):
+        s = np.float32(0.0)
+        for j in range(8):
+            v = x_rot[8 * b + j]
+            s += v
+            xr[b, 7 - j] = v
+            xs[b, j] = v * np.float32(2.0 ** (-4 * j)) if j < 7 else v
+        xc[b, 0] = np.float32(C_HALF) * s
+        xc[b, 1] = np.float32(C_WHOLE) * s
+
+
+@njit(cache=True, parallel=True)
+def gemv(words, nib, kpl, tab, q_hi, q_lo, h, xs, xr, xc, acc):
+    """``acc[i] = <x_rot, raw_i>`` for every stored row ``i`` (``acc`` has
+    ``8 G`` entries): blocks ``[0, h)`` with ``q_hi`` and ``tab[0]``,
+    ``[h, Bc)`` with ``q_lo`` and ``tab[1]``. One task per group of 8 rows."""
+    G = words.shape[0]
+    Bc = words.shape[1]
+    for g in prange(G):
+        a8 = np.zeros(8, np.float32)
+        if h > 0:
+            if q_hi & 1:
+                _gemv_odd(words, nib, kpl, xs, xr, xc, tab[0], q_hi, g, 0, h, a8)
+            else:
+                _gemv_even(words, nib, kpl, xs, xr, xc, tab[0], q_hi, g, 0, h, a8)
+        if Bc > h:
+            if q_lo & 1:
+                _gemv_odd(words, nib, kpl, xs, xr, xc, tab[1], q_lo, g, h, Bc, a8)
+            else:
+                _gemv_even(words, nib, kpl, xs, xr, xc, tab[1], q_lo, g, h, Bc, a8)
+        for lane in range(8):
+            acc[8 * g + lane] = a8[lane]
+
+
+@njit(cache=True)
+def _decode_part(words, nib, kpl, tab, q, g, b0, b1, buf, lane0, kb0):
+    if q & 1:
+        _decode_odd(words, nib, kpl, tab, q, g, b0, b1, buf, lane0, kb0)
+    else:
+        _decode_even(words, nib, kpl, tab, q, g, b0, b1, buf, lane0, kb0)
+
+
+@njit(cache=True)
+def _tile(mr, buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last):
+    if mr == 6:
+        _tile6(buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last)
+    elif mr == 5:
+        _tile5(buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last)
+    elif mr == 4:
+        _tile4(buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last)
+    elif mr == 3:
+        _tile3(buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last)
+    elif mr == 2:
+        _tile2(buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last)
+    else:
+        _tile1(buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last)
+
+
+@njit(cache=True)
+def decode_tile(words, nib, kpl, tab, q_hi, q_lo, h, t, kb0, kb1, buf):
+    """Decode rows ``16 t .. 16 t + 15``, blocks ``[kb0, kb1)`` into ``buf``
+    (``16 * 8 * (kb1 - kb0)`` float32, coordinate-major: ``buf[16 c + r]``
+    is row ``16 t + r`` at coordinate ``8 kb0 + c``)."""
+    for gg in range(2):
+        g = 2 * t + gg
+        e = min(kb1, h)
+        if kb0 < e:
+            _decode_part(words, nib, kpl, tab[0], q_hi, g, kb0, e, buf, 8 * gg, kb0)
+        s = max(kb0, h)
+        if s < kb1:
+            _decode_part(words, nib, kpl, tab[1], q_lo, g, s, kb1, buf, 8 * gg, kb0)
+
+
+@njit(cache=True, parallel=True)
+def gemm(words, nib, kpl, tab, q_hi, q_lo, h, x, C, ep, xsum, nthreads):
+    """``C[m, i] = ep[0, i] <x_m, raw_i> + ep[1, i] xsum[m] + ep[2, i]`` for
+    all rows ``x_m`` of the rotated activations ``x`` (M, at least 8 Bc) and
+    all stored rows ``i`` (``C`` (M, 8 G), ``G`` even; it need not be
+    initialised). ``ep`` (3, 8 G): per row of the weight its scale, mean and
+    bias (the epilogue, applied as the last K tile stores).
+
+    The tiles of 16 rows are split evenly between ``nthreads`` tasks. Each
+    task walks cache blocks of ``MC`` activation rows, then K tiles of
+    ``KC_BLOCKS`` blocks (the activations of one such block fit in L2), then
+    its own tiles: a tile is decoded once into a 16 KiB buffer (L1) and
+    multiplied into every activation row of the cache block by register
+    tiles of ``MR x 16`` accumulators.
+    """
+    G = words.shape[0]
+    Bc = words.shape[1]
+    M = C.shape[0]
+    sm, sk = x.shape[1], 1
+    T = G // 2
+    nw = max(1, min(T, nthreads))
+    for w in prange(nw):
+        t0 = w * T // nw
+        t1 = (w + 1) * T // nw
+        buf = np.empty(16 * 8 * KC_BLOCKS, np.float32)
+        for mb in range(0, M, MC):
+            me = min(M, mb + MC)
+            for kb0 in range(0, Bc, KC_BLOCKS):
+                kb1 = min(Bc, kb0 + KC_BLOCKS)
+                for t in range(t0, t1):
+                    decode_tile(words, nib, kpl, tab, q_hi, q_lo, h, t, kb0, kb1,
+                                buf)
+                    m0 = mb
+                    while m0 < me:
+                        mr = min(MR, me - m0)
+                        _tile(mr, buf, 8 * (kb1 - kb0), x, sm, sk, 8 * kb0, m0, C,
+                              16 * t, ep, xsum, kb0 == 0, kb1 == Bc)
+                        m0 += mr
+
+
+@njit(cache=True, parallel=True)
+def rotate_rows(x, signs, orth, p, center, out, xsum):
+    """The activations in the coded domain: for each row ``x_m`` (length
+    ``n``), ``xsum[m] = sum(x_m)`` and ``out[m] = P [x_m - mean(x_m); 0]``
+    (``center``) or ``P [x_m; 0]``, with ``P = (H_p / sqrt(p)) (x) O_m
+    diag(signs)`` (``orth`` the (m, m) factor ``O_m``; ``signs`` empty: no
+    rotation, ``P = I``). float32 arithmetic; ``out`` is (M, n_pad).
+
+    Coordinate ``i m + c`` of a row is entry ``(i, c)`` of a (p, m) matrix;
+    ``O_m`` mixes within its rows, ``H_p`` along its columns. For ``m = 1``
+    the Hadamard stages run in place (spans 1, 2, 4 in registers, the others
+    on runs of 8 lanes); for ``m = 3`` (384, 1536, ...) ``O_3`` and the
+    first three stages run in registers on windows of 24 floats
+    (:func:`_mix3_hadamard8`) and the others on runs of 24, 48, ... floats;
+    for other ``m`` the row is transposed to (m, p), so that both factors act
+    on contiguous runs, and back.
+    """
+    M, n = x.shape
+    n_pad = out.shape[1]
+    m = orth.shape[0]
+    rotate = signs.shape[0] > 0
+    scale = np.float32(1.0 / np.sqrt(p))
+    for r in prange(M):
+        s = _row_sum(x, r)
+        xsum[r] = s
+        mean = s / np.float32(n) if center else np.float32(0.0)
+        y = out[r]
+        if not rotate:
+            for i in range(n):
+                y[i] = x[r, i] - mean
+            for i in range(n, n_pad):
+                y[i] = np.float32(0.0)
+            continue
+        if m == 1 or (m == 3 and p >= 8):
+            for i in range(n):
+                y[i] = (x[r, i] - mean) * np.float32(signs[i])
+            for i in range(n, n_pad):
+                y[i] = np.float32(0.0)
+            if m == 1:
+                _hadamard_run(y, 0, p)
+            else:
+                # O_3 and the stages of spans 1, 2, 4 in registers, then the
+                # longer stages on runs of 24, 48, ... floats
+                _mix3_hadamard8(y, orth, 0, n_pad)
+                span = 24
+                while span < n_pad:
+                    for start in range(0, n_pad, 2 * span):
+                        _butterflies(y, start, start + span, span)
+                    span *= 2
+            for i in range(n_pad):
+                y[i] *= scale
+            continue
+        # (p, m) -> (m, p), the signs applied on the way
+        a = np.zeros((m, p), np.float32)
+        for i in range(p):
+            for c in range(m):
+                j = i * m + c
+                if j < n:
+                    a[c, i] = (x[r, j] - mean) * np.float32(signs[j])
+        b = np.zeros((m, p), np.float32)
+        for row in range(m):
+            for c in range(m):          # the sum over c in increasing order
+                o = orth[row, c]
+                for i in range(p):
+                    b[row, i] += o * a[c, i]
+        bf = b.reshape(m * p)
+        for row in range(m):
+            _hadamard_run(bf, row * p, p)
+        for i in range(p):
+            for c in range(m):
+                y[i * m + c] = b[c, i] * scale
+
+
+@njit(cache=True, parallel=True)
+def products(x_rot, xsum, words, nib, kpl, tab, q_hi, q_lo, h, alpha, n_pad,
+             norms, means, bias, gemv_rows, nthreads, out):
+    """``out[m, i] = s_i <x_rot_m, raw_i> + mu_i xsum[m] + b_i`` (M, a) for
+    rotated activations ``x_rot`` (M, at least 8 Bc), with ``s_i = alpha
+    norms_i / sqrt(n_pad)`` (``alpha`` when ``norms`` is empty), ``mu``
+    the means (empty: 0) and ``b`` the bias (empty: 0). Up to ``gemv_rows``
+    rows run the batch-1 kernel row by row, more rows the batched kernel,
+    which applies the epilogue as it stores. One call from Python (marked
+    parallel so that the guard of this module serialises it where the
+    threading layer requires: it runs the parallel kernels)."""
+    M = x_rot.shape[0]
+    a = out.shape[1]
+    rows = 8 * words.shape[0]
+    coded = words.shape[1]
+    ep = np.zeros((3, rows), np.float32)
+    inv = 1.0 / np.sqrt(n_pad)
+    for i in range(a):
+        ep[0, i] = (np.float32(alpha * np.float64(norms[i]) * inv)
+                    if norms.shape[0] > 0 else np.float32(alpha))
+        if means.shape[0] > 0:
+            ep[1, i] = means[i]
+        if bias.shape[0] > 0:
+            ep[2, i] = bias[i]
+    if M == 0:
+        return
+    if coded == 0:
+        for r in range(M):
+            for i in range(a):
+                out[r, i] = ep[1, i] * xsum[r] + ep[2, i]
+        return
+    if M > gemv_rows:
+        C = out if a == rows else np.empty((M, rows), np.float32)
+        gemm(words, nib, kpl, tab, q_hi, q_lo, h, x_rot, C, ep, xsum, nthreads)
+        if a != rows:
+            for r in range(M):
+                for i in range(a):
+                    out[r, i] = C[r, i]
+        return
+    xs = np.empty((coded, 8), np.float32)
+    xr = np.empty((coded, 8), np.float32)
+    xc = np.empty((coded, 2), np.float32)
+    acc = np.empty(rows, np.float32)
+    for r in range(M):
+        gemv_activations(x_rot[r], coded, xs, xr, xc)
+        gemv(words, nib, kpl, tab, q_hi, q_lo, h, xs, xr, xc, acc)
+        for i in range(a):
+            out[r, i] = ep[0, i] * acc[i] + ep[1, i] * xsum[r] + ep[2, i]
+
+
+@njit(cache=True, parallel=True)
+def linear(x, n_pad, signs, orth, p, center, words, nib, kpl, tab, q_hi, q_lo,
+           h, alpha, norms, means, bias, gemv_rows, nthreads, out):
+    """``x @ W_hat.T + bias``: :func:`rotate_rows` then :func:`products`,
+    in one call."""
+    M = x.shape[0]
+    x_rot = np.empty((M, n_pad), np.float32)
+    xsum = np.empty(M, np.float32)
+    rotate_rows(x, signs, orth, p, center, x_rot, xsum)
+    products(x_rot, xsum, words, nib, kpl, tab, q_hi, q_lo, h, alpha, n_pad,
+             norms, means, bias, gemv_rows, nthreads, out)
+
+
+@njit(cache=True, parallel=True)
+def layout_fields(codes, index, q, words, nib, kp):
+    """The CPU-layout fields of blocks with codes ``codes`` (m, 8) and scale
+    indices ``index`` (m,) of one part (nesting ratio ``q <= 16``).
+
+    Each block is decoded by numba's decoder (:func:`decode_e8_into`, scale
+    1, no dither: the output is exactly ``r / 2``). The parity fix leaves
+    every coordinate in ``[-q, q)`` but the one it moved, which lies outside
+    (in ``[-2q, -q)`` or ``[q, 2q)``); moving it back gives ``r_pre``, and
+    ``r_pre + q = 2 m + pi``, ``u = m - T + 8``. Writes the packed word
+    (int32), the nibble ``index | pi << 3`` and ``7 - k`` per block; returns
+    the number of blocks whose fields break a rule the kernels rely on
+    (``u`` in [0, 16), at most one moved coordinate, the parity of ``sum u``:
+    ``odd`` for odd ``q``, even for even ``q``) -- 0 unless the decoder
+    changed."""
+    m = codes.shape[0]
+    nchunks = (m + CHUNK - 1) // CHUNK
+    bad = np.zeros(nchunks, np.int64)
+    z = np.zeros(8)
+    for c in prange(nchunks):
+        y = np.empty(8)
+        w = np.empty(8)
+        tmp = np.empty(8)
+        out = np.empty(8)
+        crow = np.empty(8, dtype=np.int64)
+        r = np.empty(8, dtype=np.int64)
+        for i in range(c * CHUNK, min(m, (c + 1) * CHUNK)):
+            for j in range(8):
+                crow[j] = codes[i, j]
+            decode_e8_into(crow, q, 1.0, z, out, y, w, tmp)
+            k = 0
+            moved = 0
+            for j in range(8):
+                r[j] = np.int64(2.0 * out[j])
+                if r[j] < -q or r[j] >= q:
+                    k = j
+                    moved += 1
+            odd = 1 if moved > 0 else 0
+            if odd:
+                r[k] += 2 * q if r[k] < 0 else -2 * q
+            pi = (r[0] + q) & 1
+            T = q // 2 if q % 2 == 0 else (q + 1) // 2 - pi
+            word = np.int64(0)
+            usum = 0
+            ok = moved <= 1
+            u7 = 0
+            for j in range(8):
+                mj = (r[j] + q - pi) // 2
+                u = mj - T + 8
+                ok = ok and 0 <= u < 16 and (r[j] + q - pi) % 2 == 0
+                usum += u
+                if j < 7:
+                    word |= u << (4 * j)
+                else:
+                    u7 = u
+            if q % 2:
+                ok = ok and (usum & 1) == odd
+                word |= u7 << 28
+            else:
+                ok = ok and (usum & 1) == 0
+                word |= (odd | ((u7 >> 1) << 1)) << 28
+            if not ok:
+                bad[c] += 1
+            words[i] = np.int32(word - (1 << 32) if word >= (1 << 31) else word)
+            nib[i] = index[i] | (pi << 3)
+            kp[i] = 7 - k
+    return bad.sum()
+
+
+# serialised when numba's threading layer is not thread-safe
+guard_module(globals())

@@ -1,0 +1,352 @@
+"""The fused CPU decode-matmul (nqlib.kernels.cpu.fused) and the CPU layout
+(nqlib.quantizers.cpu_layout) behind QuantLinear on CPU.
+
+* the layout decodes to numba's decode bit for bit (numpy oracle of the bit
+  layout, and the layout's own reader), and rebuilds the file's bytes;
+* the kernels equal decode-then-matmul to float32 round-off, for batch 1..65,
+  shapes that are not multiples of the tile sizes, sketched and time-shared
+  matrices, odd and even q, pipelines with steps switched off;
+* QuantLinear on CPU holds only the layout (no float weight), runs the fused
+  kernel for float32 / bfloat16 inputs and for quantized activations (W4A4),
+  and keeps its state dict round trip.
+"""
+
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+
+import nqlib
+from nqlib.quantizers.cpu_layout import (
+    CpuLayout,
+    cpu_layout,
+    e8_codes_of_residuals,
+    e8_doubled_points,
+    supports,
+)
+from nqlib.quantizers.matrix import _decode_codes
+from nqlib.reference.fused import decode_cpu_layout
+
+torch = pytest.importorskip("torch")
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+# (n, a, rate, options): n not a multiple of 8 (padding), a not a multiple
+# of 16 (padding rows), K tiles of 32 blocks not filled, fractional rates
+# (time sharing between two word lengths, and sketching below ~1 bit)
+CASES = [
+    (100, 24, 4.0, {}),
+    (256, 40, 4.0, {}),
+    (300, 37, 4.2, {}),          # q = 15 / 13 (odd) and 14 (even) parts
+    (384, 48, 3.0, {}),
+    (200, 33, 1.0, {}),          # sketched: low part dropped
+    (136, 19, 2.5, {}),
+    (264, 21, 4.0, dict(center=False)),
+    (264, 21, 4.0, dict(normalize=False)),
+    (264, 21, 4.0, dict(rotate=False)),
+    (264, 21, 4.0, dict(estimator="unbiased")),
+]
+
+
+def _qm(n, a, rate, opts, seed=0):
+    rng = np.random.default_rng([n, a, seed])
+    A = rng.standard_normal((n, a)) * rng.uniform(0.5, 2.0, size=a) + 0.3
+    return nqlib.quantize(A, rate, mode="fixed", seed=seed + 7, **opts)
+
+
+@pytest.fixture(scope="module", params=range(len(CASES)))
+def case(request):
+    n, a, rate, opts = CASES[request.param]
+    qm = _qm(n, a, rate, opts)
+    return qm, cpu_layout(qm)
+
+
+def _ref_product(qm, x):
+    """``x @ W_hat`` in float64 (the oracle: decode, then multiply)."""
+    return np.asarray(x, dtype=np.float64) @ qm.dequantize()
+
+
+def _tolerance(qm, x):
+    """float32 round-off of a length-n_pad product (with the float32
+    rotation of x): a few eps times sqrt(n_pad) times sum |x| |w|."""
+    return 8 * EPS32 * np.sqrt(qm.n_pad) * (np.abs(x) @ np.abs(qm.dequantize()))
+
+
+# --------------------------------------------------------------- layout
+def test_layout_decodes_like_numba(case):
+    qm, lay = case
+    a = qm.shape[1]
+    raw = _decode_codes(qm)
+    c = lay.coded
+    oracle = decode_cpu_layout(lay.words, lay.nib, lay.kpl, lay.tab, lay.q[0],
+                               lay.q[1], lay.h, a)
+    np.testing.assert_array_equal(oracle, raw[:, :8 * c])
+    assert not raw[:, 8 * c:].any()        # dropped blocks decode to 0
+    r, index = lay.residuals()
+    beta = np.where(np.arange(c) < lay.h, lay.tab[0][index], lay.tab[1][index])
+    np.testing.assert_array_equal((beta[..., None] * (r / 2.0))[:a].reshape(a, -1),
+                                  raw[:, :8 * c])
+
+
+def test_layout_rebuilds_the_file(case):
+    qm, lay = case
+    assert lay.to_bytes() == qm.to_bytes()
+    back = lay.to_quantized()
+    np.testing.assert_array_equal(back.dequantize(), qm.dequantize())
+
+
+def test_layout_bytes(case):
+    qm, lay = case
+    n, a = qm.shape
+    G = lay.groups
+    assert G % 2 == 0 and 8 * G >= a > 8 * G - 16
+    # 39 bits per stored block, plus scales, means, norms, signs, odd factor
+    codes = (32 + 4 + 3) * G * 8 * lay.coded / 8
+    assert lay.code_nbytes == codes + 1
+    side = 4 * a * (qm.center + qm.normalize) + (qm.n_pad if qm.rotate else 0)
+    assert lay.nbytes == lay.code_nbytes + side + lay.tab.nbytes + lay.orth.nbytes
+
+
+def test_residual_codes_round_trip():
+    rng = np.random.default_rng(3)
+    for q in (3, 8, 13, 14):
+        c = rng.integers(0, q, size=(500, 8))
+        from nqlib.quantizers.cpu_layout import decisions
+
+        r = decisions(c, q)[3]
+        np.testing.assert_array_equal(e8_codes_of_residuals(r, q), c)
+    Y = e8_doubled_points(c)
+    Y[0, 0] += 2                                   # not a point of E8 any more
+    with pytest.raises(ValueError, match="E8"):
+        e8_codes_of_residuals(Y, 14)
+
+
+def test_supports_says_why():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((64, 16))
+    assert supports(nqlib.quantize(A, 4.0, mode="fixed")) is None
+    assert "fixed mode" in supports(nqlib.quantize(A, 4.0, mode="variable"))
+    assert "dither" in supports(nqlib.quantize(A, 4.0, mode="fixed", dither=True))
+    B = rng.standard_normal((512, 64))
+    assert "q = " in supports(nqlib.quantize(B, 5.5, mode="fixed"))
+    assert "QuantizedMatrix" in supports(A)
+    with pytest.raises(ValueError, match="fixed mode"):
+        cpu_layout(nqlib.quantize(A, 4.0, method="rtn"))
+
+
+# -------------------------------------------------------------- kernels
+BATCHES = (1, 2, 3, 4, 5, 6, 7, 13, 16, 17, 33, 64, 65)
+
+
+@pytest.mark.parametrize("M", BATCHES)
+def test_kernel_equals_decode_then_matmul(case, M):
+    qm, lay = case
+    n, a = qm.shape
+    x = np.random.default_rng(M).standard_normal((M, n)).astype(np.float32)
+    bias = np.linspace(-1, 1, a).astype(np.float32)
+    out = lay.linear(x, bias)
+    assert out.dtype == np.float32 and out.shape == (M, a)
+    ref = _ref_product(qm, x) + bias
+    assert np.all(np.abs(out - ref) <= _tolerance(qm, x) + 4 * EPS32 * np.abs(bias))
+
+
+def test_raw_products_equal_the_oracle(case):
+    """The kernels' product in the coded domain against the numpy oracle of
+    the bit layout, padding rows included (they are computed and dropped)."""
+    qm, lay = case
+    rng = np.random.default_rng(1)
+    oracle = decode_cpu_layout(lay.words, lay.nib, lay.kpl, lay.tab, lay.q[0],
+                               lay.q[1], lay.h, 8 * lay.groups)
+    for M in (1, 9):
+        xr = rng.standard_normal((M, qm.n_pad)).astype(np.float32)
+        got = lay.raw_products(xr)
+        ref = xr[:, :8 * lay.coded].astype(np.float64) @ oracle.T
+        tol = 8 * EPS32 * np.sqrt(qm.n_pad) * (np.abs(xr[:, :8 * lay.coded])
+                                               @ np.abs(oracle).T)
+        assert np.all(np.abs(got - ref) <= tol)
+
+
+def test_rotation_matches_the_library(case):
+    qm, lay = case
+    n = qm.shape[0]
+    x = np.random.default_rng(2).standard_normal((3, n)).astype(np.float32)
+    x_rot, xsum = lay.rotate(x)
+    Z = np.zeros((3, qm.n_pad))
+    Z[:, :n] = x - (x.mean(axis=1, keepdims=True) if qm.center else 0)
+    P = qm.rotation()
+    ref = P.apply(Z) if P is not None else Z
+    assert np.abs(x_rot - ref).max() <= 16 * EPS32 * np.abs(ref).max() * np.log2(
+        qm.n_pad)
+    np.testing.assert_allclose(xsum, x.sum(axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch(case):
+    qm, lay = case
+    out = lay.linear(np.zeros((0, qm.shape[0]), dtype=np.float32))
+    assert out.shape == (0, qm.shape[1])
+
+
+def test_random_layout_odd_and_even_q_against_oracle():
+    """Arbitrary fields (not from a quantizer), both parities of q, both
+    parts: the kernels read exactly the documented bit layout."""
+    rng = np.random.default_rng(5)
+    G, coded, h = 4, 45, 19
+    words = rng.integers(0, 2**32, size=(G, coded, 8), dtype=np.uint64)
+    words = words.astype(np.uint32).view(np.int32)
+    nib = rng.integers(0, 2**32, size=(G, coded), dtype=np.uint64).astype(np.uint32)
+    kpl = rng.integers(0, 256, size=3 * G * coded + 1).astype(np.uint8)
+    tab = rng.uniform(0.1, 1.0, size=(2, 8)).astype(np.float32)
+    for q_hi, q_lo in ((13, 14), (16, 11)):
+        oracle = decode_cpu_layout(words, nib, kpl, tab, q_hi, q_lo, h, 8 * G)
+        for M in (1, 7):
+            xr = rng.standard_normal((M, 8 * coded)).astype(np.float32)
+            lay = CpuLayout(shape=(8 * coded, 8 * G), n_pad=8 * coded, h=h,
+                            coded=coded, q=(q_hi, q_lo), L=(32, 32),
+                            nscales=(8, 8), tab=tab, words=words, nib=nib,
+                            kpl=kpl, means=None, norms=None, alpha=1.0, flags=0,
+                            seed=0, rate=4.0, version=3, signs=None,
+                            orth=np.ones((1, 1), np.float32), power_of_two=1)
+            got = lay.raw_products(xr)
+            ref = xr.astype(np.float64) @ oracle.T
+            tol = 8 * EPS32 * np.sqrt(8 * coded) * (np.abs(xr) @ np.abs(oracle).T)
+            assert np.all(np.abs(got - ref) <= tol)
+
+
+# ---------------------------------------------------------- QuantLinear
+def _linear(n, a, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(n, a)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(a, 1) + 0.5)
+    return lin
+
+
+def test_quantlinear_holds_only_the_layout():
+    from nqlib.nn import QuantLinear
+
+    n, a = 512, 96
+    ql = QuantLinear.from_linear(_linear(n, a), 4.0)
+    assert ql.cpu_layout is not None
+    arrays = ql.resident_arrays()
+    # no float array anywhere near the size of the weight
+    for name, arr in arrays.items():
+        size = arr.numel() if isinstance(arr, torch.Tensor) else arr.size
+        floating = (arr.is_floating_point() if isinstance(arr, torch.Tensor)
+                    else np.issubdtype(arr.dtype, np.floating))
+        assert not (floating and size >= n), name
+    assert "qweight" not in arrays            # the file's bytes are not kept
+    x = torch.randn(5, n)
+    ql(x)
+    ql(x[:1])
+    assert ql.resident_arrays().keys() == arrays.keys()   # nothing cached
+    layout_bytes = ql.cpu_layout.nbytes
+    assert ql.resident_nbytes == layout_bytes + 4 * a       # plus the bias
+    # 39 bits per block of 8 weights, then 8 bytes per row, signs, scales
+    assert ql.resident_nbytes - 4 * a <= 0.16 * 4 * n * a
+
+
+def test_resident_bytes_of_a_4096_square_layer_are_below_016():
+    """Deterministic bytes of the layout of a 4096 x 4096 rate-4 layer,
+    computed from its shape and word lengths without quantizing it."""
+    n = a = 4096
+    G, coded = a // 8, n // 8
+    codes = G * coded * (32 + 4 + 3) + 1
+    side = 4 * a * 2 + n + 2 * 8 * 4 + 4
+    assert (codes + side) / (4 * n * a) <= 0.16
+
+
+@pytest.mark.parametrize("M", (1, 3, 16, 65))
+def test_quantlinear_forward_is_the_fused_product(M):
+    from nqlib.nn import QuantLinear
+
+    n, a = 200, 70
+    lin = _linear(n, a, seed=1)
+    ql = QuantLinear.from_linear(lin, 4.0)
+    qm = ql.quantized_weight
+    x = torch.randn(M, n)
+    y = ql(x)
+    ref = _ref_product(qm, x.numpy()) + lin.bias.detach().numpy()
+    assert np.all(np.abs(y.numpy() - ref)
+                  <= _tolerance(qm, x.numpy()) + 1e-6)
+    # leading dimensions and bfloat16 inputs: float32 arithmetic, input dtype out
+    xb = torch.randn(2, 3, n).bfloat16()
+    yb = ql(xb)
+    assert yb.dtype == torch.bfloat16 and yb.shape == (2, 3, a)
+    y32 = ql(xb.float())
+    torch.testing.assert_close(yb, y32.bfloat16(), rtol=0, atol=0)
+
+
+def test_quantlinear_backends_agree():
+    from nqlib.nn import QuantLinear
+
+    ql = QuantLinear.from_linear(_linear(136, 40, seed=2), 4.0)
+    x = torch.randn(9, 136)
+    y = ql(x)
+    ql.backend = "torch"
+    y_torch = ql(x)
+    assert ql.resident_arrays().keys() == {"layout." + k for k in
+                                           ql.cpu_layout.arrays()} | {"bias"}
+    ql.backend = "numba"
+    torch.testing.assert_close(ql(x), y)
+    torch.testing.assert_close(y_torch, y, rtol=1e-5, atol=1e-5)
+    ql.backend = "bogus"
+    with pytest.raises(ValueError, match="backend"):
+        ql(x)
+
+
+def test_numba_backend_refuses_what_it_cannot_run():
+    from nqlib.nn import QuantLinear
+
+    ql = QuantLinear.from_linear(_linear(64, 16), 4.0, mode="variable")
+    assert ql.cpu_layout is None
+    ql.backend = "numba"
+    with pytest.raises(ValueError, match="backend='numba' cannot run.*fixed mode"):
+        ql(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("act_mode", ["fixed", "variable"])
+@pytest.mark.parametrize("M", (1, 6))
+def test_w4a4_fused_equals_matmul_of_quantized_operands(act_mode, M):
+    """Quantized activations meet the layout in the fused kernel: the
+    estimate of nqlib.matmul on the two quantized operands, plus the bias."""
+    from nqlib.nn import QuantLinear
+
+    n, a = 264, 40
+    lin = _linear(n, a, seed=5)
+    ql = QuantLinear.from_linear(lin, 4.0, act_rate=4.0, act_mode=act_mode,
+                                 seed=11)
+    assert ql.cpu_layout is not None
+    x = torch.randn(M, n) * 3 + 1
+    y = ql(x)
+    QX = nqlib.quantize(x.double().numpy().T, 4.0, seed=11, mode=act_mode)
+    ref = nqlib.matmul(QX, ql.quantized_weight) + lin.bias.detach().numpy()
+    np.testing.assert_allclose(y.numpy(), ref, rtol=0,
+                               atol=64 * EPS32 * np.abs(ref).max())
+    assert ql.act_entries == M * n
+
+
+def test_state_dict_round_trip_rebuilds_the_layout():
+    from nqlib.nn import QuantLinear
+
+    src = QuantLinear.from_linear(_linear(128, 48, seed=3), 4.0)
+    sd = src.state_dict()
+    assert set(sd) == {"qweight", "bias"}
+    assert bytes(sd["qweight"].numpy()) == src.quantized_weight.to_bytes()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    dst = QuantLinear.from_linear(_linear(128, 48, seed=4), 4.0)
+    dst.load_state_dict(torch.load(buf))
+    assert dst.cpu_layout is not None
+    for name, arr in src.cpu_layout.arrays().items():
+        np.testing.assert_array_equal(dst.cpu_layout.arrays()[name], arr)
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    # a state dict without the weight is refused by a strict load
+    with pytest.raises(RuntimeError, match="qweight"):
+        dst.load_state_dict({"bias": sd["bias"]})
+    # pickling and copying keep the layout
+    for other in (pickle.loads(pickle.dumps(src)), copy.deepcopy(src)):
+        torch.testing.assert_close(other(x), src(x), rtol=0, atol=0)

@@ -1,0 +1,472 @@
+"""The bitshift trellis code (``mode="trellis"``).
+
+* the numba Viterbi search equals the numpy oracle (:mod:`nqlib.reference.
+  trellis`) exactly -- path costs, inputs, tie-breaking -- free, constrained
+  and tail-biting, on small L;
+* on tiny sequences, the best circular path found by constrained Viterbi
+  searches (kernel and oracle) equals a brute-force search over all 2^Bs
+  streams, and the two-pass encoder is never better than it;
+* tail-biting: the stored stream alone (read circularly) decodes to the path
+  the encoder chose, at the cost it reported;
+* the decoder equals the oracle's decode of the stream;
+* through :func:`nqlib.quantize`: the file meets the rate (bits from the
+  saved file size <= rate + 0.02), round trips, is deterministic, beats the
+  fixed mode on Gaussian data, sketches below one bit per entry, and bad
+  options and corrupted payloads raise ValueError;
+* the Triton decoder (interpreter without a GPU) gives the numba decoder's
+  bits; ``QuantLinear`` takes trellis weights (not trellis activations);
+* Hessian-aware rounding (block LDLQ with the Viterbi search) is the plain
+  code without a Hessian and lowers the output error with one.
+"""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+import nqlib
+from nqlib.kernels.cpu import trellis as kern
+from nqlib.quantizers import matrix
+from nqlib.quantizers import trellis as tq
+from nqlib.reference import trellis as ref
+
+
+def random_case(rng, L, T, Bs):
+    values = rng.standard_normal(1 << L).astype(np.float32)
+    x = rng.standard_normal(T).astype(np.float32)
+    return values, x
+
+
+def kernel_viterbi(x, ks, values, L, start=-1, start_bits=0, end=-1, end_bits=0):
+    T = x.size
+    S = 1 << L
+    inputs = np.zeros(T, dtype=np.uint8)
+    states = np.zeros(T, dtype=np.int64)
+    cost = kern.viterbi(x, ks, values, L, start, start_bits, end, end_bits,
+                        np.empty(S, np.float32),
+                        np.empty(S, np.float32),
+                        np.empty((T, S >> 1), np.uint8), inputs, states)
+    return cost, inputs, states
+
+
+def kernel_encode(x, Bs, values, L, window):
+    T = x.size
+    inputs = np.zeros(T, dtype=np.uint8)
+    costs = np.zeros(1)
+    kern.encode_sequences(x, np.array([0]), np.array([T]), np.array([Bs]),
+                          values, L, window, inputs, costs)
+    return costs[0], inputs
+
+
+# ------------------------------------------------------------ the kernels
+@pytest.mark.parametrize("seed", range(12))
+def test_viterbi_equals_oracle(seed):
+    rng = np.random.default_rng(seed)
+    L = int(rng.integers(3, 9))
+    T = int(rng.integers(2, 40))
+    kmax = min(L - 1, 4)
+    Bs = int(rng.integers(T, kmax * T + 1))
+    values, x = random_case(rng, L, T, Bs)
+    ks = ref.schedule(T, Bs)
+    assert ks.max() <= kmax
+    cases = [(-1, 0, -1, 0)]
+    mb = L - int(ks[0])
+    mem = int(rng.integers(0, 1 << mb))
+    cases.append((mem, mb, mem, mb))                      # tail-biting memory
+    cases.append((int(rng.integers(0, 1 << L)), L, -1, 0))  # fixed start
+    for c in cases:
+        want = ref.viterbi(x, ks, values, L, *c)
+        got = kernel_viterbi(x, ks, values, L, *c)
+        assert got[0] == want[0]
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_viterbi_ties_go_to_the_smallest_predecessor():
+    # a codebook of few distinct values makes many equal path costs
+    rng = np.random.default_rng(3)
+    L = 6
+    values = rng.integers(-2, 3, 1 << L).astype(np.float32)
+    for T, Bs in ((9, 18), (7, 21), (12, 12)):
+        x = rng.integers(-2, 3, T).astype(np.float32)
+        ks = ref.schedule(T, Bs)
+        want = ref.viterbi(x, ks, values, L)
+        got = kernel_viterbi(x, ks, values, L)
+        assert got[0] == want[0]
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_group_min_equals_argmin(k):
+    rng = np.random.default_rng(k)
+    L = 8
+    cost = rng.integers(0, 4, 1 << L).astype(np.float32)  # many ties
+    cost[rng.integers(0, 1 << L, 20)] = np.inf
+    gmin = np.empty(1 << (L - 1), np.float32)
+    arg = np.empty(1 << (L - 1), np.uint8)
+    kern.group_min(cost, k, gmin, arg)
+    G = 1 << (L - k)
+    cand = cost.reshape(1 << k, G)  # cand[h, g] = cost[h G + g]
+    np.testing.assert_array_equal(gmin[:G], cand.min(axis=0))
+    np.testing.assert_array_equal(arg[:G], np.argmin(cand, axis=0))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_two_pass_encoder_equals_oracle(seed):
+    rng = np.random.default_rng(100 + seed)
+    L = int(rng.integers(3, 8))
+    T = int(rng.integers(3, 48))
+    Bs = int(rng.integers(max(T, L), min(L - 1, 3) * T + 1))
+    values, x = random_case(rng, L, T, Bs)
+    for window in (1, 3, 1000):  # seam window, and the whole-sequence pass 2
+        c_ref, i_ref = ref.encode_tailbiting(x, Bs, values, L, window)
+        c_k, i_k = kernel_encode(x, Bs, values, L, window)
+        assert c_k == np.float32(c_ref)
+        np.testing.assert_array_equal(i_k, i_ref)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_tail_biting_search_equals_brute_force(seed):
+    rng = np.random.default_rng(200 + seed)
+    L = int(rng.integers(3, 6))
+    T = int(rng.integers(3, 7))
+    Bs = int(rng.integers(max(T, L), min(2 * T, 12) + 1))
+    values, x = random_case(rng, L, T, Bs)
+    brute, _ = ref.brute_force(x, Bs, values, L)
+    exact, _ = ref.exact_tailbiting(x, Bs, values, L)
+    assert exact == brute
+    # the same search with the numba kernel, one memory at a time
+    ks = ref.schedule(T, Bs)
+    mb = L - int(ks[0])
+    best = min(kernel_viterbi(x, ks, values, L, m, mb, m, mb)[0]
+               for m in range(1 << mb))
+    assert best == brute
+    # the two-pass heuristic returns a circular path: never below the optimum
+    for window in (1, 1000):
+        assert kernel_encode(x, Bs, values, L, window)[0] >= brute
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stream_is_tail_biting(seed):
+    """The stream alone, read circularly, gives the encoder's path and cost:
+    no start state is stored."""
+    rng = np.random.default_rng(300 + seed)
+    L = int(rng.integers(4, 10))
+    T = int(rng.integers(8, 80))
+    Bs = int(rng.integers(max(T, L), min(L - 1, 4) * T + 1))
+    values, x = random_case(rng, L, T, Bs)
+    cost, inputs = kernel_encode(x, Bs, values, L, 4)
+    ks = ref.schedule(T, Bs)
+    bits = ref.bits_from_inputs(inputs, ks)
+    assert bits.size == Bs
+    states = ref.states_from_bits(bits, T, L)
+    assert ref.path_cost(x, states, values) == np.float32(cost)
+    # every state follows from the previous one by the shift rule, across
+    # the wrap too
+    prev = states[-1]
+    for s, k in zip(states, ks):
+        assert s >> k == prev & ((1 << (L - k)) - 1)
+        prev = s
+
+
+def test_decoder_equals_oracle():
+    rng = np.random.default_rng(7)
+    a, n_pad, L = 3, 200, 9
+    total = int(2.7 * a * n_pad)
+    lay = tq.layout(a, n_pad, 150, total, 64)
+    lay.check(L)
+    packed = rng.integers(0, 256, -(-total // 8) + 8).astype(np.uint8)
+    out = np.zeros(a * n_pad, dtype=np.float32)
+    table = tq.quantile_table()
+    beta = np.float32(0.93)
+    kern.decode_sequences(packed, lay.starts, lay.lengths, lay.bits, lay.offsets,
+                          L, tq.hash_multiplier(), tq.HASH_SHIFT, tq.TABLE_BITS,
+                          table, beta, out)
+    values = (beta * tq.state_values(L)).astype(np.float32)
+    stream = np.unpackbits(packed)
+    want = np.zeros(a * n_pad, dtype=np.float32)
+    for j in range(lay.count):
+        o, Bs, T = lay.offsets[j], lay.bits[j], lay.lengths[j]
+        st = ref.states_from_bits(stream[o:o + Bs], T, L)
+        want[lay.starts[j]:lay.starts[j] + T] = values[st]
+    np.testing.assert_array_equal(out, want)
+
+
+def test_layout_covers_the_kept_entries_once():
+    a, n_pad, keep, seq_len = 5, 104, 97, 30
+    total = 2 * a * keep + 7
+    lay = tq.layout(a, n_pad, keep, total, seq_len)
+    hit = np.zeros(a * n_pad, dtype=int)
+    for s, t in zip(lay.starts, lay.lengths):
+        hit[s:s + t] += 1
+        assert t <= seq_len
+    want = np.zeros((a, n_pad), dtype=int)
+    want[:, :keep] = 1
+    np.testing.assert_array_equal(hit.reshape(a, n_pad), want)
+    assert lay.bits.sum() == total
+    np.testing.assert_array_equal(lay.offsets[1:], np.cumsum(lay.bits)[:-1])
+    # bits in proportion to length: floor(T B / E) or one more
+    share = lay.lengths * total // (a * keep)
+    assert np.all((lay.bits == share) | (lay.bits == share + 1))
+
+
+@pytest.mark.parametrize("keep, total", [(4000, 4000), (4001, 4003), (97, 776)])
+def test_layout_gives_every_sequence_its_bits(keep, total):
+    """Sequences of unequal lengths at the lowest and highest rates still
+    get 1 to 8 bits per entry (the sketched 1-bit case of a 4096 x 256
+    matrix once failed here)."""
+    for a in (1, 3, 256):
+        lay = tq.layout(a, 4096, keep, total * a, 1024)
+        assert np.all(lay.bits >= lay.lengths)
+        assert np.all(lay.bits <= tq.MAX_K * lay.lengths)
+
+
+def test_code_design_is_built_by_code():
+    assert tq.hash_multiplier() == 2654435769
+    t = tq.quantile_table()
+    assert t.size == 1 << tq.TABLE_BITS and np.all(np.diff(t) > 0)
+    assert abs(float(np.mean(t.astype(np.float64) ** 2)) - 1.0) < 1e-6
+    v = tq.state_values(12)
+    # the hashed states look like N(0, 1) draws: moments, and the table
+    # indices spread evenly over 64 bins (chi-square, 63 degrees of freedom)
+    v64 = v.astype(np.float64)
+    assert abs(v64.mean()) < 0.05 and abs(v64.var() - 1.0) < 0.05
+    counts = np.bincount(np.searchsorted(t, v) >> (tq.TABLE_BITS - 6),
+                         minlength=64)
+    chi2 = float((((counts - counts.mean()) ** 2) / counts.mean()).sum())
+    assert chi2 < 100  # the 0.999 quantile of chi-square(63) is 103
+
+
+def test_kernels_import_no_higher_layer():
+    import inspect
+
+    src = inspect.getsource(kern)
+    for layer in ("nqlib.quantizers", "nqlib.matmul", "nqlib.nn", "nqlib.theory"):
+        assert layer not in src
+
+
+# ------------------------------------------------------- through quantize
+def gaussian(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+@pytest.mark.parametrize("rate", [1.0, 1.5, 2.0, 3.3, 4.0])
+def test_rate_from_the_saved_file(rate, tmp_path):
+    n, a = 1024, 4
+    Q = nqlib.quantize(gaussian((n, a)), rate, mode="trellis", seed=2)
+    path = tmp_path / "w.nqm"
+    Q.save(path)
+    bits = 8 * path.stat().st_size / (n * a)
+    assert bits <= rate + matrix.RATE_TOLERANCE
+    assert bits > rate - 0.05  # the budget is spent
+    # at 1 bit, this small shape's side information (0.17 bit per entry)
+    # leaves less than a bit per entry: the code sketches
+    assert (Q.payload["keep"] == Q.n_pad) == (rate >= 1.5)
+
+
+def test_round_trip_and_product():
+    A, B = gaussian((200, 5), 1), gaussian((200, 4), 2)
+    QA = nqlib.quantize(A, 3.0, mode="trellis", seed=5)
+    QB = nqlib.quantize(B, 3.0, mode="trellis", seed=5)
+    buf = io.BytesIO()
+    QA.save(buf)
+    buf.seek(0)
+    R = nqlib.load(buf)
+    assert R.to_bytes() == QA.to_bytes() and R.mode == "trellis"
+    np.testing.assert_array_equal(R.dequantize(), QA.dequantize())
+    C = nqlib.matmul(R, QB)
+    np.testing.assert_allclose(C, QA.dequantize().T @ QB.dequantize(),
+                               rtol=1e-10, atol=1e-10)
+    assert nqlib.matmul_distortion(A, B, C) < 0.1
+    # deterministic: the same input gives the same bytes
+    again = nqlib.quantize(A, 3.0, mode="trellis", seed=5)
+    assert again.to_bytes() == QA.to_bytes()
+
+
+def test_beats_the_fixed_mode_on_gaussian_data():
+    A = gaussian((1024, 8), 4)
+    for rate in (2.0, 3.0):
+        err = {}
+        for mode in ("fixed", "trellis"):
+            Q = nqlib.quantize(A, rate, mode=mode, seed=1)
+            err[mode] = float(((Q.dequantize() - A) ** 2).mean())
+        assert err["trellis"] < err["fixed"], (rate, err)
+
+
+def test_sketch_below_one_bit():
+    A = gaussian((512, 4), 6)
+    Q = nqlib.quantize(A, 0.6, mode="trellis")
+    assert Q.payload["keep"] < Q.n_pad
+    assert Q.bits_per_entry <= 0.6 + matrix.RATE_TOLERANCE
+    err = float(((Q.dequantize() - A) ** 2).mean())
+    assert err < 0.85 * float((A * A).mean())  # better than decoding to 0
+    with pytest.raises(ValueError, match="at least 1 bit per coded entry"):
+        nqlib.quantize(A, 0.6, mode="trellis", sketch=False)
+
+
+def test_bad_options():
+    A = gaussian((64, 3))
+    with pytest.raises(ValueError, match="dither"):
+        nqlib.quantize(A, 2.0, mode="trellis", dither=True)
+    with pytest.raises(ValueError, match="mode"):
+        nqlib.quantize(A, 2.0, mode="trelis")
+
+
+def trellis_file():
+    Q = nqlib.quantize(gaussian((128, 3), 9), 2.0, mode="trellis", seed=4)
+    data = Q.to_bytes()
+    body = data[:-4]
+    npk = Q.payload["packed"].size
+    start = len(body) - npk - tq.PAYLOAD_HEADER_BYTES
+    # the file ends with the payload (no zero padding at this rate)
+    assert struct.unpack_from("<" + tq.PAYLOAD_HEADER, body, start)[0] == \
+        Q.payload["L"]
+    return Q, body, start
+
+
+def edited(body, start, **fields):
+    names = ("L", "qbits", "seq_len", "keep", "beta", "total_bits")
+    vals = dict(zip(names, struct.unpack_from("<" + tq.PAYLOAD_HEADER, body, start)))
+    vals.update(fields)
+    head = struct.pack("<" + tq.PAYLOAD_HEADER, *(vals[k] for k in names))
+    out = body[:start] + head + body[start + len(head):]
+    return out + struct.pack("<I", zlib.crc32(out))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("L", 1, "state bits"),
+    ("L", 21, "state bits"),
+    ("L", 2, "L = 2 state bits"),
+    ("qbits", 11, "table bits"),
+    ("seq_len", 0, "sequence length"),
+    ("keep", 0, "kept entries"),
+    ("keep", 10**6, "kept entries"),
+    ("beta", float("nan"), "beta"),
+    ("beta", float("inf"), "beta"),
+    ("beta", -1.0, "beta"),
+    ("total_bits", 10, "bits for"),
+    ("total_bits", 2**40, "bits for"),
+])
+def test_corrupted_payload_is_refused(field, value, message):
+    _, body, start = trellis_file()
+    with pytest.raises(ValueError, match=message):
+        nqlib.QuantizedMatrix.from_bytes(edited(body, start, **{field: value}))
+
+
+def test_truncated_or_padded_stream_is_refused():
+    Q, body, start = trellis_file()
+    total = Q.payload["total_bits"]
+    # one bit more than the stream holds: a byte is missing (or the
+    # file's length no longer matches)
+    longer = edited(body, start, total_bits=total + 8)
+    with pytest.raises(ValueError):
+        nqlib.QuantizedMatrix.from_bytes(longer)
+    if total % 8:
+        last = bytearray(body)
+        last[-1] |= 1  # a padding bit of the stream
+        with pytest.raises(ValueError, match="padding bits"):
+            nqlib.QuantizedMatrix.from_bytes(bytes(last) + struct.pack(
+                "<I", zlib.crc32(bytes(last))))
+
+
+def test_triton_decoder_is_bit_identical():
+    """The Triton decoder (the interpreter on a CPU-only machine) gives the
+    numba decoder's bits."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    import torch
+
+    from nqlib.kernels.gpu import trellis_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rng = np.random.default_rng(12)
+    for a, n_pad, keep, rate, L, seq_len in ((3, 200, 200, 2.6, 9, 64),
+                                             (2, 96, 40, 1.0, 6, 300)):
+        total = int(rate * a * keep)
+        lay = tq.layout(a, n_pad, keep, total, seq_len)
+        lay.check(L)
+        packed = rng.integers(0, 256, -(-total // 8)).astype(np.uint8)
+        payload = dict(L=L, qbits=tq.TABLE_BITS, seq_len=seq_len, keep=keep,
+                       beta=0.91, total_bits=total, packed=packed)
+        want = tq.decode(payload, a, n_pad)
+        got = trellis_triton.decode(payload, a, n_pad, device=device)
+        np.testing.assert_array_equal(got.cpu().numpy().astype(np.float64), want)
+
+
+def test_quant_linear_with_a_trellis_weight():
+    torch = pytest.importorskip("torch")
+    from nqlib.nn import QuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 6)
+    q = QuantLinear.from_linear(lin, 3.0, mode="trellis")
+    assert q.quantized_weight.mode == "trellis"
+    x = torch.randn(4, 512)
+    W = q.dequantized_weight()
+    with torch.no_grad():
+        want = x @ W.T + lin.bias
+        np.testing.assert_allclose(q(x).numpy(), want.numpy(), rtol=1e-5,
+                                   atol=1e-5)
+        rel = float(((W - lin.weight) ** 2).mean() / (lin.weight ** 2).mean())
+    assert rel < 0.05
+    # activations are encoded at every call: not by a Viterbi search
+    with pytest.raises(ValueError, match="act_mode='trellis'"):
+        QuantLinear.from_linear(lin, 3.0, mode="trellis", act_rate=4.0,
+                                act_mode="trellis")
+
+
+# ---------------------------------------------- Hessian-aware rounding
+def output_loss(A, A_hat, H):
+    E = A_hat - A
+    return float(np.einsum("ia,ij,ja->", E, H, E))
+
+
+def test_ldlq_without_a_hessian_is_the_plain_code():
+    A = gaussian((256, 5), 21)
+    plain = nqlib.quantize(A, 3.0, mode="trellis", center=False, seed=2)
+    q = tq.quantize_ldlq(A, 3.0, np.eye(256), center=False, seed=2,
+                         seq_len=tq.DEFAULT_SEQ_LEN)
+    assert q.payload["beta"] == plain.payload["beta"]
+    np.testing.assert_array_equal(q.payload["packed"], plain.payload["packed"])
+
+
+def test_ldlq_lowers_the_output_error():
+    rng = np.random.default_rng(22)
+    n, a = 512, 8
+    A = rng.standard_normal((n, a))
+    X = rng.standard_normal((4 * n, 16)) @ rng.standard_normal((16, n))
+    X += 0.1 * rng.standard_normal(X.shape)  # activations near a 16-dim space
+    H = X.T @ X / X.shape[0]
+    q = tq.quantize_ldlq(A, 2.0, H, seed=3)
+    plain = tq.quantize_ldlq(A, 2.0, np.eye(n), seed=3)  # same layout, no H
+    assert q.bits_per_entry <= 2.0
+    R = nqlib.QuantizedMatrix.from_bytes(q.to_bytes())
+    np.testing.assert_array_equal(R.dequantize(), q.dequantize())
+    assert output_loss(A, q.dequantize(), H) < 0.7 * output_loss(
+        A, plain.dequantize(), H)
+
+
+def test_ldlq_bad_hessian():
+    A = gaussian((64, 3))
+    with pytest.raises(ValueError, match="H must have shape"):
+        tq.quantize_ldlq(A, 2.0, np.eye(63))
+    with pytest.raises(ValueError, match="damp"):
+        tq.quantize_ldlq(A, 2.0, np.eye(64), damp=-1.0)
+
+
+def test_quant_linear_ldlq_with_the_trellis():
+    torch = pytest.importorskip("torch")
+    from nqlib.nn import QuantLinear
+
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(256, 4)
+    X = np.random.default_rng(2).standard_normal((512, 256))
+    H = X.T @ X / 512
+    q = QuantLinear.from_linear(lin, 3.0, method="nested-ldlq", mode="trellis",
+                                hessian=H)
+    assert q.quantized_weight.mode == "trellis"
+    with pytest.raises(ValueError, match="fixed or the trellis mode"):
+        QuantLinear.from_linear(lin, 3.0, method="nested-ldlq",
+                                mode="variable", hessian=H)
