@@ -182,10 +182,19 @@ def test_rotation_matches_the_library(case):
     np.testing.assert_allclose(xsum, x.sum(axis=1), rtol=1e-5, atol=1e-5)
 
 
-def test_empty_batch(case):
+def test_empty_batch_and_bad_shapes(case):
     qm, lay = case
-    out = lay.linear(np.zeros((0, qm.shape[0]), dtype=np.float32))
-    assert out.shape == (0, qm.shape[1])
+    n, a = qm.shape
+    out = lay.linear(np.zeros((0, n), dtype=np.float32))
+    assert out.shape == (0, a)
+    with pytest.raises(ValueError, match="x must have shape"):
+        lay.linear(np.zeros((2, n + 1), dtype=np.float32))
+    with pytest.raises(ValueError, match="x must have shape"):
+        lay.linear(np.zeros(n, dtype=np.float32))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        lay.linear(np.zeros((2, n), dtype=np.float32), np.zeros(a + 1))
+    with pytest.raises(ValueError, match="xsum must have shape"):
+        lay.linear_rotated(np.zeros((2, qm.n_pad), np.float32), np.zeros(3))
 
 
 def test_random_layout_odd_and_even_q_against_oracle():
@@ -350,3 +359,81 @@ def test_state_dict_round_trip_rebuilds_the_layout():
     # pickling and copying keep the layout
     for other in (pickle.loads(pickle.dumps(src)), copy.deepcopy(src)):
         torch.testing.assert_close(other(x), src(x), rtol=0, atol=0)
+
+
+_WORKQUEUE_SCRIPT = """
+from concurrent.futures import ThreadPoolExecutor
+import torch
+from nqlib.kernels.cpu import fused, guard
+from nqlib.nn import QuantLinear
+
+assert guard.layer() == "workqueue", guard.layer()
+assert hasattr(fused.gemm, "kernel") and hasattr(fused.linear, "kernel")
+torch.manual_seed(0)
+ql = QuantLinear.from_linear(torch.nn.Linear(136, 48), 4.0)
+xs = [torch.randn(m, 136, generator=torch.Generator().manual_seed(m))
+      for m in (1, 3, 9, 17)]
+
+def work(i):
+    with torch.no_grad():
+        return ql(xs[i % len(xs)])
+
+sequential = [work(i) for i in range(16)]
+with ThreadPoolExecutor(max_workers=4) as pool:
+    for got, want in zip(pool.map(work, range(16)), sequential):
+        assert torch.equal(got, want)
+print("ok")
+"""
+
+
+def test_fused_kernels_are_guarded_on_the_workqueue_layer():
+    """Concurrent forwards on numba's workqueue layer (not thread-safe):
+    the fused kernels and their drivers are serialised, results equal."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue",
+               NUMBA_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _WORKQUEUE_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+_PORTABLE_SCRIPT = """
+import pickle, sys
+import numpy as np
+from nqlib.kernels.cpu import fused
+
+assert not fused._HAVE_AVX2
+with open(sys.argv[1], "rb") as fh:
+    lay, cases = pickle.load(fh)
+for x, ref, tol in cases:
+    assert np.all(np.abs(lay.linear(x) - ref) <= tol), len(x)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_portable_build_without_avx2(tmp_path):
+    """With a generic target CPU the permutes are built from selects: the
+    same products (a subprocess: the target is fixed when numba starts; the
+    layout is built here, so that it compiles only the fused kernels)."""
+    import os
+    import subprocess
+    import sys
+
+    qm = _qm(300, 37, 4.2, {})
+    lay = cpu_layout(qm)
+    cases = []
+    for M in (1, 7):
+        x = np.random.default_rng(M).standard_normal((M, 300)).astype(np.float32)
+        cases.append((x, _ref_product(qm, x), _tolerance(qm, x)))
+    path = tmp_path / "case.pkl"
+    path.write_bytes(pickle.dumps((lay, cases)))
+    env = dict(os.environ, NUMBA_CPU_NAME="generic")
+    out = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(path)],
+                         env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")

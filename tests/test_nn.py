@@ -223,7 +223,7 @@ def test_errors():
         QuantLinear.from_linear(linear(), 4.0, method="nested-ldlq")
     with pytest.raises(ValueError, match="nested-ldlq' only"):
         QuantLinear.from_linear(linear(), 4.0, hessian=np.eye(IN))
-    with pytest.raises(ValueError, match="fixed mode only"):
+    with pytest.raises(ValueError, match="fixed or the trellis mode"):
         QuantLinear.from_linear(linear(), 4.0, method="nested-ldlq",
                                 mode="variable", hessian=np.eye(IN))
 

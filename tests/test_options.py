@@ -159,7 +159,7 @@ def linear(seed=0):
     (dict(method="nested-ldlq", hessian=np.eye(64), group_size=32),
      "group_size= does not apply to method='nested-ldlq'"),
     (dict(method="nested-ldlq", hessian=np.eye(64), mode="variable"),
-     "fixed mode only"),
+     "fixed or the trellis mode"),
     (dict(hessian=np.eye(64)), "hessian= is used by method='nested-ldlq' only"),
     (dict(method="rtn-hadamard", rotate=False), "rotate=False does not apply"),
 ], ids=lambda v: str(v)[:40])
@@ -208,7 +208,7 @@ def test_quant_linear_constructor_checks_act_options():
     (dict(method="rtn", act_rate=4, act_mode="variable"),
      "act_mode='variable' does not apply to method='rtn'"),
     (dict(method="nested-ldlq", calibration={}, mode="variable"),
-     "fixed mode only"),
+     "fixed or the trellis mode"),
     (dict(method="nested-ldlq", calibration={}, bogus=1),
      "bogus= does not apply"),
     (dict(method="nested", act_rate=9.0), "rate must be in"),

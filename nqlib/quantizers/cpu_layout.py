@@ -54,7 +54,7 @@ ROW_ALIGN = 16
 MAX_Q = 16
 #: batches up to this many rows run the batch-1 kernel row by row; larger
 #: ones decode each tile once for all rows (nqlib.kernels.cpu.fused.gemm)
-GEMV_ROWS = 3
+GEMV_ROWS = 4
 
 
 # ------------------------------------------------------- decoder decisions
@@ -261,7 +261,7 @@ class CpuLayout:
         of ``x``, in float32."""
         from nqlib.kernels.cpu import fused
 
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = self._rows(x, "x", self.shape[0])
         M = x.shape[0]
         x_rot = np.empty((M, self.n_pad), dtype=np.float32)
         xsum = np.empty(M, dtype=np.float32)
@@ -277,7 +277,7 @@ class CpuLayout:
         decodes the whole weight."""
         from nqlib.kernels.cpu import fused
 
-        x_rot = np.ascontiguousarray(x_rot, dtype=np.float32)
+        x_rot = self._rows(x_rot, "x_rot", self.n_pad)
         M, rows = x_rot.shape[0], 8 * self.groups
         out = np.empty((M, rows), dtype=np.float32)
         empty = np.zeros(0, dtype=np.float32)
@@ -287,7 +287,18 @@ class CpuLayout:
                        _threads(), out)
         return out
 
+    def _rows(self, x, name, width):
+        """``x`` as C-contiguous float32 rows of length ``width``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != width:
+            raise ValueError(f"{name} must have shape (M, {width}), got "
+                             f"{x.shape}")
+        return x
+
     def _side(self, bias):
+        if bias is not None and np.shape(bias) != (self.vectors,):
+            raise ValueError(f"bias must have shape ({self.vectors},), got "
+                             f"{np.shape(bias)}")
         empty = np.zeros(0, dtype=np.float32)
         norms = self.norms if self.norms is not None else empty
         means = self.means if self.means is not None else empty
@@ -301,9 +312,13 @@ class CpuLayout:
         quantized activations, with ``xsum = n * their means``)."""
         from nqlib.kernels.cpu import fused
 
-        x_rot = np.ascontiguousarray(x_rot, dtype=np.float32)
+        x_rot = self._rows(x_rot, "x_rot", self.n_pad)
+        xsum = np.ascontiguousarray(xsum, dtype=np.float32)
+        if xsum.shape != (x_rot.shape[0],):
+            raise ValueError(f"xsum must have shape ({x_rot.shape[0]},), got "
+                             f"{xsum.shape}")
         out = np.empty((x_rot.shape[0], self.vectors), dtype=np.float32)
-        fused.products(x_rot, np.ascontiguousarray(xsum, dtype=np.float32),
+        fused.products(x_rot, xsum,
                        self.words, self.nib, self.kpl, self.tab, self.q[0],
                        self.q[1], self.h, self.alpha, self.n_pad,
                        *self._side(bias), GEMV_ROWS, _threads(), out)
@@ -322,7 +337,7 @@ class CpuLayout:
         """
         from nqlib.kernels.cpu import fused
 
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = self._rows(x, "x", self.shape[0])
         out = np.empty((x.shape[0], self.vectors), dtype=np.float32)
         signs = self.signs if self.signs is not None else np.zeros(0, np.int8)
         fused.linear(x, self.n_pad, signs, self.orth, self.power_of_two,

@@ -46,7 +46,9 @@ Word decoding (:func:`_block_fields`) is separate from the products
 (:func:`_gemv_codegen`, :func:`_decode_codegen`) so that another code can
 reuse the products.
 
-No import from the rest of nqlib but the guard. Arrays in, arrays out.
+No import from the rest of nqlib but the guard and the E8 decoder of
+:mod:`nqlib.kernels.cpu.lattice` (for :func:`layout_fields`). Arrays in,
+arrays out.
 Book: chapter "Kernels: CPU and GPU", label ``ch-kernels``.
 """
 
@@ -58,7 +60,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from nqlib.kernels.cpu.guard import guard_module
+from nqlib.kernels.cpu.guard import guard_module, guarded, threadsafe
 from nqlib.kernels.cpu.lattice import CHUNK, decode_e8_into
 
 #: coded blocks per K tile of the batched kernel (256 coordinates: a tile of
@@ -218,9 +220,12 @@ def _load_block(e, pw, pn, pk, rb):
 
 
 # -------------------------------------------------------------- batch 1
-def _gemv_codegen(odd_q):
-    """``acc[l] += sum_b beta <x_b, r_b / 2>`` over blocks ``[b0, b1)`` of
-    group ``g`` (one part: one ``q`` and one scale table)."""
+def _gemv_codegen(odd_q, R):
+    """``acc[r, l] += sum_b beta <x_{r,b}, r_b / 2>`` over blocks ``[b0,
+    b1)`` of group ``g`` (one part: one ``q`` and one scale table), for the
+    ``R`` rows of activations whose tiles are ``xs[r]``, ``xr[r]``,
+    ``xc[r]`` (see :func:`gemv_activations`): the block's fields and the
+    converted ``u_j`` are shared by the ``R`` rows."""
 
     def codegen(context, builder, sig, args):
         words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc = args
@@ -235,61 +240,86 @@ def _gemv_codegen(odd_q):
         ptab = _data(context, builder, t[6], tab)
         pacc = _data(context, builder, t[11], acc)
         Bc = _shape(context, builder, t[0], words, 1)
+        coded = _shape(context, builder, t[3], xs, 1)
         tabv = e.load_vec(ptab, ir.Constant(_I64, 0), _V8F)
         q32 = builder.trunc(q, _I32)
         accp = builder.bitcast(pacc, _V8F.as_pointer())
-        slot = cgutils.alloca_once(builder, _V8F)
-        builder.store(builder.load(accp, align=4), slot)
+        slots = []
+        for r in range(R):
+            slot = cgutils.alloca_once(builder, _V8F)
+            builder.store(builder.load(builder.gep(accp, [ir.Constant(_I32, r)]),
+                                       align=4), slot)
+            slots.append(slot)
+        # per row of activations: its tiles (row strides 8 coded, 2 coded)
+        c8 = builder.mul(coded, ir.Constant(_I64, 8))
+        c2 = builder.mul(coded, ir.Constant(_I64, 2))
+        rxs = [builder.gep(pxs, [builder.mul(c8, ir.Constant(_I64, r))])
+               for r in range(R)]
+        rxr = [builder.gep(pxr, [builder.mul(c8, ir.Constant(_I64, r))])
+               for r in range(R)]
+        rxc = [builder.gep(pxc, [builder.mul(c2, ir.Constant(_I64, r))])
+               for r in range(R)]
         row0 = builder.mul(g, Bc)
         one = ir.Constant(_I64, 1)
         with cgutils.for_range_slice(builder, b0, b1, one, inc=True) as (blk, _):
             b8 = builder.mul(blk, ir.Constant(_I64, 8))
+            b2 = builder.mul(blk, ir.Constant(_I64, 2))
             W, nw, kw = _load_block(e, pw, pn, pk, builder.add(row0, blk))
             f = _block_fields(e, W, nw, kw, odd_q, q32)
             beta = e.perm(tabv, f["nib"])
-            # c(pi) X: xc[b] = (C_HALF X, C_WHOLE X)
-            c2 = builder.mul(blk, ir.Constant(_I64, 2))
-            xa = e.splat(builder.load(builder.gep(pxc, [c2])), _V8F)
-            xb = e.splat(builder.load(builder.gep(pxc, [builder.add(c2, one)])),
-                         _V8F)
-            pi1, pi0 = (xb, xa) if odd_q else (xa, xb)
-            base = builder.select(e.neg(f["pi_neg"]), pi1, pi0)
-            xk = e.perm(e.load_vec(pxr, b8, _V8F), f["kp"])   # x reversed
-            p = [base, builder.fmul(f["fix"], xk), None, None]
-            for j in range(8):
-                if j < 7:   # u_j 2^(4j), times x_j 2^(-4j) (exact scalings)
-                    uj = builder.sitofp(builder.and_(W, e.vi(15 << (4 * j))), _V8F)
-                else:
-                    uj = builder.sitofp(f["u7"], _V8F)
-                xj = e.splat(builder.load(builder.gep(
-                    pxs, [builder.add(b8, ir.Constant(_I64, j))])), _V8F)
-                # four independent chains: the loop is bound by throughput,
-                # not by the latency of one chain of fused multiply-adds
-                if j < 2:
-                    p[2 + j] = builder.fmul(uj, xj)
-                else:
-                    p[j % 4] = e.fma(uj, xj, p[j % 4])
-            s = builder.fadd(builder.fadd(p[0], p[1]), builder.fadd(p[2], p[3]))
-            builder.store(e.fma(s, beta, builder.load(slot)), slot)
-        builder.store(builder.load(slot), accp, align=4)
+            pi_set = e.neg(f["pi_neg"])
+            # u_j 2^(4j) (j < 7) and u_7, shared by the rows; x_j comes
+            # pre-scaled by 2^(-4j) (exact scalings)
+            u = [builder.sitofp(builder.and_(W, e.vi(15 << (4 * j))), _V8F)
+                 for j in range(7)] + [builder.sitofp(f["u7"], _V8F)]
+            for r in range(R):
+                # c(pi) X: xc[r, b] = (C_HALF X, C_WHOLE X)
+                xa = e.splat(builder.load(builder.gep(rxc[r], [b2])), _V8F)
+                xb = e.splat(builder.load(builder.gep(rxc[r], [builder.add(b2, one)])),
+                             _V8F)
+                pi1, pi0 = (xb, xa) if odd_q else (xa, xb)
+                base = builder.select(pi_set, pi1, pi0)
+                xk = e.perm(e.load_vec(rxr[r], b8, _V8F), f["kp"])   # x reversed
+                p = [base, builder.fmul(f["fix"], xk), None, None]
+                for j in range(8):
+                    xj = e.splat(builder.load(builder.gep(
+                        rxs[r], [builder.add(b8, ir.Constant(_I64, j))])), _V8F)
+                    # four independent chains: the loop is bound by
+                    # throughput, not by the latency of one chain
+                    if j < 2:
+                        p[2 + j] = builder.fmul(u[j], xj)
+                    else:
+                        p[j % 4] = e.fma(u[j], xj, p[j % 4])
+                s_ = builder.fadd(builder.fadd(p[0], p[1]), builder.fadd(p[2], p[3]))
+                builder.store(e.fma(s_, beta, builder.load(slots[r])), slots[r])
+        for r in range(R):
+            builder.store(builder.load(slots[r]),
+                          builder.gep(accp, [ir.Constant(_I32, r)]), align=4)
         return context.get_dummy_value()
 
     return codegen
 
 
-def _gemv_intrinsic(odd_q):
+#: most rows of activations the batch-1 kernel takes in one pass
+GEMV_MAX_ROWS = 4
+
+
+def _gemv_intrinsic(odd_q, R):
     @intrinsic
     def _gemv_blocks(typingctx, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1,
                      acc):
         sig = types.void(words, nib, kpl, xs, xr, xc, tab, types.int64,
                          types.int64, types.int64, types.int64, acc)
-        return sig, _gemv_codegen(odd_q)
+        return sig, _gemv_codegen(odd_q, R)
 
     return _gemv_blocks
 
 
-_gemv_odd = _gemv_intrinsic(True)
-_gemv_even = _gemv_intrinsic(False)
+_gemv_odd1, _gemv_odd2, _gemv_odd3, _gemv_odd4 = (
+    _gemv_intrinsic(True, r) for r in range(1, 5))
+_gemv_even1, _gemv_even2, _gemv_even3, _gemv_even4 = (
+    _gemv_intrinsic(False, r) for r in range(1, 5))
+_gemv_odd = _gemv_odd1          # one row (the chapter compiles this one)
 
 
 # ------------------------------------------------------------- batched
@@ -598,42 +628,67 @@ def _hadamard_run(y, off, p):
 # ------------------------------------------------------------- drivers
 @njit(cache=True)
 def gemv_activations(x_rot, coded, xs, xr, xc):
-    """The tiles of one row of rotated activations that :func:`gemv` reads,
-    for ``coded`` blocks: ``xs[b, j] = x_{8b+j} 2^(-4j)`` (``j < 7``; ``x``
-    itself at ``j = 7``), ``xr[b, j] = x_{8b+7-j}`` and ``xc[b] = (C_HALF X_b,
-    C_WHOLE X_b)`` with ``X_b`` the block sum."""
-    for b in range(coded):
-        s = np.float32(0.0)
-        for j in range(8):
-            v = x_rot[8 * b + j]
-            s += v
-            xr[b, 7 - j] = v
-            xs[b, j] = v * np.float32(2.0 ** (-4 * j)) if j < 7 else v
-        xc[b, 0] = np.float32(C_HALF) * s
-        xc[b, 1] = np.float32(C_WHOLE) * s
+    """The tiles of rows of rotated activations ``x_rot`` (R, >= 8 coded)
+    that :func:`gemv` reads, for ``coded`` blocks: ``xs[r, b, j] =
+    x_{8b+j} 2^(-4j)`` (``j < 7``; ``x`` itself at ``j = 7``), ``xr[r, b, j]
+    = x_{8b+7-j}`` and ``xc[r, b] = (C_HALF X_b, C_WHOLE X_b)`` with ``X_b``
+    the block sum."""
+    for r in range(x_rot.shape[0]):
+        for b in range(coded):
+            s = np.float32(0.0)
+            for j in range(8):
+                v = x_rot[r, 8 * b + j]
+                s += v
+                xr[r, b, 7 - j] = v
+                xs[r, b, j] = v * np.float32(2.0 ** (-4 * j)) if j < 7 else v
+            xc[r, b, 0] = np.float32(C_HALF) * s
+            xc[r, b, 1] = np.float32(C_WHOLE) * s
+
+
+@njit(cache=True)
+def _gemv_part(odd, R, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8):
+    if odd:
+        if R == 1:
+            _gemv_odd1(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+        elif R == 2:
+            _gemv_odd2(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+        elif R == 3:
+            _gemv_odd3(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+        else:
+            _gemv_odd4(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+    else:
+        if R == 1:
+            _gemv_even1(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+        elif R == 2:
+            _gemv_even2(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+        elif R == 3:
+            _gemv_even3(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+        else:
+            _gemv_even4(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
 
 
 @njit(cache=True, parallel=True)
 def gemv(words, nib, kpl, tab, q_hi, q_lo, h, xs, xr, xc, acc):
-    """``acc[i] = <x_rot, raw_i>`` for every stored row ``i`` (``acc`` has
-    ``8 G`` entries): blocks ``[0, h)`` with ``q_hi`` and ``tab[0]``,
-    ``[h, Bc)`` with ``q_lo`` and ``tab[1]``. One task per group of 8 rows."""
+    """``acc[r, i] = <x_r, raw_i>`` for the ``R <= GEMV_MAX_ROWS`` rows of
+    activations whose tiles are ``xs``, ``xr``, ``xc`` and every stored row
+    ``i`` (``acc`` (R, 8 G)): blocks ``[0, h)`` with ``q_hi`` and
+    ``tab[0]``, ``[h, Bc)`` with ``q_lo`` and ``tab[1]``. One task per group
+    of 8 rows of the weight; each block is decoded once for the ``R``
+    rows."""
     G = words.shape[0]
     Bc = words.shape[1]
+    R = xs.shape[0]
     for g in prange(G):
-        a8 = np.zeros(8, np.float32)
+        a8 = np.zeros((R, 8), np.float32)
         if h > 0:
-            if q_hi & 1:
-                _gemv_odd(words, nib, kpl, xs, xr, xc, tab[0], q_hi, g, 0, h, a8)
-            else:
-                _gemv_even(words, nib, kpl, xs, xr, xc, tab[0], q_hi, g, 0, h, a8)
+            _gemv_part(q_hi & 1, R, words, nib, kpl, xs, xr, xc, tab[0], q_hi, g,
+                       0, h, a8)
         if Bc > h:
-            if q_lo & 1:
-                _gemv_odd(words, nib, kpl, xs, xr, xc, tab[1], q_lo, g, h, Bc, a8)
-            else:
-                _gemv_even(words, nib, kpl, xs, xr, xc, tab[1], q_lo, g, h, Bc, a8)
-        for lane in range(8):
-            acc[8 * g + lane] = a8[lane]
+            _gemv_part(q_lo & 1, R, words, nib, kpl, xs, xr, xc, tab[1], q_lo, g,
+                       h, Bc, a8)
+        for r in range(R):
+            for lane in range(8):
+                acc[r, 8 * g + lane] = a8[r, lane]
 
 
 @njit(cache=True)
@@ -788,17 +843,16 @@ def rotate_rows(x, signs, orth, p, center, out, xsum):
                 y[i * m + c] = b[c, i] * scale
 
 
-@njit(cache=True, parallel=True)
-def products(x_rot, xsum, words, nib, kpl, tab, q_hi, q_lo, h, alpha, n_pad,
+@njit(cache=True)
+def _products(x_rot, xsum, words, nib, kpl, tab, q_hi, q_lo, h, alpha, n_pad,
              norms, means, bias, gemv_rows, nthreads, out):
     """``out[m, i] = s_i <x_rot_m, raw_i> + mu_i xsum[m] + b_i`` (M, a) for
     rotated activations ``x_rot`` (M, at least 8 Bc), with ``s_i = alpha
     norms_i / sqrt(n_pad)`` (``alpha`` when ``norms`` is empty), ``mu``
     the means (empty: 0) and ``b`` the bias (empty: 0). Up to ``gemv_rows``
     rows run the batch-1 kernel row by row, more rows the batched kernel,
-    which applies the epilogue as it stores. One call from Python (marked
-    parallel so that the guard of this module serialises it where the
-    threading layer requires: it runs the parallel kernels)."""
+    which applies the epilogue as it stores. One call from Python (exported
+    as :func:`products`)."""
     M = x_rot.shape[0]
     a = out.shape[1]
     rows = 8 * words.shape[0]
@@ -827,18 +881,21 @@ def products(x_rot, xsum, words, nib, kpl, tab, q_hi, q_lo, h, alpha, n_pad,
                 for i in range(a):
                     out[r, i] = C[r, i]
         return
-    xs = np.empty((coded, 8), np.float32)
-    xr = np.empty((coded, 8), np.float32)
-    xc = np.empty((coded, 2), np.float32)
-    acc = np.empty(rows, np.float32)
-    for r in range(M):
-        gemv_activations(x_rot[r], coded, xs, xr, xc)
-        gemv(words, nib, kpl, tab, q_hi, q_lo, h, xs, xr, xc, acc)
-        for i in range(a):
-            out[r, i] = ep[0, i] * acc[i] + ep[1, i] * xsum[r] + ep[2, i]
+    acc = np.empty((GEMV_MAX_ROWS, rows), np.float32)
+    for r0 in range(0, M, GEMV_MAX_ROWS):
+        R = min(GEMV_MAX_ROWS, M - r0)
+        xs = np.empty((R, coded, 8), np.float32)
+        xr = np.empty((R, coded, 8), np.float32)
+        xc = np.empty((R, coded, 2), np.float32)
+        gemv_activations(x_rot[r0:r0 + R], coded, xs, xr, xc)
+        gemv(words, nib, kpl, tab, q_hi, q_lo, h, xs, xr, xc, acc[:R])
+        for r in range(R):
+            for i in range(a):
+                out[r0 + r, i] = (ep[0, i] * acc[r, i] + ep[1, i] * xsum[r0 + r]
+                                  + ep[2, i])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def linear(x, n_pad, signs, orth, p, center, words, nib, kpl, tab, q_hi, q_lo,
            h, alpha, norms, means, bias, gemv_rows, nthreads, out):
     """``x @ W_hat.T + bias``: :func:`rotate_rows` then :func:`products`,
@@ -847,7 +904,7 @@ def linear(x, n_pad, signs, orth, p, center, words, nib, kpl, tab, q_hi, q_lo,
     x_rot = np.empty((M, n_pad), np.float32)
     xsum = np.empty(M, np.float32)
     rotate_rows(x, signs, orth, p, center, x_rot, xsum)
-    products(x_rot, xsum, words, nib, kpl, tab, q_hi, q_lo, h, alpha, n_pad,
+    _products(x_rot, xsum, words, nib, kpl, tab, q_hi, q_lo, h, alpha, n_pad,
              norms, means, bias, gemv_rows, nthreads, out)
 
 
@@ -920,5 +977,11 @@ def layout_fields(codes, index, q, words, nib, kp):
     return bad.sum()
 
 
-# serialised when numba's threading layer is not thread-safe
+products = _products
+
+# serialised when numba's threading layer is not thread-safe; the two
+# drivers run parallel kernels inside, so they are serialised too
 guard_module(globals())
+if not threadsafe():
+    products = guarded(_products)
+    linear = guarded(linear)
