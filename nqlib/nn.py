@@ -544,30 +544,28 @@ class QuantLinear(torch.nn.Module):
         if key in state_dict:
             data = state_dict[key]
             # the bytes of a QuantizedMatrix file, parsed by the reader that
-            # checks every field (QuantizedMatrix.from_bytes)
+            # checks every field (QuantizedMatrix.from_bytes); a corrupted
+            # entry raises ValueError at once (not torch's collected
+            # RuntimeError), like nqlib.load
             if not (isinstance(data, torch.Tensor) and data.dtype == torch.uint8
                     and data.ndim == 1):
                 got = (f"dtype {data.dtype}, shape {tuple(data.shape)}"
                        if isinstance(data, torch.Tensor) else type(data).__name__)
-                error_msgs.append(f"{key}: corrupted entry: expected the file "
-                                  f"bytes as a 1-D uint8 tensor, got {got}")
-                return
+                raise ValueError(f"{key}: corrupted entry: expected the file "
+                                 f"bytes as a 1-D uint8 tensor, got {got}")
             try:
                 qw = QuantizedMatrix.from_bytes(data.cpu().numpy().tobytes())
             except ValueError as exc:
-                error_msgs.append(f"{key}: {exc}")
-                return
+                raise ValueError(f"{key}: {exc}") from None
             if qw.shape != (self.in_features, self.out_features):
-                error_msgs.append(f"{key}: quantized weight has shape {qw.shape}, "
-                                  f"expected {(self.in_features, self.out_features)}")
-                return
+                raise ValueError(f"{key}: quantized weight has shape {qw.shape}, "
+                                 f"expected {(self.in_features, self.out_features)}")
             if self.act_rate is not None:
                 try:  # the activation rate must suit the loaded weight's method
                     _matrix._check_rate(self.act_rate, qw.method)
                 except ValueError as exc:
-                    error_msgs.append(f"{key}: the layer's act_rate does not suit "
-                                      f"the loaded weight: {exc}")
-                    return
+                    raise ValueError(f"{key}: the layer's act_rate does not suit "
+                                     f"the loaded weight: {exc}") from None
             self._set_weight(qw, data)
             # qweight is not a registered buffer (the layer may hold the
             # layout alone): the default loader gets the other entries

@@ -163,18 +163,18 @@ def test_tampered_qweight_fails_to_load():
     sd = src.state_dict()
     sd["qweight"] = sd["qweight"].clone()
     sd["qweight"][len(sd["qweight"]) // 2] ^= 0x10
-    with pytest.raises(RuntimeError, match="qweight.*checksum mismatch"):
+    with pytest.raises(ValueError, match="qweight.*checksum mismatch"):
         dst.load_state_dict(sd)
     assert dst.quantized_weight.to_bytes() == before  # left untouched
     sd["qweight"] = sd["qweight"][:-9]
-    with pytest.raises(RuntimeError, match="qweight"):
+    with pytest.raises(ValueError, match="qweight"):
         dst.load_state_dict(sd)
 
 
 def test_qweight_of_another_shape_fails_to_load():
     src = QuantLinear.from_linear(linear(n_out=40), 4.0)
     dst = QuantLinear.from_linear(linear(), 4.0)
-    with pytest.raises(RuntimeError, match="expected"):
+    with pytest.raises(ValueError, match="expected"):
         dst.load_state_dict(src.state_dict())
 
 
@@ -189,17 +189,17 @@ def test_state_dict_qweight_is_validated():
     dst = QuantLinear.from_linear(linear(seed=3), 4.0, seed=1)
     sd = src.state_dict()
     sd["qweight"] = sd["qweight"].float()
-    with pytest.raises(RuntimeError, match="qweight.*1-D uint8"):
+    with pytest.raises(ValueError, match="qweight.*1-D uint8"):
         dst.load_state_dict(sd)
     body = bytearray(src.quantized_weight.to_bytes()[:-4])
     struct.pack_into("<f", body, 28, float("nan"))   # alpha
     data = bytes(body) + struct.pack("<I", zlib.crc32(body))
     sd["qweight"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    with pytest.raises(RuntimeError, match="qweight.*corrupted.*alpha"):
+    with pytest.raises(ValueError, match="qweight.*corrupted.*alpha"):
         dst.load_state_dict(sd)
     rtn = QuantLinear.from_linear(linear(), 4, method="rtn")
     acts = QuantLinear.from_linear(linear(), 4.0, act_rate=4.5)
-    with pytest.raises(RuntimeError, match="act_rate"):
+    with pytest.raises(ValueError, match="act_rate"):
         acts.load_state_dict(rtn.state_dict())
 
 
