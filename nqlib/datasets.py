@@ -44,10 +44,11 @@ def _sentences(doc: str, min_words: int, max_words: int):
             yield sentence
 
 
-@functools.cache
-def _all_stdlib_sentences(min_words: int, max_words: int) -> tuple[str, ...]:
+def _stdlib_module_trees():
+    """Parsed standard-library modules (top level and one package deep, tests
+    and tools skipped), in path order, as ``(path relative to the standard
+    library, tree)``."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    found = set()
     for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
         if any(part in {"test", "tests", "idlelib", "site-packages",
                         "lib2to3", "turtledemo"} for part in path.parts):
@@ -56,6 +57,13 @@ def _all_stdlib_sentences(min_words: int, max_words: int) -> tuple[str, ...]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, OSError):
             continue
+        yield path.relative_to(root), tree
+
+
+@functools.cache
+def _all_stdlib_sentences(min_words: int, max_words: int) -> tuple[str, ...]:
+    found = set()
+    for _, tree in _stdlib_module_trees():
         for doc in _docstrings(tree):
             found.update(_sentences(doc, min_words, max_words))
     return tuple(sorted(found))
@@ -104,17 +112,9 @@ def stdlib_sentences(n: int | None = None, *, seed: int = 0,
 
 @functools.cache
 def _all_stdlib_documents(min_words: int, max_words: int):
-    root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
-    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
-        if any(part in {"test", "tests", "idlelib", "site-packages",
-                        "lib2to3", "turtledemo"} for part in path.parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        module = ".".join(path.relative_to(root).with_suffix("").parts)
+    for path, tree in _stdlib_module_trees():
+        module = ".".join(path.with_suffix("").parts)
         for doc in _docstrings(tree):
             text = " ".join(_sentences(doc, min_words, max_words))
             if text:
