@@ -75,10 +75,26 @@ from nqlib.quantizers.matrix import (
     quantize,
 )
 
-__all__ = ["quantize_ldlq", "DEFAULT_DAMP"]
+__all__ = ["quantize_ldlq", "check_hessian_inputs", "DEFAULT_DAMP"]
 
 #: damping of H' as a fraction of its mean diagonal (the GPTQ default)
 DEFAULT_DAMP = 0.01
+
+
+def check_hessian_inputs(A, H, damp):
+    """``(A, H)`` as float64 arrays after checking the Hessian-aware inputs:
+    ``A`` a finite ``(n, a)`` matrix, ``H`` a finite ``(n, n)`` matrix and
+    ``damp`` a finite number ``>= 0``; ValueError naming the problem."""
+    A = _as_matrix(A)
+    n = A.shape[0]
+    H = _checks.as_float_array(H, "H", ndim=2, dtype=np.float64)
+    if H.shape != (n, n):
+        raise ValueError(f"H must have shape {(n, n)} (the inner dimension of "
+                         f"A), got {H.shape}")
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not (
+            np.isfinite(damp) and damp >= 0):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    return A, H
 
 
 def _coded_domain(A, template: QuantizedMatrix) -> np.ndarray:
@@ -237,15 +253,8 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
     Book: chapter "Quantizing a sentence-embedding model", label
     ``ch-minilm``.
     """
-    A = _as_matrix(A)
+    A, H = check_hessian_inputs(A, H, damp)
     n, a = A.shape
-    H = _checks.as_float_array(H, "H", ndim=2, dtype=np.float64)
-    if H.shape != (n, n):
-        raise ValueError(f"H must have shape {(n, n)} (the inner dimension of "
-                         f"A), got {H.shape}")
-    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not (
-            np.isfinite(damp) and damp >= 0):
-        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
     backend = _backend.resolve(backend, tensor_input=False)
     # The plain fixed-mode quantizer fixes the side information and the plan
     # (which word length codes which blocks); only the words are redone.

@@ -411,23 +411,14 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=None, estimator="mmse",
     the same sequence length. Book: chapter "Beyond E8: trellis codes",
     label ``ch-trellis``.
     """
-    import numbers
 
     import nqlib
-    from nqlib import _checks
     from nqlib.kernels.cpu import trellis as kern
     from nqlib.quantizers import ldlq, matrix
 
     damp = ldlq.DEFAULT_DAMP if damp is None else damp
-    A64 = matrix._as_matrix(A)
+    A64, H = ldlq.check_hessian_inputs(A, H, damp)
     n, a = A64.shape
-    H = _checks.as_float_array(H, "H", ndim=2, dtype=np.float64)
-    if H.shape != (n, n):
-        raise ValueError(f"H must have shape {(n, n)} (the inner dimension of "
-                         f"A), got {H.shape}")
-    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not (
-            np.isfinite(damp) and damp >= 0):
-        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
     base = nqlib.quantize(A64, rate, seed=seed, mode="fixed",
                           estimator=estimator, center=center,
                           normalize=normalize, rotate=rotate,
