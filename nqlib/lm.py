@@ -435,12 +435,7 @@ def model_report(model):
     rep = QuantizationReport()
     for fqn, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            rep.layers.append(dict(
-                name=fqn, shape=(m.out_features, m.in_features),
-                entries=m.out_features * m.in_features,
-                bits_per_entry=m.weight_bits_per_entry,
-                bytes_before=4 * m.out_features * m.in_features,
-                bytes_after=m.weight_nbytes))
+            rep.add(fqn, m)
     return rep
 
 

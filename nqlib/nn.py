@@ -589,6 +589,15 @@ class QuantizationReport:
 
     layers: list = field(default_factory=list)
 
+    def add(self, name: str, layer: QuantLinear) -> None:
+        """Append the row of the quantized layer ``layer`` named ``name``
+        (its float weight counted as float32 before)."""
+        out_f, in_f = layer.out_features, layer.in_features
+        self.layers.append(dict(
+            name=name, shape=(out_f, in_f), entries=out_f * in_f,
+            bits_per_entry=layer.weight_bits_per_entry,
+            bytes_before=4 * out_f * in_f, bytes_after=layer.weight_nbytes))
+
     @property
     def bytes_before(self) -> int:
         return sum(r["bytes_before"] for r in self.layers)
@@ -703,12 +712,7 @@ def quantize_model(model: torch.nn.Module, weight_rate: float = 4.0,
         for p in parts[:-1]:
             parent = getattr(parent, p)
         setattr(parent, parts[-1], ql)
-        report.layers.append(dict(
-            name=name, shape=(mod.out_features, mod.in_features),
-            entries=mod.out_features * mod.in_features,
-            bits_per_entry=ql.weight_bits_per_entry,
-            bytes_before=4 * mod.out_features * mod.in_features,
-            bytes_after=ql.weight_nbytes))
+        report.add(name, ql)
     # one activation cache for the model's layers (q, k and v share inputs)
     _share_activation_cache(model)
     return report
