@@ -36,8 +36,7 @@ install: $(STAMP)
 
 ## Library tests, then every chapter executed once, then the book from that
 ## cache with warnings as errors, then the paired notebooks' sync check.
-test: $(STAMP)
-	$(BIN)/ruff check nqlib tests benchmarks
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -n 2 --durations=15 -m "not notebook" tests
 	$(BIN)/python -m pytest --durations=0 -m notebook tests/test_chapters.py
 	$(BIN)/jupyter-book build -W -n --keep-going .
@@ -58,8 +57,12 @@ book: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/jupytext --to ipynb --update-metadata '{"jupytext":{"formats":"ipynb,md:myst"}}' book/[0-9]*.md
 
+## Style (ruff) and the architecture contract (import-linter: the layers
+## nn | matmul | quantizers | lattices | theory, kernels as leaves; see
+## [tool.importlinter] in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check nqlib tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 bench: $(STAMP)
 	NUMBA_NUM_THREADS= $(BIN)/python benchmarks/run_all.py

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -58,7 +59,8 @@ ISA_CONFIGS = [("gemv", 1, 16, 32, 4), ("fma", 2, 16, 32, 4),
 
 def isa_counts():
     """Instruction counts of the fused kernel's loop, compiled for sm_90."""
-    from nqlib.kernels.gpu.matmul_triton import loop_instruction_counts
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_isa import loop_instruction_counts
 
     rows = []
     for config in ISA_CONFIGS:
@@ -148,18 +150,45 @@ def gpu_time_us(fns, *, warmup=10, repeat=50):
     return start.elapsed_time(end) * 1e3 / (repeat * len(fns)), mode
 
 
+def random_layout(n, a, q, betas, *, device=None, seed=0):
+    """A layout of random halves and random meta bytes, **for timing only**:
+    it decodes to arbitrary lattice vectors, not to any matrix. One part of
+    ``q`` (and the given scales) covers all ``n / 8`` blocks; per-vector
+    constants are 1 and 0, no rotation. Building it costs no quantization
+    (an 8192 x 28672 matrix takes minutes to quantize on a CPU)."""
+    import numpy as np
+
+    from nqlib.kernels.gpu import matmul_triton as mt
+    from nqlib.kernels.gpu.fixed_format import FIX_SHIFT, INDEX_SHIFT, ODD_SHIFT
+    from nqlib.quantizers.fixed_layout import pack_layout
+
+    B = -(-n // 8)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, q, size=(a, B, 8), dtype=np.uint8)
+    meta = (rng.integers(0, len(betas), size=(a, B)) << INDEX_SHIFT
+            | rng.integers(0, 32, size=(a, B)))
+    # a block without the fix has k = 0 (as the layout builder stores it)
+    no_fix = (meta >> ODD_SHIFT & 1) == 0
+    meta = np.where(no_fix, meta & ~(7 << FIX_SHIFT), meta).astype(np.uint8)
+    arrays = pack_layout(codes, meta, (n, a), B, {"hi": int(q)}, {"hi": betas},
+                         4 if q <= 16 else 8,
+                         row_scale=np.ones(a, dtype=np.float32),
+                         row_offset=np.zeros(a, dtype=np.float32))
+    return mt.upload(arrays, device)
+
+
 def build_layout(k, n, codes, seed):
     """(layout, label) for a K x N layer at RATE bit/entry."""
     import numpy as np
 
-    from nqlib.kernels.gpu import matmul_triton as mt
+    from nqlib.quantizers.fixed_layout import gpu_layout
 
     if codes == "random":
         from nqlib.quantizers.fixed import fixed_code
 
         code = fixed_code(int(8 * RATE))     # 32-bit words: q = 13, 5 scales
-        return (mt.random_layout(k, n, code.q, code.betas, device=DEVICE,
-                                 seed=seed), f"random codes q={code.q}")
+        return (random_layout(k, n, code.q, code.betas, device=DEVICE,
+                              seed=seed), f"random codes q={code.q}")
     import nqlib
 
     t0 = time.perf_counter()
@@ -167,9 +196,9 @@ def build_layout(k, n, codes, seed):
     qm = nqlib.quantize(W.T, RATE, mode="fixed", seed=seed)
     print(f"    quantized {k} x {n} in {time.perf_counter() - t0:.1f} s: "
           f"{qm.bits_per_entry:.3f} bit/entry", flush=True)
-    return mt.gpu_layout(qm, DEVICE), (f"quantized, q={qm.payload['hi']['q']}/"
-                                       f"{qm.payload['lo']['q']}, "
-                                       f"{qm.bits_per_entry:.3f} bit/entry")
+    return gpu_layout(qm, DEVICE), (f"quantized, q={qm.payload.hi.q}/"
+                                    f"{qm.payload.lo.q}, "
+                                    f"{qm.bits_per_entry:.3f} bit/entry")
 
 
 def time_gpu(args):

@@ -2,7 +2,7 @@
 
 ``A`` (n x a) and ``B`` (n x b) have iid N(0, 1) entries; both are quantized
 with ``nqlib.quantize`` at target rate R in {2, 3, 4, 5} (the same seed) and
-``C_hat = nqlib.matmul(QA, QB)``. For every system this reports
+``C_hat = nqlib.inner_products(QA, QB)``. For every system this reports
 
 * ``bits``     -- achieved bits per entry, every byte of both files counted:
   ``8 (nbytes_A + nbytes_B) / (n (a + b))``;
@@ -58,7 +58,7 @@ def measure(A, B, system, rate, repeat, min_time):
     kw = SYSTEMS[system]
     QA = nqlib.quantize(A, rate, seed=SEED, **kw)
     QB = nqlib.quantize(B, rate, seed=SEED, **kw)
-    C_hat = nqlib.matmul(QA, QB)
+    C_hat = nqlib.inner_products(QA, QB)
     D = nqlib.matmul_distortion(A, B, C_hat)
     n, a = A.shape
     b = B.shape[1]

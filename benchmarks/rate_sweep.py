@@ -34,7 +34,7 @@ import numpy as np
 from _harness import machine_line, print_table
 
 import nqlib
-from nqlib.quantizers.matrix import RATE_TOLERANCE
+from nqlib.quantizers.rate_control import RATE_TOLERANCE
 from nqlib.quantizers.ratecurve import variable_tangent
 from nqlib.theory import bound, gamma, gamma_inv
 
@@ -48,9 +48,9 @@ def kept_fraction(Q) -> float:
     """Share of the 8-blocks of each rotated column that carry codes."""
     blocks = Q.n_pad // 8
     if Q.mode == "variable":
-        return Q.payload["keep"] / blocks
-    lo_dropped = Q.payload["lo"]["L"] == 0
-    return Q.payload["h"] / blocks if lo_dropped else 1.0
+        return Q.payload.keep / blocks
+    lo_dropped = Q.payload.lo.L == 0
+    return Q.payload.h / blocks if lo_dropped else 1.0
 
 
 def measure(A, B, mode, rate) -> dict:
@@ -58,7 +58,7 @@ def measure(A, B, mode, rate) -> dict:
     t0 = time.perf_counter()
     QA = nqlib.quantize(A, rate, seed=SEED, mode=mode)
     QB = nqlib.quantize(B, rate, seed=SEED, mode=mode)
-    C_hat = nqlib.matmul(QA, QB)
+    C_hat = nqlib.inner_products(QA, QB)
     seconds = time.perf_counter() - t0
     D = nqlib.matmul_distortion(A, B, C_hat)
     n, a = A.shape

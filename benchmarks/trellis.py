@@ -1,7 +1,7 @@
 """The trellis mode (``mode="trellis"``) against nqlib's fixed E8 mode.
 
 Rows (``--rows``): iid N(0, 1) matrices A (n x a), B (n x b), both quantized
-at target rate R in 1..6 with the same seed, ``C_hat = nqlib.matmul(QA, QB)``:
+at target rate R in 1..6 with the same seed, ``C_hat = nqlib.inner_products(QA, QB)``:
 
 * ``bits``  -- ``8 (nbytes_A + nbytes_B) / (n (a + b))``: every byte of both
   files;
@@ -62,7 +62,7 @@ def rows(n, a, b, rates) -> list[dict]:
             QA = nqlib.quantize(A, rate, seed=SEED, mode=mode)
             enc = time.perf_counter() - t0
             QB = nqlib.quantize(B, rate, seed=SEED, mode=mode)
-            D = nqlib.matmul_distortion(A, B, nqlib.matmul(QA, QB))
+            D = nqlib.matmul_distortion(A, B, nqlib.inner_products(QA, QB))
             bits = 8.0 * (QA.nbytes + QB.nbytes) / (n * (a + b))
             out.append({"mode": mode, "R": rate, "bits": bits, "D": D,
                         "D/Gamma": D / gamma(bits),
@@ -115,7 +115,7 @@ def layer_time(n=4096) -> dict:
     t0 = time.perf_counter()
     Q = nqlib.quantize(A, 2.0, mode="trellis", seed=SEED)
     secs = time.perf_counter() - t0
-    return {"shape": [n, n], "L": Q.payload["L"], "seconds": secs,
+    return {"shape": [n, n], "L": Q.payload.L, "seconds": secs,
             "threads": numba.get_num_threads(), "bits": Q.bits_per_entry}
 
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from nqlib import matmul_distortion, quantize
-from nqlib.matmul import matmul
+from nqlib import inner_products, matmul_distortion, quantize
 from nqlib.quantizers import ratecurve
 
 CURVE_SHAPE = (2048, 64)
@@ -43,9 +42,9 @@ def measure_variable_curve(rates=ratecurve.CURVE_RATES):
     for r in tqdm(list(rates), desc="measuring the variable-mode curve"):
         QA = quantize(A, float(r) + side, sketch=False)
         QB = quantize(B, float(r) + side, sketch=False)
-        Ds.append(matmul_distortion(A, B, matmul(QA, QB)))
+        Ds.append(matmul_distortion(A, B, inner_products(QA, QB)))
         coded = QA.shape[1] * QA.n_pad
-        achieved.append(32 * len(QA.payload["words"]) / coded)
+        achieved.append(32 * len(QA.payload.words) / coded)
     return {"shape": list(CURVE_SHAPE), "seed": CURVE_SEED,
             "rate": [float(r) for r in achieved], "D": Ds}
 

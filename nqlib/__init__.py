@@ -11,7 +11,7 @@ first use.
 
 from nqlib import lattices
 from nqlib.lattices import A2, D4, E8, Dn, Lattice, Zn, lattice
-from nqlib.matmul import matmul, matmul_distortion
+from nqlib.matmul import inner_products, matmul, matmul_distortion
 from nqlib.quantizers.hadamard import RandomHadamard
 from nqlib.quantizers.matrix import QuantizedMatrix, load, quantize
 from nqlib.quantizers.voronoi import VoronoiCode
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "theory", "lattices", "Lattice", "Zn", "Dn", "A2", "D4", "E8", "lattice",
     "VoronoiCode", "RandomHadamard", "quantize", "QuantizedMatrix", "load",
-    "matmul", "matmul_distortion", "__version__",
+    "inner_products", "matmul", "matmul_distortion", "__version__",
 ]
 
 

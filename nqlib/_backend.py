@@ -123,3 +123,21 @@ def resolve(backend: str, *, tensor_input: bool = False,
     if backend == "triton" and not (tensor_input and triton_usable()):
         raise RuntimeError(_why_no_triton(tensor_input))
     return backend
+
+
+def default_torch_device() -> str:
+    """The torch device the Triton path uses when none is given.
+
+    Returns
+    -------
+    str
+        ``"cuda"`` when torch sees a CUDA device, else ``"cpu"`` (CPU
+        tensors, which Triton runs on under ``TRITON_INTERPRET=1``).
+
+    Notes
+    -----
+    Imports torch, so call it only on a path that needs torch anyway.
+    """
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

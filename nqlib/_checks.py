@@ -106,3 +106,32 @@ def check_real(value, name: str, *, low: float | None = None,
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value}")
     return value
+
+
+def check_float_tensor(x, name: str, dim: int) -> None:
+    """Validate a torch tensor argument of vectors.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Vectors along the last axis.
+    name : str
+        The argument's name, for the messages.
+    dim : int
+        The required last dimension.
+
+    Raises
+    ------
+    ValueError
+        When the last dimension is not ``dim``, the dtype is not floating, or
+        an entry is NaN or Inf.
+    """
+    import torch
+
+    if x.ndim == 0 or x.shape[-1] != dim:
+        raise ValueError(f"{name} must have last dimension {dim}, got shape "
+                         f"{tuple(x.shape)}")
+    if not torch.is_floating_point(x):
+        raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")

@@ -39,7 +39,16 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from nqlib import nn_api
+from nqlib.nn.api import QuantConfig
+from nqlib.nn.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    build_layer,
+    read_meta,
+    tied_embedding,
+)
+from nqlib.nn.model import set_module, share_activation_cache
 
 __all__ = ["NqlibConfig", "NqlibHfQuantizer", "QUANT_METHOD"]
 
@@ -52,26 +61,26 @@ class NqlibConfig(QuantizationConfigMixin):
     Parameters
     ----------
     format, version : str, int
-        The checkpoint format (:data:`nqlib.nn_api.FORMAT` and version).
+        The checkpoint format (:data:`nqlib.nn.checkpoint.FORMAT` and version).
     configs : list of dict
         The :class:`nqlib.nn.QuantConfig` of the quantized layers (for the
         record; each layer's own options are in ``nqlib_quantization.json``).
     """
 
-    def __init__(self, format=nn_api.FORMAT, version=nn_api.FORMAT_VERSION,
-                 configs=None, **kwargs):
+    def __init__(self, format=FORMAT, version=FORMAT_VERSION, configs=None,
+                 **kwargs):
         self.quant_method = QUANT_METHOD
         self.format = format
         self.version = version
         self.configs = list(configs or [])
-        if format != nn_api.FORMAT:
+        if format != FORMAT:
             raise ValueError(f"quantization_config format must be "
-                             f"{nn_api.FORMAT!r}, got {format!r}")
-        if version != nn_api.FORMAT_VERSION:
+                             f"{FORMAT!r}, got {format!r}")
+        if version != FORMAT_VERSION:
             raise ValueError(f"nqlib checkpoint format version {version!r}; this "
-                             f"nqlib reads version {nn_api.FORMAT_VERSION}")
+                             f"nqlib reads version {FORMAT_VERSION}")
         for c in self.configs:  # validated now, not at the first forward
-            nn_api.QuantConfig.from_dict(c)
+            QuantConfig.from_dict(c)
 
     def to_dict(self) -> dict:
         return dict(quant_method=QUANT_METHOD, format=self.format,
@@ -140,9 +149,9 @@ class NqlibHfQuantizer(HfQuantizer):
         from safetensors import safe_open
 
         directory = _checkpoint_dir(checkpoint_files)
-        meta = nn_api._read_meta(directory)
+        meta = read_meta(directory)
         self._meta = meta
-        with safe_open(str(directory / nn_api.WEIGHTS_NAME), "pt") as fh:
+        with safe_open(str(directory / WEIGHTS_NAME), "pt") as fh:
             lengths = {k: fh.get_slice(k).get_shape()[0] for k in fh.keys()
                        if k.endswith(".qweight")}
         for fqn, entry in meta["layers"].items():
@@ -153,11 +162,11 @@ class NqlibHfQuantizer(HfQuantizer):
                 raise ValueError(f"the checkpoint lacks the tensor {fqn}.qweight")
             bias_dtype = (old.bias.dtype if old.bias is not None
                           else torch.float32)
-            nn_api._set_module(model, fqn, _PendingQuantLinear(
+            set_module(model, fqn, _PendingQuantLinear(
                 fqn, entry, lengths[f"{fqn}.qweight"], bias_dtype))
         for fqn in meta["tied_embeddings"]:
             # tensor-free until the head is built (after loading)
-            nn_api._set_module(model, fqn, torch.nn.Identity())
+            set_module(model, fqn, torch.nn.Identity())
         if meta["tied_embeddings"]:
             # the embedding's table is the quantized head's: nothing to tie
             model.config.tie_word_embeddings = False
@@ -174,12 +183,10 @@ class NqlibHfQuantizer(HfQuantizer):
             tensors = {f"{fqn}.qweight": pending.qweight.detach().cpu()}
             if pending.bias is not None:
                 tensors[f"{fqn}.bias"] = pending.bias.detach().cpu()
-            nn_api._set_module(model, fqn,
-                               nn_api._build_layer(fqn, entry, tensors))
+            set_module(model, fqn, build_layer(fqn, entry, tensors))
         for fqn, tie in meta["tied_embeddings"].items():
-            nn_api._set_module(model, fqn,
-                               nn_api._tied_embedding(model, fqn, tie, meta))
-        nn_api._share_activation_cache(model)
+            set_module(model, fqn, tied_embedding(model, fqn, tie, meta))
+        share_activation_cache(model)
         return model
 
     def is_serializable(self, safe_serialization=None):

@@ -358,7 +358,7 @@ def rtn_baseline_(model, bits, *, group_size=64, hadamard=False, act_bits=None,
         ``bytes`` (as a file would hold them), ``entries`` and
         ``bits_per_entry`` over the replaced layers.
     """
-    from nqlib.nn_api import _set_module
+    from nqlib.nn.model import set_module
 
     targets = [(fqn, m) for fqn, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)
@@ -366,7 +366,7 @@ def rtn_baseline_(model, bits, *, group_size=64, hadamard=False, act_bits=None,
     nbytes = entries = 0
     for fqn, m in targets:
         r = RTNLinear(m, bits, group_size, hadamard, act_bits, seed)
-        _set_module(model, fqn, r)
+        set_module(model, fqn, r)
         nbytes += r.nbytes
         entries += m.in_features * m.out_features
     return dict(bytes=nbytes, entries=entries,
@@ -455,7 +455,7 @@ def quantize_cached(model, config, filter_fn=None, *, tag: str = "",
     hit : bool
         Whether the result came from the cache.
     """
-    from nqlib.nn_api import CONFIG_NAME, load_quantized, quantize_, save_quantized
+    from nqlib.nn import CONFIG_NAME, load_quantized, quantize_, save_quantized
 
     if cache_dir is None:
         return quantize_(model, config, filter_fn,

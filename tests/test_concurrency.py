@@ -62,7 +62,7 @@ def test_other_cached_arrays_are_read_only():
     P = nqlib.RandomHadamard(24, seed=3)
     arrays = {"design sample": sample, "design weights": weights,
               "rotation signs": P.signs, "rotation odd factor": P.orthogonal}
-    assert P.signs is hadamard._parameters(24, 3, P.version)[0]
+    assert P.signs is hadamard._rotation_parameters(24, 3, P.version)[0]
     curve = ratecurve.variable_curve()
     if curve is not None:
         arrays.update({"curve rates": curve[0], "curve D": curve[1]})
@@ -91,7 +91,7 @@ def test_theory_tables_are_read_only():
 def test_decoded_rows_cache_is_read_only():
     Q = nqlib.quantize(np.random.default_rng(0).standard_normal((64, 4)), 4.0)
     with pytest.raises(ValueError):
-        Q._rows()[0, 0] = 1.0
+        Q.coded_rows()[0, 0] = 1.0
 
 
 # ---------------------------------------------------------------- threads
@@ -232,6 +232,7 @@ def test_activation_cache_belongs_to_the_model():
         assert clone[0].act_cache is clone[1].act_cache
         assert clone[0].act_cache is not m1[0].act_cache
         assert getattr(clone[0].act_cache._local, "entry", None) is None
+        assert clone[0].act_cache.quantized_calls == 0 < m1[0].act_cache.quantized_calls
         torch.testing.assert_close(clone(x), y1, rtol=0, atol=0)
     lone = qnn.QuantLinear.from_linear(torch.nn.Linear(64, 8), 4.0, act_rate=4.0)
     assert isinstance(lone.act_cache, qnn.ActivationCache)
@@ -258,15 +259,28 @@ def test_layers_fed_the_same_input_quantize_it_once(monkeypatch):
     for name in ("q", "k", "v"):
         setattr(solo, name, qnn.QuantLinear.from_linear(
             getattr(solo, name), 4.0, act_rate=4.0))
-    calls = []
-    real = qnn._matrix._quantize
-    monkeypatch.setattr(qnn._matrix, "_quantize",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    from nqlib.nn import activations
+
+    calls = []  # the quantizer's real calls, against which the counts are checked
+    real = activations.quantize_columns
+    monkeypatch.setattr(activations, "quantize_columns",
+                        lambda X, *a, **k: calls.append(X.size) or real(X, *a, **k))
+    shared = fan.q.act_cache
+    assert shared is fan.k.act_cache is fan.v.act_cache
+    assert (shared.quantized_calls, shared.quantized_entries) == (0, 0)
     fan(torch.randn(5, 64))
-    assert len(calls) == 1
-    calls.clear()
+    assert (shared.quantized_calls, shared.quantized_entries) == (1, 5 * 64)
+    assert calls == [5 * 64]
+    fan(torch.randn(5, 64))  # another input: quantized once more
+    assert shared.quantized_calls == 2
+    shared.reset_counts()
+    assert (shared.quantized_calls, shared.quantized_entries) == (0, 0)
     solo(torch.randn(5, 64))
-    assert len(calls) == 3
+    caches = [getattr(solo, name).act_cache for name in ("q", "k", "v")]
+    assert len({id(c) for c in caches}) == 3
+    assert [(c.quantized_calls, c.quantized_entries) for c in caches] == \
+        [(1, 5 * 64)] * 3
+    assert calls == [5 * 64] * 5
 
 
 def test_backend_is_an_instance_attribute():

@@ -26,7 +26,7 @@ from nqlib.quantizers.cpu_layout import (
     e8_doubled_points,
     supports,
 )
-from nqlib.quantizers.matrix import _decode_codes
+from nqlib.quantizers.matrix import decode_codes
 from nqlib.reference.fused import decode_cpu_layout
 
 torch = pytest.importorskip("torch")
@@ -78,7 +78,7 @@ def _tolerance(qm, x):
 def test_layout_decodes_like_numba(case):
     qm, lay = case
     a = qm.shape[1]
-    raw = _decode_codes(qm)
+    raw = decode_codes(qm)
     c = lay.coded
     oracle = decode_cpu_layout(lay.words, lay.nib, lay.kpl, lay.tab, lay.q[0],
                                lay.q[1], lay.h, a)
@@ -330,7 +330,7 @@ def test_w4a4_fused_equals_matmul_of_quantized_operands(act_mode, M):
     x = torch.randn(M, n) * 3 + 1
     y = ql(x)
     QX = nqlib.quantize(x.double().numpy().T, 4.0, seed=11, mode=act_mode)
-    ref = nqlib.matmul(QX, ql.quantized_weight) + lin.bias.detach().numpy()
+    ref = nqlib.inner_products(QX, ql.quantized_weight) + lin.bias.detach().numpy()
     np.testing.assert_allclose(y.numpy(), ref, rtol=0,
                                atol=64 * EPS32 * np.abs(ref).max())
     assert ql.act_entries == M * n
@@ -406,7 +406,7 @@ import pickle, sys
 import numpy as np
 from nqlib.kernels.cpu import fused
 
-assert not fused._HAVE_AVX2
+assert not fused.HAVE_AVX2
 with open(sys.argv[1], "rb") as fh:
     lay, cases = pickle.load(fh)
 for x, ref, tol in cases:

@@ -18,7 +18,7 @@ import pytest
 
 import nqlib
 from nqlib import RandomHadamard
-from nqlib.quantizers import draws, matrix
+from nqlib.quantizers import coded_domain, draws
 
 MASK = (1 << 64) - 1
 
@@ -140,14 +140,14 @@ def test_fixed_order_kernels_are_the_obvious_loops():
 
 
 def test_dither_is_exact_and_in_the_voronoi_cell():
-    z = matrix._dither(5, 64, 3, 24, key=123)
+    z = coded_domain.dither(5, 64, 3, 24, key=123)
     assert z.shape == (24, 8)
     np.testing.assert_array_equal(z * 2.0**41, np.floor(z * 2.0**41))
     np.testing.assert_array_equal(nqlib.E8().closest_point(z), 0.0)
     # a prefix is the same dither; the key and version change it
-    np.testing.assert_array_equal(matrix._dither(5, 64, 3, 10, key=123), z[:10])
-    assert not np.any(matrix._dither(5, 64, 3, 24, key=124) == z)
-    assert not np.any(matrix._dither(5, 64, 3, 24, key=123, version=2) == z)
+    np.testing.assert_array_equal(coded_domain.dither(5, 64, 3, 10, key=123), z[:10])
+    assert not np.any(coded_domain.dither(5, 64, 3, 24, key=124) == z)
+    assert not np.any(coded_domain.dither(5, 64, 3, 24, key=123, version=2) == z)
 
 
 def test_rotation_versions():

@@ -46,6 +46,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nqlib
+from nqlib.quantizers import format as nqformat
 from nqlib.quantizers import matrix
 
 DATA = Path(__file__).parent / "data"
@@ -77,7 +78,7 @@ def base_files() -> dict:
     normalisation or rotation); and the version-2 golden files."""
     A = np.random.default_rng(5).standard_normal((40, 6))
     out = {}
-    for method, mode in matrix.PAYLOAD_READERS:
+    for method, mode in nqformat.PAYLOAD_READERS:
         kw = dict(method=method, mode=mode)
         rate = 6.0
         if method.startswith("rtn"):
@@ -124,7 +125,7 @@ def fields(data: bytes) -> list:
         out.append((pos, "I"))
         pos += 4
         for part in ("hi", "lo"):
-            k = len(Q.payload[part]["betas"])
+            k = len(getattr(Q.payload, part).betas)
             out += [(pos, "B"), (pos + 1, "H"), (pos + 3, "B")]
             out += [(pos + 4 + 4 * j, "f") for j in range(k)]
             pos += 4 + 4 * k
@@ -295,7 +296,7 @@ def test_forty_eight_byte_file_claiming_a_huge_matrix():
     """Issue 14: a 48-byte file with a valid CRC claiming a 2^20 x 2^20
     fixed-mode matrix (both parts empty) with alpha = NaN was accepted, and
     dequantize() tried to allocate 8 TiB."""
-    header = struct.pack("<3sBBBBBIIQf", matrix.MAGIC, matrix.FORMAT_VERSION,
+    header = struct.pack("<3sBBBBBIIQf", nqformat.MAGIC, nqformat.FORMAT_VERSION,
                          matrix.METHODS.index("nested"),
                          matrix.MODES.index("fixed"), 16, 0, 2**20, 2**20, 0, 4.0)
     body = header + struct.pack("<f", math.nan) + struct.pack("<I", 0)

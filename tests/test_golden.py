@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import nqlib
-from nqlib.quantizers import matrix
+from nqlib.quantizers import format as fmt
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = json.loads((DATA / "golden" / "manifest.json").read_text())
@@ -54,8 +54,8 @@ def test_every_method_mode_and_dither_has_a_golden_file():
     missing files)."""
     have = {(e["options"]["method"], e["options"].get("mode", "fixed"),
              bool(e["options"].get("dither", False))) for e in GOLDEN.values()}
-    want = {(m, mode, False) for (m, mode) in matrix.PAYLOAD_READERS}
-    want |= {(m, mode, True) for (m, mode) in matrix.PAYLOAD_READERS
+    want = {(m, mode, False) for (m, mode) in fmt.PAYLOAD_READERS}
+    want |= {(m, mode, True) for (m, mode) in fmt.PAYLOAD_READERS
              if m == "nested" and _dither_applies(m, mode)}
     assert want <= have, want - have
 
@@ -66,7 +66,7 @@ def test_golden_file_decodes_to_its_hash(name):
     data = (DATA / "golden" / name).read_bytes()
     assert hashlib.sha256(data).hexdigest() == entry["file_sha256"]
     Q = nqlib.load(DATA / "golden" / name)
-    assert Q.version == entry["version"] == matrix.FORMAT_VERSION
+    assert Q.version == entry["version"] == fmt.FORMAT_VERSION
     assert Q.shape == tuple(entry["shape"])
     assert sha256(Q.dequantize()) == entry["dequantize_sha256"]
     # read back and written again: the same bytes
@@ -99,5 +99,5 @@ def test_version_2_and_3_rotations_differ_and_products_stay_correct():
     Q3 = nqlib.quantize(B, 6.0, seed=Q2.seed, mode="fixed")
     assert Q3.version == 3
     assert not np.array_equal(Q2.rotation().signs, Q3.rotation().signs)
-    np.testing.assert_allclose(nqlib.matmul(Q2, Q3),
+    np.testing.assert_allclose(nqlib.inner_products(Q2, Q3),
                                Q2.dequantize().T @ Q3.dequantize(), atol=1e-10)

@@ -31,9 +31,10 @@ def test_copies_fill_four_times_l2(monkeypatch):
 def test_clone_layout_has_its_own_memory_and_same_codes():
     import nqlib
     from nqlib.kernels.gpu import matmul_triton as mt
+    from nqlib.quantizers.fixed_layout import gpu_layout
 
     A = np.random.default_rng(0).standard_normal((256, 16))
-    layout = mt.gpu_layout(nqlib.quantize(A, 4.0, mode="fixed", seed=3), "cpu")
+    layout = gpu_layout(nqlib.quantize(A, 4.0, mode="fixed", seed=3), "cpu")
     copy = bench.clone_layout(layout)
     for name in ("words", "meta", "tab", "betas"):
         a, b = getattr(layout, name), getattr(copy, name)

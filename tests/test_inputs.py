@@ -211,10 +211,12 @@ def test_random_hadamard_numpy_half_and_layouts():
 # ------------------------------------------------------------------ matmul
 def test_matmul_and_distortion_of_half_operands():
     A, B = values((256, 6), seed=11), values((256, 5), seed=12)
-    want = nqlib.matmul(nqlib.quantize(A, 3.0, seed=1), nqlib.quantize(B, 3.0, seed=1))
+    want = nqlib.inner_products(nqlib.quantize(A, 3.0, seed=1),
+                                nqlib.quantize(B, 3.0, seed=1))
     tA, tB = torch.from_numpy(A).to(torch.bfloat16), torch.from_numpy(B).half()
-    got = nqlib.matmul(nqlib.quantize(tA, 3.0, seed=1),
-                       nqlib.quantize(np.asfortranarray(tB.numpy()), 3.0, seed=1))
+    got = nqlib.inner_products(nqlib.quantize(tA, 3.0, seed=1),
+                               nqlib.quantize(np.asfortranarray(tB.numpy()), 3.0,
+                                              seed=1))
     np.testing.assert_array_equal(got, want)
     d = nqlib.matmul_distortion(A, B, want)
     assert nqlib.matmul_distortion(tA, tB, torch.from_numpy(want).float()) == \

@@ -1,4 +1,4 @@
-"""Approximate matrix multiplication: nqlib.matmul and nqlib.matmul_distortion.
+"""Approximate matrix multiplication: nqlib.inner_products and nqlib.matmul_distortion.
 
 * the product formed in the rotated domain equals the product of the
   dequantized matrices (to rounding), for every method and pipeline, and
@@ -53,7 +53,7 @@ def test_equals_product_of_dequantized(pipeline, n):
     B = gaussian((n, 7), 2) - 0.25
     QA = nqlib.quantize(A, 6, seed=5, **kw)
     QB = nqlib.quantize(B, 6, seed=5, **kw)
-    C = nqlib.matmul(QA, QB)
+    C = nqlib.inner_products(QA, QB)
     assert C.shape == (12, 7) and C.dtype == np.float64
     assert_close_rel(C, dequantized_product(QA, QB))
     # and it estimates A^T B (small matrices: the side information costs
@@ -69,7 +69,7 @@ def test_low_rates_equal_product_of_dequantized(mode, rate):
     A, B = gaussian((1024, 16), 7), gaussian((1024, 8), 8)
     QA = nqlib.quantize(A, rate, seed=2, mode=mode)
     QB = nqlib.quantize(B, rate, seed=2, mode=mode)
-    C = nqlib.matmul(QA, QB)
+    C = nqlib.inner_products(QA, QB)
     assert_close_rel(C, dequantized_product(QA, QB))
     assert nqlib.matmul_distortion(A, B, C) < 1.0
 
@@ -79,7 +79,7 @@ def test_inner_product_of_two_vectors():
     b = a + 0.1 * gaussian((1024, 1), 4)
     Qa = nqlib.quantize(a, 6, seed=1)
     Qb = nqlib.quantize(b, 6, seed=1)
-    C = nqlib.matmul(Qa, Qb)
+    C = nqlib.inner_products(Qa, Qb)
     assert C.shape == (1, 1)
     assert_close_rel(C, dequantized_product(Qa, Qb))
     assert abs(C[0, 0] - float(a[:, 0] @ b[:, 0])) < 0.01 * float(a[:, 0] @ b[:, 0])
@@ -101,7 +101,7 @@ def test_mixed_pipelines(left, right):
     B = gaussian((100, 4), 6)
     QA = nqlib.quantize(A, 6, seed=9, **PIPELINES[left])
     QB = nqlib.quantize(B, 6, seed=9, **PIPELINES[right])
-    C = nqlib.matmul(QA, QB)
+    C = nqlib.inner_products(QA, QB)
     assert_close_rel(C, dequantized_product(QA, QB))
     assert nqlib.matmul_distortion(A, B, C) < 0.05
 
@@ -111,14 +111,14 @@ def test_unrotated_operands_may_use_different_seeds():
     for kw in (PIPELINES["rtn"], PIPELINES["nested-unrotated"]):
         QA = nqlib.quantize(A, 4, seed=1, **kw)
         QB = nqlib.quantize(B, 4, seed=2, **kw)
-        assert_close_rel(nqlib.matmul(QA, QB), dequantized_product(QA, QB))
+        assert_close_rel(nqlib.inner_products(QA, QB), dequantized_product(QA, QB))
 
 
 def test_inner_dimension_mismatch():
     QA = nqlib.quantize(gaussian((128, 3), 1), 4)
     QB = nqlib.quantize(gaussian((136, 3), 2), 4)
     with pytest.raises(ValueError, match="inner dimensions differ.*128.*136"):
-        nqlib.matmul(QA, QB)
+        nqlib.inner_products(QA, QB)
 
 
 @pytest.mark.parametrize("left,right", [("nested-variable", "nested-variable"),
@@ -128,7 +128,7 @@ def test_rotated_operands_need_the_same_seed(left, right):
     QA = nqlib.quantize(gaussian((128, 3), 1), 4, seed=1, **PIPELINES[left])
     QB = nqlib.quantize(gaussian((128, 3), 2), 4, seed=2, **PIPELINES[right])
     with pytest.raises(ValueError, match="different seeds"):
-        nqlib.matmul(QA, QB)
+        nqlib.inner_products(QA, QB)
 
 
 @pytest.mark.parametrize("bad", ["QA", "QB"])
@@ -139,7 +139,7 @@ def test_arguments_must_be_quantized_matrices(bad):
     for other in (A, A.tolist(), None, Q.to_bytes()):
         args[bad] = other
         with pytest.raises(ValueError, match=f"{bad} must be a QuantizedMatrix"):
-            nqlib.matmul(args["QA"], args["QB"])
+            nqlib.inner_products(args["QA"], args["QB"])
 
 
 def test_matmul_distortion():
@@ -176,7 +176,7 @@ def measured_gap(rate, seed, **kw):
     B = gaussian((N, B_COLS), 2 * seed + 1)
     QA = nqlib.quantize(A, rate, seed=seed, **kw)
     QB = nqlib.quantize(B, rate, seed=seed, **kw)
-    D = nqlib.matmul_distortion(A, B, nqlib.matmul(QA, QB))
+    D = nqlib.matmul_distortion(A, B, nqlib.inner_products(QA, QB))
     bits = max(QA.bits_per_entry, QB.bits_per_entry)
     return float(gap_bits(bits, D)), bits, D
 
@@ -209,7 +209,7 @@ def test_mmse_beats_unbiased_in_the_product():
     for est in ("mmse", "unbiased"):
         QA = nqlib.quantize(A, 2.0, seed=1, estimator=est)
         QB = nqlib.quantize(B, 2.0, seed=1, estimator=est)
-        D[est] = nqlib.matmul_distortion(A, B, nqlib.matmul(QA, QB))
+        D[est] = nqlib.matmul_distortion(A, B, nqlib.inner_products(QA, QB))
     # theory (theory.md section 2): 2m - m^2 against about 2m + 3m^2 for a
     # per-entry error m ~ 0.08 at 2 bits, about 14% apart (measured: 16%);
     # both decoders read the same codes
@@ -221,7 +221,7 @@ def relative_product_error(A, B, rate, **kw):
     QA = nqlib.quantize(A, rate, seed=3, **kw)
     QB = nqlib.quantize(B, rate, seed=3, **kw)
     C = A.T @ B
-    return float(np.linalg.norm(nqlib.matmul(QA, QB) - C) ** 2
+    return float(np.linalg.norm(nqlib.inner_products(QA, QB) - C) ** 2
                  / np.linalg.norm(C) ** 2)
 
 
@@ -252,3 +252,16 @@ def test_rotation_matters_for_spiky_columns():
     unrotated = relative_product_error(A, B, 4.0, mode="fixed", rotate=False)
     assert rotated < 0.02
     assert unrotated > 10 * rotated, (unrotated, rotated)
+
+
+def test_matmul_is_a_deprecated_alias_of_inner_products():
+    """``nqlib.matmul(QA, QB)`` returns ``A.T @ B``, which a numpy user
+    reads as ``QA @ QB``: the name stays one release, warning, and computes
+    exactly what ``inner_products`` does."""
+    rng = np.random.default_rng(8)
+    QA = nqlib.quantize(rng.standard_normal((512, 3)), 3.0, seed=2)
+    QB = nqlib.quantize(rng.standard_normal((512, 5)), 3.0, seed=2)
+    with pytest.warns(DeprecationWarning, match="inner_products"):
+        C = nqlib.matmul(QA, QB)
+    np.testing.assert_array_equal(C, nqlib.inner_products(QA, QB))
+    assert C.shape == (3, 5)

@@ -1,6 +1,6 @@
 """Bounded memory without changed bytes (issue 14, item 7).
 
-``quantize`` works a chunk of vectors at a time (``matrix._CHUNK_ENTRIES``)
+``quantize`` works a chunk of vectors at a time (``coded_domain.CHUNK_ENTRIES``)
 and entropy-codes a chunk of blocks at a time
 (``entropy.ENCODE_CHUNK_BLOCKS``). Every step is per vector, or follows
 numpy's own pairwise summation tree, so the chunk sizes change no output
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import nqlib
-from nqlib.quantizers import entropy, matrix
+from nqlib.quantizers import coded_domain, entropy, matrix, rate_control
 
 SHAPES = [(200, 37), (384, 20), (1000, 9)]  # padding; odd factor 3; n = 8 * 125
 CONFIGS = [dict(rate=3.0), dict(rate=0.6), dict(rate=3.3, mode="fixed"),
@@ -38,26 +38,27 @@ def run(A, cfg):
 def test_tiny_chunks_give_the_same_bytes(shape, monkeypatch):
     A = np.random.default_rng(sum(shape)).standard_normal(shape) * 2 + 1
     want = [run(A, cfg) for cfg in CONFIGS]
-    monkeypatch.setattr(matrix, "_CHUNK_ENTRIES", 40)
+    monkeypatch.setattr(coded_domain, "CHUNK_ENTRIES", 40)
     monkeypatch.setattr(entropy, "ENCODE_CHUNK_BLOCKS", 7)
     for cfg, Q in zip(CONFIGS, want):
         got = run(A, cfg)
         assert got.to_bytes() == Q.to_bytes(), cfg
     # the activation path keeps the decoded rows: the same with tiny chunks
-    kept = matrix._quantize(A, 3.0, seed=9, keep_decoded=True)
-    np.testing.assert_array_equal(kept._rows(), run(A, dict(rate=3.0))._rows())
+    kept = matrix.quantize_columns(A, 3.0, seed=9, keep_decoded=True)
+    np.testing.assert_array_equal(kept.coded_rows(),
+                                  run(A, dict(rate=3.0)).coded_rows())
 
 
 def test_chunked_sums_are_numpy_sums(monkeypatch):
     rng = np.random.default_rng(5)
-    monkeypatch.setattr(matrix, "_CHUNK_ENTRIES", 24)
+    monkeypatch.setattr(coded_domain, "CHUNK_ENTRIES", 24)
     for n in list(range(1, 70)) + [127, 128, 129, 500, 1031, 4096, 10007]:
         x, y = rng.standard_normal(n), rng.standard_normal(n) * 1e-3
-        got = matrix._pairwise_sums(
+        got = coded_domain.pairwise_sums(
             n, lambda s, e, x=x, y=y: (x[s:e] * y[s:e], x[s:e]))
         assert got == (float(np.sum(x * y)), float(np.sum(x))), n
     zeros = -np.zeros(300)
-    assert str(matrix._pairwise_sums(300, lambda s, e: (zeros[s:e],))[0]) == \
+    assert str(coded_domain.pairwise_sums(300, lambda s, e: (zeros[s:e],))[0]) == \
         str(float(np.sum(zeros)))
 
 
@@ -103,7 +104,7 @@ def test_streaming_entropy_coder_matches_one_shot(monkeypatch):
 @pytest.mark.parametrize("mode", ["variable", "fixed"])
 def test_peak_allocation_is_within_four_times_the_input(mode, monkeypatch):
     # chunks small against this input, as the defaults are against large ones
-    monkeypatch.setattr(matrix, "_CHUNK_ENTRIES", 1 << 15)
+    monkeypatch.setattr(coded_domain, "CHUNK_ENTRIES", 1 << 15)
     monkeypatch.setattr(entropy, "ENCODE_CHUNK_BLOCKS", 1 << 12)
     A = np.random.default_rng(0).standard_normal((2048, 1024), dtype=np.float32)
     nqlib.quantize(A[:, :16], 4.0, mode=mode)  # compile, load the tables
@@ -116,4 +117,4 @@ def test_peak_allocation_is_within_four_times_the_input(mode, monkeypatch):
     # the coded matrix is float64 (2x) and, in variable mode, its E8 points
     # int32 (1x); everything else is a chunk
     assert peak <= 4 * A.nbytes, peak / A.nbytes
-    assert Q.bits_per_entry <= 4.0 + matrix.RATE_TOLERANCE
+    assert Q.bits_per_entry <= 4.0 + rate_control.RATE_TOLERANCE

@@ -2,7 +2,7 @@
 
 * ``QuantLinear.from_linear`` computes ``x @ W_hat.T + b`` with ``W_hat`` the
   dequantized QuantizedMatrix; with ``act_rate`` it computes
-  ``nqlib.matmul(quantize(x.T), qweight) + b``;
+  ``nqlib.inner_products(quantize(x.T), qweight) + b``;
 * the state dict holds the compressed bytes: a save/load round trip gives the
   same bytes and outputs, a tampered buffer fails to load with a clear error;
 * ``quantize_model`` replaces exactly the layers it should and reports their
@@ -23,6 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import nqlib  # noqa: E402
+import nqlib.quantizers.rate_control  # noqa: E402
 from nqlib.nn import (  # noqa: E402
     QuantLinear,
     calibration_hessians,
@@ -85,7 +86,7 @@ def test_quantized_activations_equal_nqlib_matmul(bias, method, act_mode, rate):
     y = ql(x)
     kw = {} if method.startswith("rtn") else {"mode": act_mode}
     QX = nqlib.quantize(x.double().numpy().T, rate, seed=5, method=method, **kw)
-    C = nqlib.matmul(QX, ql.quantized_weight)  # (rows, OUT)
+    C = nqlib.inner_products(QX, ql.quantized_weight)  # (rows, OUT)
     if bias:
         C = C + lin.bias.detach().double().numpy()
     np.testing.assert_allclose(y.double().numpy(), C, rtol=1e-5,
@@ -107,7 +108,8 @@ def test_shared_input_is_quantized_once_and_inplace_writes_are_seen():
 
     def reference(layer, ql, xx):
         QX = nqlib.quantize(xx.double().numpy().T, 4.0, seed=1, mode="variable")
-        return nqlib.matmul(QX, ql.quantized_weight) + layer.bias.detach().numpy()
+        bias = layer.bias.detach().numpy()
+        return nqlib.inner_products(QX, ql.quantized_weight) + bias
 
     for layer, ql in ((a, qa), (b, qb)):  # same tensor: second call reuses
         np.testing.assert_allclose(ql(x).numpy(), reference(layer, ql, x),
@@ -153,7 +155,8 @@ def test_state_dict_keeps_compressed_size():
     assert sd["qweight"].numel() == ql.weight_nbytes
     assert 8 * ql.weight_nbytes / (IN * OUT) == pytest.approx(
         ql.weight_bits_per_entry)
-    assert ql.weight_bits_per_entry <= 4.0 + nqlib.quantizers.matrix.RATE_TOLERANCE
+    tolerance = nqlib.quantizers.rate_control.RATE_TOLERANCE
+    assert ql.weight_bits_per_entry <= 4.0 + tolerance
 
 
 def test_tampered_qweight_fails_to_load():
@@ -342,8 +345,8 @@ def test_ldlq_with_identity_hessian_is_the_plain_quantizer():
     plain = nqlib.quantize(A, 4.0, mode="fixed", seed=2, center=False)
     ldlq = quantize_ldlq(A, 4.0, np.eye(256), seed=2, center=False)
     for part in ("hi", "lo"):
-        np.testing.assert_array_equal(ldlq.payload[part]["packed"],
-                                      plain.payload[part]["packed"])
+        np.testing.assert_array_equal(getattr(ldlq.payload, part).packed,
+                                      getattr(plain.payload, part).packed)
     assert ldlq.alpha == pytest.approx(plain.alpha, rel=1e-6)
 
 
@@ -356,14 +359,14 @@ def test_ldlq_file_is_a_standard_fixed_mode_file(shape):
     Q = quantize_ldlq(A, 4.5, X.T @ X / len(X), seed=1, dither=True)
     again = nqlib.QuantizedMatrix.from_bytes(Q.to_bytes())
     np.testing.assert_array_equal(again.dequantize(), Q.dequantize())
-    assert Q.bits_per_entry <= 4.5 + nqlib.quantizers.matrix.RATE_TOLERANCE
+    assert Q.bits_per_entry <= 4.5 + nqlib.quantizers.rate_control.RATE_TOLERANCE
     # the numpy oracles choose the same words
     Qn = quantize_ldlq(A, 4.5, X.T @ X / len(X), seed=1, dither=True,
                        backend="numpy")
     assert Qn.to_bytes() == Q.to_bytes()
     B = rng.standard_normal((n, 5))
     QB = nqlib.quantize(B, 4.5, seed=1)
-    np.testing.assert_allclose(nqlib.matmul(Q, QB),
+    np.testing.assert_allclose(nqlib.inner_products(Q, QB),
                                Q.dequantize().T @ QB.dequantize(), atol=1e-9)
 
 
@@ -379,8 +382,8 @@ def test_ldlq_errors():
         quantize_ldlq(A, 4.0, -np.eye(64))
     # no activation energy at all: nothing to weigh, the plain words
     Q0 = quantize_ldlq(A, 4.0, np.zeros((64, 64)))
-    assert Q0.payload["hi"]["packed"].tobytes() == nqlib.quantize(
-        A, 4.0, mode="fixed").payload["hi"]["packed"].tobytes()
+    assert Q0.payload.hi.packed.tobytes() == nqlib.quantize(
+        A, 4.0, mode="fixed").payload.hi.packed.tobytes()
 
 
 def test_quantize_model_ldlq_with_calibration():

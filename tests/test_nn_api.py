@@ -30,6 +30,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from nqlib.nn import (  # noqa: E402
+    CONFIG_NAME,
+    WEIGHTS_NAME,
     QuantConfig,
     QuantEmbedding,
     QuantLinear,
@@ -37,7 +39,6 @@ from nqlib.nn import (  # noqa: E402
     quantize_,
     save_quantized,
 )
-from nqlib.nn_api import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -172,7 +173,7 @@ def test_quantize_rtn_and_ldlq_options_reach_the_layers():
     quantize_(model, QuantConfig(weight_rate=4, method="rtn", group_size=32),
               lambda m, fqn: fqn == "up")
     q = model.up.quantized_weight
-    assert q.method == "rtn" and q.payload["group"] == 32
+    assert q.method == "rtn" and q.payload.group == 32
     calib = [token_ids(seed=s, shape=(4, 16)) for s in range(3)]
     quantize_(model, QuantConfig(weight_rate=3.0, method="nested-ldlq",
                                  damp=0.1),
@@ -212,12 +213,17 @@ def test_tied_head_is_quantized_once():
 
 
 # --------------------------------------------------------- .weight
-def test_weight_is_the_decoded_matrix_read_only_and_not_kept():
+@pytest.mark.parametrize("mode", ["fixed", "variable"])  # CPU layout / matrix
+def test_weight_is_the_decoded_matrix_read_only_and_not_kept(mode):
     lin = TinyLM().up
-    ql = QuantLinear.from_linear(lin, 4.0)
+    ql = QuantLinear.from_linear(lin, 4.0, mode=mode)
+    assert (ql.cpu_layout is not None) == (mode == "fixed")
     qw = ql.quantized_weight
+    held, kept = ql.resident_arrays().keys(), qw.resident_arrays().keys()
     W = ql.weight
-    assert qw._decoded is None  # decoding left nothing cached
+    # decoding left nothing cached, on the layer or on the caller's matrix
+    assert ql.resident_arrays().keys() == held
+    assert qw.resident_arrays().keys() == kept
     assert W.shape == lin.weight.shape and W.dtype == torch.float32
     assert np.array_equal(W.numpy(), qw.dequantize(np.float32).T)
     ref = weakref.ref(W)

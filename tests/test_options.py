@@ -56,7 +56,7 @@ def test_every_method_and_mode_is_covered_here():
 def observed(Q, option):
     """What the quantized matrix says about ``option``."""
     if option == "group_size":
-        return Q.payload["group"]
+        return Q.payload.group
     if option == "sketch":  # a code that drops no block: nothing sketched
         return None
     return getattr(Q, option)
@@ -85,7 +85,7 @@ def test_defaults_are_the_first_implemented_values(method):
     for option in ("mode", "estimator", "dither", "center", "normalize", "rotate"):
         assert getattr(Q, option) == IMPLEMENTS[method][option][0], option
     if method.startswith("rtn"):
-        assert Q.payload["group"] == 128
+        assert Q.payload.group == 128
 
 
 def test_the_issue_example_raises():
@@ -100,7 +100,7 @@ def test_the_issue_example_raises():
 def test_sketch_false_is_honoured_where_it_exists():
     # at a low rate the nested method sketches by default, not when asked not to
     B = np.random.default_rng(1).standard_normal((1024, 8))
-    kept = nqlib.quantize(B, 0.5).payload["keep"]
+    kept = nqlib.quantize(B, 0.5).payload.keep
     assert kept < 1024 // 8
     with pytest.raises(ValueError, match="rate"):
         nqlib.quantize(B, 0.5, mode="fixed", sketch=False)
@@ -180,7 +180,7 @@ def test_from_linear_honours_what_applies():
                                    ).quantized_weight.mode == "variable"
     rtn = QuantLinear.from_linear(linear(), 4, method="rtn", mode="fixed",
                                   group_size=32, act_rate=4, act_mode="fixed")
-    assert rtn.quantized_weight.payload["group"] == 32
+    assert rtn.quantized_weight.payload.group == 32
     rtn(torch.randn(3, 64))
     H = np.eye(64)
     ldlq = QuantLinear.from_linear(linear(), 4.0, method="nested-ldlq", hessian=H,

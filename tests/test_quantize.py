@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import nqlib
-from nqlib.quantizers import matrix
+from nqlib.quantizers import coded_domain, matrix, rate_control
+from nqlib.quantizers import format as fmt
 
 #: (method, mode) pairs of the rate-controlled quantizers
 CODED = [("nested", "variable"), ("nested", "fixed"), ("ecsq", "variable")]
@@ -42,7 +43,8 @@ def mse(Q, A):
 
 def rate_bound(method, mode, rate):
     """What the docstring of quantize promises about bits_per_entry."""
-    slack = matrix.RATE_TOLERANCE if (method, mode) == ("nested", "fixed") else 0.0
+    fixed = (method, mode) == ("nested", "fixed")
+    slack = rate_control.RATE_TOLERANCE if fixed else 0.0
     return rate + slack
 
 
@@ -213,8 +215,8 @@ def test_operands_of_equal_shape_get_independent_dithers(mode):
     assert QA.dither_key != QB.dither_key
     assert QA.dither_key == QA2.dither_key
     assert QA.to_bytes() == QA2.to_bytes()
-    za = matrix._dither(3, QA.n_pad, 8, 256, QA.dither_key)
-    zb = matrix._dither(3, QB.n_pad, 8, 256, QB.dither_key)
+    za = coded_domain.dither(3, QA.n_pad, 8, 256, QA.dither_key)
+    zb = coded_domain.dither(3, QB.n_pad, 8, 256, QB.dither_key)
     assert not np.any(za == zb)
     # the key travels in the file (8 bytes, counted in bits_per_entry)
     R = matrix.QuantizedMatrix.from_bytes(QB.to_bytes())
@@ -336,7 +338,7 @@ def test_non_numeric_matrix():
         nqlib.quantize(np.array([["a", "b"]] * 8), 4)
 
 
-@pytest.mark.parametrize("rate", [matrix.MAX_RATE + 0.5, 100.0, matrix.MIN_RATE / 2,
+@pytest.mark.parametrize("rate", [fmt.MAX_RATE + 0.5, 100.0, fmt.MIN_RATE / 2,
                                   0.0, -1.0])
 def test_rate_out_of_range(rate):
     with pytest.raises(ValueError, match=r"rate must be in \["):
@@ -417,7 +419,7 @@ def test_private_quantize_has_the_public_defaults():
     import inspect
 
     pub = inspect.signature(nqlib.quantize).parameters
-    priv = inspect.signature(matrix._quantize).parameters
+    priv = inspect.signature(matrix.quantize_columns).parameters
     assert {k: v.default for k, v in pub.items()} == {
         k: v.default for k, v in priv.items() if k != "keep_decoded"}
 
@@ -429,11 +431,11 @@ def test_kept_decoded_rows_equal_decoding_the_bytes(method, mode, shape, rate):
     """keep_decoded (used for activations) caches the rows the MMSE step
     computed; they must be bit-identical to decoding the file."""
     A = gaussian(shape, seed=12) + 0.5
-    Q = matrix._quantize(A, rate, method=method, mode=mode, seed=4,
+    Q = matrix.quantize_columns(A, rate, method=method, mode=mode, seed=4,
                          dither=method == "nested", keep_decoded=True)
     assert Q._decoded is not None and not Q._decoded.flags.writeable
     R = matrix.QuantizedMatrix.from_bytes(Q.to_bytes())
-    np.testing.assert_array_equal(Q._rows(), R._rows())
+    np.testing.assert_array_equal(Q.coded_rows(), R.coded_rows())
     assert nqlib.quantize(A, rate, method=method, mode=mode)._decoded is None
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import nqlib
-from nqlib.quantizers import matrix
+from nqlib.quantizers import format as fmt
+from nqlib.quantizers import rate_control
 from nqlib.quantizers.ratecurve import variable_tangent
 from nqlib.theory import gamma_inv
 
@@ -36,20 +37,20 @@ def product(A, B, rate, seed=1, **options):
     """(QA, QB, D) of one quantized product."""
     QA = nqlib.quantize(A, rate, seed=seed, **options)
     QB = nqlib.quantize(B, rate, seed=seed, **options)
-    return QA, QB, nqlib.matmul_distortion(A, B, nqlib.matmul(QA, QB))
+    return QA, QB, nqlib.matmul_distortion(A, B, nqlib.inner_products(QA, QB))
 
 
 def kept_blocks(Q):
     """8-blocks of each rotated column that carry codes."""
     if Q.mode == "variable":
-        return Q.payload["keep"]
-    return Q.payload["h"] if Q.payload["lo"]["L"] == 0 else Q.n_pad // 8
+        return Q.payload.keep
+    return Q.payload.h if Q.payload.lo.L == 0 else Q.n_pad // 8
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_sweep_meets_rate_and_error_decreases(mode):
     A, B = gaussian_pair(1024, 48, 40, 0)
-    slack = matrix.RATE_TOLERANCE if mode == "fixed" else 0.0
+    slack = rate_control.RATE_TOLERANCE if mode == "fixed" else 0.0
     Ds = []
     for rate in SWEEP:
         QA, QB, D = product(A, B, rate, mode=mode)
@@ -74,9 +75,9 @@ def test_rates_out_of_range_raise(mode, rate):
 @pytest.mark.parametrize("mode", MODES)
 def test_rate_range_ends_are_accepted(mode):
     A = gaussian_pair(2048, 64, 1, 2)[0]
-    for rate in (matrix.MIN_RATE, matrix.MAX_RATE, np.float32(0.1)):
+    for rate in (fmt.MIN_RATE, fmt.MAX_RATE, np.float32(0.1)):
         Q = nqlib.quantize(A, rate, mode=mode)
-        slack = matrix.RATE_TOLERANCE if mode == "fixed" else 0.0
+        slack = rate_control.RATE_TOLERANCE if mode == "fixed" else 0.0
         assert Q.bits_per_entry <= float(rate) + slack + 1e-9
 
 
@@ -126,13 +127,13 @@ def test_sketched_matmul_equals_product_of_reconstructions(mode, options):
     for rate in (0.25, 0.6):
         QA, QB, _ = product(A, B, rate, mode=mode, **options)
         assert kept_blocks(QA) < QA.n_pad // 8
-        C = nqlib.matmul(QA, QB)
+        C = nqlib.inner_products(QA, QB)
         ref = QA.dequantize().T @ QB.dequantize()
         np.testing.assert_allclose(C, ref, rtol=1e-9,
                                    atol=1e-9 * np.abs(ref).max())
         # the file round trip decodes to the same product
         QA2 = nqlib.QuantizedMatrix.from_bytes(QA.to_bytes())
-        np.testing.assert_array_equal(nqlib.matmul(QA2, QB), C)
+        np.testing.assert_array_equal(nqlib.inner_products(QA2, QB), C)
 
 
 @pytest.mark.parametrize("rate", [0.25, 0.5, 1.0])

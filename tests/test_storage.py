@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import nqlib
+from nqlib.quantizers import format as fmt
 from nqlib.quantizers import matrix
 
 CASES = {
@@ -80,7 +81,8 @@ def test_matmul_after_loading(case):
     B = np.random.default_rng(2).standard_normal((100, 3))
     QB = nqlib.quantize(B, 6, seed=3, **CASES[case])
     R = matrix.QuantizedMatrix.from_bytes(Q.to_bytes())
-    np.testing.assert_array_equal(nqlib.matmul(R, QB), nqlib.matmul(Q, QB))
+    np.testing.assert_array_equal(nqlib.inner_products(R, QB),
+                                  nqlib.inner_products(Q, QB))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -89,7 +91,7 @@ def test_rate_is_the_file_size(case, shape):
     Q = quantized(case, shape)
     assert Q.nbytes == len(Q.to_bytes())
     assert Q.bits_per_entry == 8 * Q.nbytes / (shape[0] * shape[1])
-    assert Q.to_bytes().startswith(matrix.MAGIC + bytes([matrix.FORMAT_VERSION]))
+    assert Q.to_bytes().startswith(fmt.MAGIC + bytes([fmt.FORMAT_VERSION]))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -164,8 +166,8 @@ def test_more_than_eight_scales_is_refused():
     file that claims more than 8 scales is refused when read."""
     A = np.random.default_rng(4).standard_normal((256, 8))
     Q = nqlib.quantize(A, 4.0, mode="fixed")
-    part = Q.payload["hi"] if Q.payload["hi"]["L"] else Q.payload["lo"]
-    part["betas"] = np.linspace(0.1, 1.0, 9).astype(np.float32)
+    part = Q.payload.hi if Q.payload.hi.L else Q.payload.lo
+    part.betas = np.linspace(0.1, 1.0, 9).astype(np.float32)
     Q._bytes = None
     with pytest.raises(ValueError, match="corrupted fixed-mode header"):
         matrix.QuantizedMatrix.from_bytes(Q.to_bytes())

@@ -28,8 +28,10 @@ import pytest
 
 import nqlib
 from nqlib.kernels.cpu import trellis as kern
-from nqlib.quantizers import matrix
+from nqlib.quantizers import format as nqformat
+from nqlib.quantizers import rate_control
 from nqlib.quantizers import trellis as tq
+from nqlib.quantizers.ldlq import quantize_ldlq_trellis
 from nqlib.reference import trellis as ref
 
 
@@ -259,11 +261,11 @@ def test_rate_from_the_saved_file(rate, tmp_path):
     path = tmp_path / "w.nqm"
     Q.save(path)
     bits = 8 * path.stat().st_size / (n * a)
-    assert bits <= rate + matrix.RATE_TOLERANCE
+    assert bits <= rate + rate_control.RATE_TOLERANCE
     assert bits > rate - 0.05  # the budget is spent
     # at 1 bit, this small shape's side information (0.17 bit per entry)
     # leaves less than a bit per entry: the code sketches
-    assert (Q.payload["keep"] == Q.n_pad) == (rate >= 1.5)
+    assert (Q.payload.keep == Q.n_pad) == (rate >= 1.5)
 
 
 def test_round_trip_and_product():
@@ -276,7 +278,7 @@ def test_round_trip_and_product():
     R = nqlib.load(buf)
     assert R.to_bytes() == QA.to_bytes() and R.mode == "trellis"
     np.testing.assert_array_equal(R.dequantize(), QA.dequantize())
-    C = nqlib.matmul(R, QB)
+    C = nqlib.inner_products(R, QB)
     np.testing.assert_allclose(C, QA.dequantize().T @ QB.dequantize(),
                                rtol=1e-10, atol=1e-10)
     assert nqlib.matmul_distortion(A, B, C) < 0.1
@@ -298,8 +300,8 @@ def test_beats_the_fixed_mode_on_gaussian_data():
 def test_sketch_below_one_bit():
     A = gaussian((512, 4), 6)
     Q = nqlib.quantize(A, 0.6, mode="trellis")
-    assert Q.payload["keep"] < Q.n_pad
-    assert Q.bits_per_entry <= 0.6 + matrix.RATE_TOLERANCE
+    assert Q.payload.keep < Q.n_pad
+    assert Q.bits_per_entry <= 0.6 + rate_control.RATE_TOLERANCE
     err = float(((Q.dequantize() - A) ** 2).mean())
     assert err < 0.85 * float((A * A).mean())  # better than decoding to 0
     with pytest.raises(ValueError, match="at least 1 bit per coded entry"):
@@ -318,19 +320,20 @@ def trellis_file():
     Q = nqlib.quantize(gaussian((128, 3), 9), 2.0, mode="trellis", seed=4)
     data = Q.to_bytes()
     body = data[:-4]
-    npk = Q.payload["packed"].size
-    start = len(body) - npk - tq.PAYLOAD_HEADER_BYTES
+    npk = Q.payload.packed.size
+    start = len(body) - npk - nqformat.TRELLIS_PAYLOAD_BYTES
     # the file ends with the payload (no zero padding at this rate)
-    assert struct.unpack_from("<" + tq.PAYLOAD_HEADER, body, start)[0] == \
-        Q.payload["L"]
+    assert struct.unpack_from("<" + nqformat.TRELLIS_HEADER, body, start)[0] == \
+        Q.payload.L
     return Q, body, start
 
 
 def edited(body, start, **fields):
     names = ("L", "qbits", "seq_len", "keep", "beta", "total_bits")
-    vals = dict(zip(names, struct.unpack_from("<" + tq.PAYLOAD_HEADER, body, start)))
+    head = struct.unpack_from("<" + nqformat.TRELLIS_HEADER, body, start)
+    vals = dict(zip(names, head))
     vals.update(fields)
-    head = struct.pack("<" + tq.PAYLOAD_HEADER, *(vals[k] for k in names))
+    head = struct.pack("<" + nqformat.TRELLIS_HEADER, *(vals[k] for k in names))
     out = body[:start] + head + body[start + len(head):]
     return out + struct.pack("<I", zlib.crc32(out))
 
@@ -357,7 +360,7 @@ def test_corrupted_payload_is_refused(field, value, message):
 
 def test_truncated_or_padded_stream_is_refused():
     Q, body, start = trellis_file()
-    total = Q.payload["total_bits"]
+    total = Q.payload.total_bits
     # one bit more than the stream holds: a byte is missing (or the
     # file's length no longer matches)
     longer = edited(body, start, total_bits=total + 8)
@@ -378,7 +381,7 @@ def test_triton_decoder_is_bit_identical():
     pytest.importorskip("triton")
     import torch
 
-    from nqlib.kernels.gpu import trellis_triton
+    from nqlib.quantizers.payloads import TrellisPayload
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rng = np.random.default_rng(12)
@@ -388,10 +391,11 @@ def test_triton_decoder_is_bit_identical():
         lay = tq.layout(a, n_pad, keep, total, seq_len)
         lay.check(L)
         packed = rng.integers(0, 256, -(-total // 8)).astype(np.uint8)
-        payload = dict(L=L, qbits=tq.TABLE_BITS, seq_len=seq_len, keep=keep,
-                       beta=0.91, total_bits=total, packed=packed)
+        payload = TrellisPayload(L=L, qbits=tq.TABLE_BITS, seq_len=seq_len,
+                                 keep=keep, beta=0.91, total_bits=total,
+                                 packed=packed)
         want = tq.decode(payload, a, n_pad)
-        got = trellis_triton.decode(payload, a, n_pad, device=device)
+        got = tq.decode_tensor(payload, a, n_pad, device=device)
         np.testing.assert_array_equal(got.cpu().numpy().astype(np.float64), want)
 
 
@@ -426,10 +430,10 @@ def output_loss(A, A_hat, H):
 def test_ldlq_without_a_hessian_is_the_plain_code():
     A = gaussian((256, 5), 21)
     plain = nqlib.quantize(A, 3.0, mode="trellis", center=False, seed=2)
-    q = tq.quantize_ldlq(A, 3.0, np.eye(256), center=False, seed=2,
+    q = quantize_ldlq_trellis(A, 3.0, np.eye(256), center=False, seed=2,
                          seq_len=tq.DEFAULT_SEQ_LEN)
-    assert q.payload["beta"] == plain.payload["beta"]
-    np.testing.assert_array_equal(q.payload["packed"], plain.payload["packed"])
+    assert q.payload.beta == plain.payload.beta
+    np.testing.assert_array_equal(q.payload.packed, plain.payload.packed)
 
 
 def test_ldlq_lowers_the_output_error():
@@ -439,8 +443,8 @@ def test_ldlq_lowers_the_output_error():
     X = rng.standard_normal((4 * n, 16)) @ rng.standard_normal((16, n))
     X += 0.1 * rng.standard_normal(X.shape)  # activations near a 16-dim space
     H = X.T @ X / X.shape[0]
-    q = tq.quantize_ldlq(A, 2.0, H, seed=3)
-    plain = tq.quantize_ldlq(A, 2.0, np.eye(n), seed=3)  # same layout, no H
+    q = quantize_ldlq_trellis(A, 2.0, H, seed=3)
+    plain = quantize_ldlq_trellis(A, 2.0, np.eye(n), seed=3)  # same layout, no H
     assert q.bits_per_entry <= 2.0
     R = nqlib.QuantizedMatrix.from_bytes(q.to_bytes())
     np.testing.assert_array_equal(R.dequantize(), q.dequantize())
@@ -451,9 +455,9 @@ def test_ldlq_lowers_the_output_error():
 def test_ldlq_bad_hessian():
     A = gaussian((64, 3))
     with pytest.raises(ValueError, match="H must have shape"):
-        tq.quantize_ldlq(A, 2.0, np.eye(63))
+        quantize_ldlq_trellis(A, 2.0, np.eye(63))
     with pytest.raises(ValueError, match="damp"):
-        tq.quantize_ldlq(A, 2.0, np.eye(64), damp=-1.0)
+        quantize_ldlq_trellis(A, 2.0, np.eye(64), damp=-1.0)
 
 
 def test_quant_linear_ldlq_with_the_trellis():

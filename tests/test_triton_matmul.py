@@ -13,7 +13,7 @@ conftest.py) on CPU tensors; on a CUDA machine the same tests run on the GPU.
   every kernel variant and awkward shapes (M = 1, M and N not multiples of
   the tiles);
 * ``QuantLinear`` with ``backend="triton"`` equals its torch path, and
-  ``nqlib.matmul(..., backend="triton")`` equals the CPU path;
+  ``nqlib.inner_products(..., backend="triton")`` equals the CPU path;
 * every kernel compiles for sm_90 without a GPU; the GEMV loop has
   vectorised loads, no spills, and a bounded instruction count.
 """
@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +34,13 @@ import nqlib  # noqa: E402
 from nqlib import _backend  # noqa: E402
 from nqlib.kernels.gpu import matmul_triton as mt  # noqa: E402
 from nqlib.nn import QuantLinear  # noqa: E402
-from nqlib.quantizers.matrix import _decode_codes  # noqa: E402
+from nqlib.quantizers import fixed_layout  # noqa: E402
+from nqlib.quantizers.cpu_layout import (  # noqa: E402
+    decisions,
+    e8_doubled_points,
+    stored_fields,
+)
+from nqlib.quantizers.matrix import decode_codes  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,14 +68,14 @@ def matrices():
 
 @pytest.fixture(scope="module")
 def layouts(matrices):
-    return {name: mt.gpu_layout(qm, DEVICE) for name, qm in matrices.items()}
+    return {name: fixed_layout.gpu_layout(qm, DEVICE) for name, qm in matrices.items()}
 
 
 # ---------------------------------------------------------------- decoding
 def exact_rule_decode(codes, q):
     """E8 Voronoi decode in exact integer arithmetic with the library's tie
     rules (lowest index, integer coset): the residuals r = 2(y - q Q(y/q))."""
-    Y = mt._e8_doubled_points(codes)
+    Y = e8_doubled_points(codes)
     D = 2 * q
     best = None
     for s in (0, 1):
@@ -88,7 +95,7 @@ def exact_rule_decode(codes, q):
 def test_decisions_reproduce_numba(q):
     rng = np.random.default_rng(q)
     codes = rng.integers(0, q, size=(20000, 8))
-    s, k, down, r = mt.decisions(codes, q)     # checks itself against numba
+    s, k, down, r = decisions(codes, q)     # checks itself against numba
     assert set(np.unique(s)) == {0, 1} and k.max() <= 7
     assert set(np.unique(down)) <= {0, 1}
     mismatch = np.any(exact_rule_decode(codes, q) != r, axis=1).mean()
@@ -148,10 +155,10 @@ def test_stored_residuals_are_numba_decode(rate, qs):
     19 / 16 (8-bit halves), and a sketched one (low part dropped)."""
     A = np.random.default_rng(7).standard_normal((256, 12)) + 0.2
     qm = nqlib.quantize(A, rate, mode="fixed", seed=2)
-    layout = mt.gpu_layout(qm, DEVICE)
+    layout = fixed_layout.gpu_layout(qm, DEVICE)
     assert layout.q == qs and layout.code_bits == (8 if max(qs) > 16 else 4)
     assert (layout.coded_blocks < qm.n_pad // 8) == (qs[1] == 0)
-    assert_stored_is_numba(layout, _decode_codes(qm))
+    assert_stored_is_numba(layout, decode_codes(qm))
 
 
 @pytest.mark.parametrize("q_hi,q_lo", [(14, 13), (16, 15), (43, 14), (197, 256)])
@@ -171,7 +178,7 @@ def test_stored_residuals_of_any_codes(q_hi, q_lo):
     for name, b0, b1, q in (("hi", 0, h, q_hi), ("lo", h, coded, q_lo)):
         c = rng.integers(0, q, size=(a * (b1 - b0), 8))
         index = rng.integers(0, len(betas[name]), size=len(c))
-        m, pi, odd, k, r = mt.stored_fields(c, q)
+        m, pi, odd, k, r = stored_fields(c, q)
         assert m.min() >= 0 and m.max() < q
         codes[:, b0:b1] = m.reshape(a, b1 - b0, 8)
         meta[:, b0:b1] = (pi << mt.PARITY_SHIFT | odd << mt.ODD_SHIFT
@@ -182,8 +189,9 @@ def test_stored_residuals_of_any_codes(q_hi, q_lo):
                                     np.zeros((len(c), 8)), out)
         want[:, 8 * b0:8 * b1] = out.reshape(a, 8 * (b1 - b0))
     bits = 4 if max(q_hi, q_lo) <= 16 else 8
-    layout = mt._assemble(codes.astype(np.uint8), meta.astype(np.uint8), (n, a),
-                          h, {"hi": q_hi, "lo": q_lo}, betas, bits, DEVICE)
+    layout = mt.upload(fixed_layout.pack_layout(
+        codes.astype(np.uint8), meta.astype(np.uint8), (n, a), h,
+        {"hi": q_hi, "lo": q_lo}, betas, bits), DEVICE)
     r = assert_stored_is_numba(layout, want)
     assert (r % 2 != 0).any() and (r % 2 == 0).any()     # both parities
     np.testing.assert_array_equal(mt.decode_rows(layout).cpu().numpy(), want)
@@ -192,7 +200,7 @@ def test_stored_residuals_of_any_codes(q_hi, q_lo):
 @pytest.mark.parametrize("name", list(MATRICES))
 def test_gpu_decode_is_the_cpu_decode(name, matrices, layouts):
     qm, layout = matrices[name], layouts[name]
-    want = _decode_codes(qm)
+    want = decode_codes(qm)
     got = mt.decode_rows(layout, torch.float64)
     assert got.device.type == torch.device(DEVICE).type
     np.testing.assert_array_equal(got.cpu().numpy(), want)
@@ -224,9 +232,9 @@ def test_layout_rejects_other_matrices():
     A = np.random.default_rng(1).standard_normal((64, 8))
     for kw in (dict(mode="variable"), dict(method="rtn")):
         with pytest.raises(ValueError, match="nested-lattice matrix in fixed"):
-            mt.gpu_layout(nqlib.quantize(A, 4, **kw), DEVICE)
+            fixed_layout.gpu_layout(nqlib.quantize(A, 4, **kw), DEVICE)
     with pytest.raises(ValueError, match="QuantizedMatrix"):
-        mt.gpu_layout(A, DEVICE)
+        fixed_layout.gpu_layout(A, DEVICE)
 
 
 # ------------------------------------------------------------ fused matmul
@@ -243,7 +251,7 @@ def assert_roundoff(got, x, W, rtol=1e-5):
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 17])
 def test_decode_matmul_equals_the_reference(name, m, matrices, layouts):
     qm, layout = matrices[name], layouts[name]
-    W = _decode_codes(qm)
+    W = decode_codes(qm)
     rng = np.random.default_rng(m)
     x = rng.standard_normal((m, qm.n_pad)).astype(np.float32)
     got = mt.decode_matmul(torch.from_numpy(x).to(DEVICE), layout)
@@ -258,7 +266,7 @@ def test_every_kernel_variant(config, matrices, layouts):
     """All variants on one shape where no dimension fits the tiles: 20
     vectors, 128 blocks of which the tiles cover 16 or 32, 5 rows."""
     qm, layout = matrices["4-bit"], layouts["4-bit"]
-    W = _decode_codes(qm)
+    W = decode_codes(qm)
     x = np.random.default_rng(2).standard_normal((5, qm.n_pad)).astype(np.float32)
     got = mt.decode_matmul(torch.from_numpy(x).to(DEVICE), layout, config=config)
     assert_roundoff(got.cpu().numpy(), x, W)
@@ -359,8 +367,8 @@ def test_matmul_triton_equals_cpu(left, right):
     B = rng.standard_normal((100, 7)) - 0.25
     QA = nqlib.quantize(A, 6, mode="fixed", seed=5, **left)
     QB = nqlib.quantize(B, 6, mode="fixed", seed=5, **right)
-    want = nqlib.matmul(QA, QB)
-    got = nqlib.matmul(QA, QB, backend="triton")
+    want = nqlib.inner_products(QA, QB)
+    got = nqlib.inner_products(QA, QB, backend="triton")
     assert isinstance(got, np.ndarray) and got.dtype == np.float64
     assert got.shape == (12, 7)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
@@ -371,49 +379,47 @@ def test_matmul_backend_errors(monkeypatch):
     QA = nqlib.quantize(A, 5, mode="fixed")
     QV = nqlib.quantize(A, 5, mode="variable")
     with pytest.raises(ValueError, match="nested fixed-mode"):
-        nqlib.matmul(QA, QV, backend="triton")
+        nqlib.inner_products(QA, QV, backend="triton")
     with pytest.raises(ValueError, match="backend must be"):
-        nqlib.matmul(QA, QA, backend="cuda")
-    np.testing.assert_array_equal(nqlib.matmul(QA, QA, backend="numpy"),
-                                  nqlib.matmul(QA, QA))
+        nqlib.inner_products(QA, QA, backend="cuda")
+    np.testing.assert_array_equal(nqlib.inner_products(QA, QA, backend="numpy"),
+                                  nqlib.inner_products(QA, QA))
     monkeypatch.setattr(_backend, "triton_usable", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA device.*TRITON_INTERPRET"):
-        nqlib.matmul(QA, QA, backend="triton")
+        nqlib.inner_products(QA, QA, backend="triton")
 
 
 # ------------------------------------------------------- compiled for sm_90
+GPU_ISA = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_isa.py"
+
 SM90_SCRIPT = textwrap.dedent(r"""
-    import json, sys
-    import triton
+    import importlib.util, json, sys
     from triton.backends import backends
     if "nvidia" not in backends:
         print("SKIP no nvidia backend"); sys.exit(0)
-    from triton.backends.compiler import GPUTarget
     from nqlib.kernels.gpu import hadamard_triton as H, matmul_triton as M
 
-    def compile_for_sm90(fn, sig, cx, **opts):
-        sig = {**sig, **{k: "constexpr" for k in cx}}
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=opts)
+    spec = importlib.util.spec_from_file_location("gpu_isa", sys.argv[1])
+    isa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(isa)
 
     out = {}
     for config, bits in [(("gemv", 1, 16, 32, 4), 4), (("gemv", 1, 16, 32, 4), 8),
                          (("fma", 2, 16, 32, 4), 4), (("dot", 16, 64, 16, 4), 4)]:
-        out[f"{config[0]}-{bits}"] = M.loop_instruction_counts(config, bits)
+        out[f"{config[0]}-{bits}"] = isa.loop_instruction_counts(config, bits)
     f64, f32 = "*fp64", "*fp32"
-    compile_for_sm90(M._decode_rows_kernel, dict(
+    isa.compile_kernel(M.JIT_KERNELS["decode_rows"], dict(
         words_ptr="*i32", meta_ptr="*u8", beta_ptr=f64, z_ptr=f64,
         out_ptr=f64, N="i32", BC="i32", stride_b="i32", H="i32", q_hi="i32",
         q_lo="i32", row_len="i32"), dict(CODE_BITS=4, BLOCK_N=16, BLOCK_B=32,
         HAS_DITHER=True), enable_fp_fusion=False)
     for bits in (4, 8):
-        compile_for_sm90(M._tile_kernel, dict(
+        isa.compile_kernel(M.JIT_KERNELS["tile"], dict(
             xr_ptr=f32, out_ptr=f32, M="i32", BC="i32", stride_xr="i32",
             T="i32"), dict(CODE_BITS=bits, BLOCK_B=32), enable_fp_fusion=False)
-    k = compile_for_sm90(H._fwht_kernel, dict(x_ptr=f32, scale_ptr=f32, M="i32"),
-                         dict(N=4096, LOG_N=12, BLOCK_M=1), num_warps=8)
-    sass = M._sass_text(k.asm["cubin"])
+    k = isa.compile_kernel(H._fwht_kernel, dict(x_ptr=f32, scale_ptr=f32, M="i32"),
+                           dict(N=4096, LOG_N=12, BLOCK_M=1), num_warps=8)
+    sass = isa.sass_text(k.asm["cubin"])
     out["fwht_spills"] = None if sass is None else ("LDL" in sass or "STL" in sass)
     print(json.dumps(out))
 """)
@@ -421,7 +427,7 @@ SM90_SCRIPT = textwrap.dedent(r"""
 
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", SM90_SCRIPT], env=env,
+    res = subprocess.run([sys.executable, "-c", SM90_SCRIPT, str(GPU_ISA)], env=env,
                          capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     if res.stdout.startswith("SKIP"):
@@ -457,7 +463,7 @@ def test_activation_tiles(layouts, name, m, block_m, block_b):
     lay = layouts[name]
     rng = np.random.default_rng(m)
     x_rot = torch.from_numpy(rng.standard_normal((m, lay.n_pad)).astype(np.float32))
-    x = mt._tiled(x_rot.to(DEVICE), lay, block_m, block_b).cpu().numpy()
+    x = mt.tiled_activations(x_rot.to(DEVICE), lay, block_m, block_b).cpu().numpy()
     T = -(-lay.stride_b // block_b)
     rows = -(-m // block_m) * block_m
     assert x.shape == (rows, T, mt.X_ROWS, block_b)
@@ -480,13 +486,13 @@ def test_fused_matmul_with_flushed_subnormals(layouts, matrices, m):
     if DEVICE == "cuda" or not torch.set_flush_denormal(True):
         pytest.skip("needs the interpreter on a CPU that can flush denormals")
     try:
-        assert not mt._subnormals_kept("cpu")
+        assert not mt.subnormals_kept("cpu")
         lay = layouts["4-bit"]
         x = torch.from_numpy(np.random.default_rng(m).standard_normal(
             (m, lay.n_pad)).astype(np.float32))
         got = mt.decode_matmul(x, lay).numpy().astype(np.float64)
     finally:
         torch.set_flush_denormal(False)
-    assert mt._subnormals_kept("cpu")
-    ref = x.numpy().astype(np.float64) @ _decode_codes(matrices["4-bit"]).T
+    assert mt.subnormals_kept("cpu")
+    ref = x.numpy().astype(np.float64) @ decode_codes(matrices["4-bit"]).T
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

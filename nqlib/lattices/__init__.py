@@ -138,7 +138,7 @@ class Lattice:
         if backend == "triton":
             from nqlib.kernels.gpu import lattice_triton
 
-            _check_tensor(x, "x", self.dim)
+            _checks.check_float_tensor(x, "x", self.dim)
             out = lattice_triton.closest_point(self, x)
             return out
         arr, restore = _to_numpy(x, "x", self.dim)
@@ -158,25 +158,12 @@ class Lattice:
         return restore(out.reshape(arr.shape))
 
 
-def _check_tensor(x, name, dim):
-    """Validate a torch tensor argument (shape, dtype, finiteness)."""
-    import torch
-
-    if x.ndim == 0 or x.shape[-1] != dim:
-        raise ValueError(f"{name} must have last dimension {dim}, got shape "
-                         f"{tuple(x.shape)}")
-    if not torch.is_floating_point(x):
-        raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
 def _to_numpy(x, name, dim):
     """``x`` as a validated float ndarray, and a function restoring its type."""
     if _backend.is_torch_tensor(x):
         import torch
 
-        _check_tensor(x, name, dim)
+        _checks.check_float_tensor(x, name, dim)
         # bfloat16 arrives as float32 (numpy has no bfloat16); the arithmetic
         # is float64 anyway and the result is cast back to x's dtype
         arr = _checks.to_numpy(x)

@@ -1,9 +1,10 @@
 """Approximate matrix multiplication from quantized operands.
 
-``matmul(QA, QB)`` estimates ``A.T @ B`` from two separately quantized
-matrices. When both were rotated with the same seed (and code the same
-length), the product is formed in the rotated domain, where the decoded
-vectors live:
+``inner_products(QA, QB)`` estimates ``A.T @ B`` -- the inner products of
+every column of ``A`` with every column of ``B`` -- from two separately
+quantized matrices (``quantize`` codes the columns). When both were
+rotated with the same seed (and code the same length), the product is
+formed in the rotated domain, where the decoded vectors live:
 
     C_hat[i, j] = n mu_i nu_j + (s_i t_j / n') <x_hat_i, y_hat_j>,
 
@@ -17,13 +18,15 @@ Book: chapter "The practical quantizer", label ``ch-practical``.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from nqlib import _backend
 from nqlib.quantizers.matrix import QuantizedMatrix
 from nqlib.theory.distortion import matmul_distortion
 
-__all__ = ["matmul", "matmul_distortion"]
+__all__ = ["inner_products", "matmul", "matmul_distortion", "same_domain"]
 
 
 def _check_pair(QA, QB):
@@ -40,8 +43,13 @@ def _check_pair(QA, QB):
                          "same seed")
 
 
-def matmul(QA, QB, *, backend="auto") -> np.ndarray:
+def inner_products(QA, QB, *, backend="auto") -> np.ndarray:
     """Estimate ``A.T @ B`` from ``QA = quantize(A)`` and ``QB = quantize(B)``.
+
+    Entry ``(i, j)`` estimates ``<a_i, b_j>``, the inner product of column
+    ``i`` of ``A`` with column ``j`` of ``B`` (both matrices have ``n``
+    rows; :func:`nqlib.quantize` codes columns). To estimate ``X @ Y``,
+    quantize ``X.T`` and ``Y``.
 
     Parameters
     ----------
@@ -76,6 +84,15 @@ def matmul(QA, QB, *, backend="auto") -> np.ndarray:
         device (or the Triton interpreter); the message says what is
         missing.
 
+    Examples
+    --------
+    >>> import numpy as np, nqlib
+    >>> rng = np.random.default_rng(0)
+    >>> A, B = rng.standard_normal((256, 3)), rng.standard_normal((256, 2))
+    >>> C = nqlib.inner_products(nqlib.quantize(A, 4.0), nqlib.quantize(B, 4.0))
+    >>> C.shape  # (a, b), like A.T @ B
+    (3, 2)
+
     Notes
     -----
     Book: chapter "The practical quantizer", label ``ch-practical``; the
@@ -86,17 +103,29 @@ def matmul(QA, QB, *, backend="auto") -> np.ndarray:
         return _matmul_triton(QA, QB)
     _backend.resolve(backend, tensor_input=False)
     n = QA.shape[0]
-    if not _same_domain(QA, QB):
+    if not same_domain(QA, QB):
         return QA.dequantize().T @ QB.dequantize()
-    X = QA._rows() * QA._row_scales()[:, None]
-    Y = QB._rows() * QB._row_scales()[:, None]
+    X = QA.coded_rows() * QA.row_scales()[:, None]
+    Y = QB.coded_rows() * QB.row_scales()[:, None]
     C = X @ Y.T
     if QA.center:
         C += n * np.outer(QA.means.astype(np.float64), QB.means.astype(np.float64))
     return C
 
 
-def _same_domain(QA, QB) -> bool:
+def matmul(QA, QB, *, backend="auto") -> np.ndarray:
+    """Deprecated name of :func:`inner_products` (which it calls).
+
+    ``matmul(QA, QB)`` returns ``A.T @ B``, which a numpy or torch user
+    would misread as ``QA @ QB``; it will be removed in the next release.
+    """
+    warnings.warn("nqlib.matmul(QA, QB) is deprecated: it returns A.T @ B; "
+                  "call nqlib.inner_products(QA, QB), which does the same",
+                  DeprecationWarning, stacklevel=2)
+    return inner_products(QA, QB, backend=backend)
+
+
+def same_domain(QA, QB) -> bool:
     """Whether the product of ``QA`` and ``QB`` can be formed in the coded
     (rotated, padded, centred) domain: both were coded the same way."""
     return (QA.rotate == QB.rotate and QA.n_pad == QB.n_pad
@@ -106,7 +135,8 @@ def _same_domain(QA, QB) -> bool:
 
 
 def _matmul_triton(QA, QB) -> np.ndarray:
-    """The ``"triton"`` branch of :func:`matmul`: GPU decode, torch product."""
+    """The ``"triton"`` branch of :func:`inner_products`: GPU decode, torch
+    product."""
     for name, Q in (("QA", QA), ("QB", QB)):
         if Q.method != "nested" or Q.mode != "fixed":
             raise ValueError(f"backend='triton' needs nested fixed-mode operands; "
@@ -114,19 +144,18 @@ def _matmul_triton(QA, QB) -> np.ndarray:
     _backend.resolve("triton", tensor_input=True)   # RuntimeError if unusable
     import torch
 
+    from nqlib.quantizers import fixed_layout as fl
+
     # a CUDA device, else CPU tensors for the Triton interpreter
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    from nqlib.kernels.gpu import matmul_triton as mt
-
+    device = _backend.default_torch_device()
     n = QA.shape[0]
-    if not _same_domain(QA, QB):
-        C = mt.dequantized_rows(QA, device=device) @ mt.dequantized_rows(
+    if not same_domain(QA, QB):
+        C = fl.dequantized_rows(QA, device=device) @ fl.dequantized_rows(
             QB, device=device).T
     else:
         def scaled(Q):
-            scales = torch.from_numpy(Q._row_scales()).to(device)
-            return mt.decoded_rows(Q, device=device) * scales[:, None]
+            scales = torch.from_numpy(Q.row_scales()).to(device)
+            return fl.decoded_rows(Q, device=device) * scales[:, None]
 
         C = scaled(QA) @ scaled(QB).T
         if QA.center:

@@ -8,7 +8,7 @@ residuals ``r`` (:func:`decisions`); the floating-point round-off of its
 division by ``q`` breaks the ties between equally near lattice points, so
 the fused kernels do not re-run it: the layouts store what it decided
 (:func:`stored_fields`, shared with the GPU layout of
-:mod:`nqlib.kernels.gpu.matmul_triton`).
+:mod:`nqlib.quantizers.fixed_layout`).
 
 CPU layout
 ----------
@@ -42,6 +42,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from nqlib.quantizers.coded_domain import padded
+from nqlib.quantizers.fixed_mode import fixed_part_codes
+from nqlib.quantizers.payloads import FixedPart, FixedPayload
 
 __all__ = ["CpuLayout", "cpu_layout", "decisions", "stored_fields",
            "supports"]
@@ -405,8 +409,7 @@ class CpuLayout:
             b0, b1 = spans[name]
             L = self.L[slot]
             if L == 0:
-                parts[name] = dict(L=0, q=0, betas=np.zeros(0, np.float32),
-                                   packed=np.zeros(0, np.uint8))
+                parts[name] = FixedPart.empty()
                 continue
             q = self.q[slot]
             per = b1 - b0
@@ -424,14 +427,14 @@ class CpuLayout:
                 kern.pack_words(words, L, chunk)
                 start = v0 * per * L // 8          # v0 is a multiple of 8
                 packed[start:start + len(chunk)] |= chunk
-            parts[name] = dict(L=L, q=q, betas=self.tab[
+            parts[name] = FixedPart(L=L, q=q, betas=self.tab[
                 slot, :self.nscales[slot]].copy(), packed=packed)
         return QuantizedMatrix(
             shape=(n, a), rate=self.rate, method="nested", mode="fixed",
             flags=self.flags, seed=self.seed, alpha=self.alpha,
             means=None if self.means is None else self.means.copy(),
             norms=None if self.norms is None else self.norms.copy(),
-            payload=dict(h=self.h, **parts), version=self.version)
+            payload=FixedPayload(h=self.h, **parts), version=self.version)
 
     def to_bytes(self) -> bytes:
         """The file's bytes (``to_quantized().to_bytes()``)."""
@@ -456,7 +459,7 @@ def supports(qm) -> str | None:
     if qm.dither:
         return ("the CPU layout does not hold dithered matrices (the dither is "
                 "a dense matrix of its own)")
-    qs = [qm.payload[p]["q"] for p in ("hi", "lo") if qm.payload[p]["L"]]
+    qs = [part.q for part in (qm.payload.hi, qm.payload.lo) if part.L]
     if qs and max(qs) > MAX_Q:
         return (f"the CPU layout stores 4-bit halves (q <= {MAX_Q}); this "
                 f"matrix has q = {max(qs)} (rates above about 4.3 bits per "
@@ -491,19 +494,18 @@ def cpu_layout(qm) -> CpuLayout:
     Book: chapter "Kernels: CPU and GPU", label ``ch-kernels``.
     """
     from nqlib.kernels.cpu import fused
-    from nqlib.quantizers.matrix import _fixed_part_codes, _padded
 
     why = supports(qm)
     if why is not None:
         raise ValueError(why)
     n, a = qm.shape
-    n_pad = _padded(n)
+    n_pad = padded(n)
     B = n_pad // 8
     p = qm.payload
-    h = int(p["h"])
+    h = int(p.h)
     spans = {"hi": (0, h), "lo": (h, B)}
     present = [name for name in ("hi", "lo")
-               if p[name]["L"] and spans[name][1] > spans[name][0]]
+               if getattr(p, name).L and spans[name][1] > spans[name][0]]
     coded = max((spans[name][1] for name in present), default=0)
     a_pad = -(-a // ROW_ALIGN) * ROW_ALIGN
     G = a_pad // 8
@@ -512,16 +514,16 @@ def cpu_layout(qm) -> CpuLayout:
     kp_r = np.zeros((a_pad, coded), dtype=np.uint32)
     tab = np.zeros((2, 8), dtype=np.float32)
     for slot, name in enumerate(("hi", "lo")):
-        betas = np.asarray(p[name]["betas"], dtype=np.float32)
+        betas = np.asarray(getattr(p, name).betas, dtype=np.float32)
         tab[slot, :len(betas)] = betas
     for name in present:
-        part = p[name]
-        q = int(part["q"])
+        part = getattr(p, name)
+        q = int(part.q)
         b0, b1 = spans[name]
         per = b1 - b0
         for v0 in range(0, a, LAYOUT_CHUNK):   # v0 * per * L is a multiple of 8
             v1 = min(a, v0 + LAYOUT_CHUNK)
-            codes, index = _fixed_part_codes(part, (v1 - v0) * per, v0 * per)
+            codes, index = fixed_part_codes(part, (v1 - v0) * per, v0 * per)
             w = np.empty(len(codes), dtype=np.int32)
             nb = np.empty(len(codes), dtype=np.int64)
             kk = np.empty(len(codes), dtype=np.int64)
@@ -551,9 +553,9 @@ def cpu_layout(qm) -> CpuLayout:
         signs, orth, p2 = None, np.ones((1, 1), dtype=np.float32), 1
     return CpuLayout(
         shape=(n, a), n_pad=n_pad, h=h, coded=coded,
-        q=tuple(int(p[name]["q"]) if p[name]["L"] else 0 for name in ("hi", "lo")),
-        L=tuple(int(p[name]["L"]) for name in ("hi", "lo")),
-        nscales=tuple(len(p[name]["betas"]) for name in ("hi", "lo")),
+        q=tuple(int(part.q) if part.L else 0 for part in (p.hi, p.lo)),
+        L=tuple(int(part.L) for part in (p.hi, p.lo)),
+        nscales=tuple(len(part.betas) for part in (p.hi, p.lo)),
         tab=tab, words=words, nib=np.ascontiguousarray(nib), kpl=kpl,
         means=None if qm.means is None else np.array(qm.means, dtype=np.float32),
         norms=None if qm.norms is None else np.array(qm.norms, dtype=np.float32),

@@ -40,7 +40,7 @@ VERSIONS = (2, 3)
 
 
 @functools.lru_cache(maxsize=32)
-def _parameters(n: int, seed: int, version: int = 3):
+def _rotation_parameters(n: int, seed: int, version: int = 3):
     p, m = _split_power_of_two(n)
     if version >= draws.FIRST_OWN_DRAWS:
         signs = draws.signs(draws.stream_key(seed, n, draws.ROTATION_SIGNS), n)
@@ -102,7 +102,7 @@ class RandomHadamard:
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         self.version = int(version)
-        self.signs, self.power_of_two, self.orthogonal = _parameters(
+        self.signs, self.power_of_two, self.orthogonal = _rotation_parameters(
             self.n, self.seed, self.version)
 
     def __repr__(self) -> str:

@@ -12,7 +12,7 @@ ones left in the directions ``H`` cares about (Frantar et al., GPTQ, 2022;
 Chee et al., QuIP's LDLQ, 2023; NestQuant uses it with E8). The output here
 is a standard ``mode="fixed"`` :class:`~nqlib.QuantizedMatrix`: the same
 side information, words and payload layout, so decoding, storage and
-:func:`nqlib.matmul` are unchanged -- only which words are chosen differs.
+:func:`nqlib.inner_products` are unchanged -- only which words are chosen differs.
 
 **The coded domain.** :func:`nqlib.quantize` codes ``y_i = P (w_i - mu_i 1)
 sqrt(N) / s_i`` (centred, normalised, padded to ``N`` and rotated by ``P``),
@@ -65,17 +65,20 @@ import numbers
 import numpy as np
 
 from nqlib import _backend, _checks
-from nqlib.quantizers.matrix import (
-    QuantizedMatrix,
-    _as_matrix,
-    _dither,
-    _project,
-    _scaled_padded_rotated,
-    _unit_mean_direction,
-    quantize,
+from nqlib.quantizers import coded_domain, trellis
+from nqlib.quantizers.coded_domain import (
+    as_matrix,
+    project,
+    scaled_padded_rotated,
+    unit_mean_direction,
 )
+from nqlib.quantizers.format import TRELLIS_PAYLOAD_BYTES
+from nqlib.quantizers.matrix import QuantizedMatrix, quantize
+from nqlib.quantizers.payloads import FixedPart, FixedPayload, TrellisPayload
+from nqlib.quantizers.rate_control import code_budget_bits
 
-__all__ = ["quantize_ldlq", "check_hessian_inputs", "DEFAULT_DAMP"]
+__all__ = ["quantize_ldlq", "quantize_ldlq_trellis", "check_hessian_inputs",
+           "DEFAULT_DAMP", "TRELLIS_SEQ_LEN"]
 
 #: damping of H' as a fraction of its mean diagonal (the GPTQ default)
 DEFAULT_DAMP = 0.01
@@ -85,7 +88,7 @@ def check_hessian_inputs(A, H, damp):
     """``(A, H)`` as float64 arrays after checking the Hessian-aware inputs:
     ``A`` a finite ``(n, a)`` matrix, ``H`` a finite ``(n, n)`` matrix and
     ``damp`` a finite number ``>= 0``; ValueError naming the problem."""
-    A = _as_matrix(A)
+    A = as_matrix(A)
     n = A.shape[0]
     H = _checks.as_float_array(H, "H", ndim=2, dtype=np.float64)
     if H.shape != (n, n):
@@ -104,7 +107,7 @@ def _coded_domain(A, template: QuantizedMatrix) -> np.ndarray:
     X = np.ascontiguousarray(A.T)
     if template.center:
         X = X - template.means.astype(np.float64)[:, None]
-    return _scaled_padded_rotated(X, template.n_pad, template.norms,
+    return scaled_padded_rotated(X, template.n_pad, template.norms,
                                   template.rotation())
 
 
@@ -121,7 +124,7 @@ def _coded_hessian(H, template: QuantizedMatrix) -> np.ndarray:
     # contains the mean direction u), so only u is left to project out:
     # (I - u u^T) Hp (I - u u^T).
     if template.center:
-        u = _unit_mean_direction(P, n, n_pad)
+        u = unit_mean_direction(P, n, n_pad)
         Hu = Hp @ u
         Hp = Hp - np.outer(u, Hu) - np.outer(Hu, u) + float(u @ Hu) * np.outer(u, u)
     return 0.5 * (Hp + Hp.T)
@@ -189,17 +192,17 @@ def _block_coders(backend):
     return enc, dec
 
 
-def _pack_part(codes, index, part):
-    """Payload part (L, q, betas, packed words) as ``_encode_fixed_part``
-    writes it."""
+def _pack_part(codes, index, part: FixedPart) -> FixedPart:
+    """The payload part ``part`` with the given words, packed as
+    :func:`nqlib.quantizers.fixed_mode.encode_part` packs them."""
     from nqlib.kernels.cpu import nested as kern
 
     nb = codes.shape[0]
     words = np.empty(nb, dtype=np.uint64)
-    kern.mixed_radix_words(codes, index, part["q"], words)
-    packed = np.zeros(-(-nb * part["L"] // 8), dtype=np.uint8)
-    kern.pack_words(words, part["L"], packed)
-    return dict(L=part["L"], q=part["q"], betas=part["betas"], packed=packed)
+    kern.mixed_radix_words(codes, index, part.q, words)
+    packed = np.zeros(-(-nb * part.L // 8), dtype=np.uint8)
+    kern.pack_words(words, part.L, packed)
+    return FixedPart(L=part.L, q=part.q, betas=part.betas, packed=packed)
 
 
 def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
@@ -233,7 +236,7 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
     -------
     QuantizedMatrix
         A standard fixed-mode matrix: :func:`nqlib.load`,
-        :meth:`~nqlib.QuantizedMatrix.dequantize` and :func:`nqlib.matmul`
+        :meth:`~nqlib.QuantizedMatrix.dequantize` and :func:`nqlib.inner_products`
         treat it like any other.
 
     Raises
@@ -268,10 +271,10 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
     n_pad = template.n_pad
     B = n_pad // 8
     p = template.payload
-    h = p["h"]
+    h = p.h
     zb = None
     if template.dither:
-        zb = _dither(seed, n_pad, a, a * B, template.dither_key,
+        zb = coded_domain.dither(seed, n_pad, a, a * B, template.dither_key,
                      template.version).reshape(a, B, 8)
     enc, dec = _block_coders(backend)
     codes = np.zeros((a, B, 8), dtype=np.int64)
@@ -279,20 +282,19 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
     U = Y.copy()
     C = np.zeros_like(Y)  # decoded blocks (before projection and shrinkage)
     for b in range(B):
-        part = p["hi"] if b < h else p["lo"]
+        part = p.hi if b < h else p.lo
         cols = slice(8 * b, 8 * b + 8)
         u = np.ascontiguousarray(U[:, cols])
-        if part["L"]:
-            betas = part["betas"].astype(np.float64)
+        if part.L:
+            betas = part.betas.astype(np.float64)
             z = np.ascontiguousarray(zb[:, b]) if zb is not None else np.zeros((1, 8))
-            codes[:, b], index[:, b] = enc(u, part["q"], betas, z)
-            C[:, cols] = dec(codes[:, b], index[:, b], part["q"], betas, z)
+            codes[:, b], index[:, b] = enc(u, part.q, betas, z)
+            C[:, cols] = dec(codes[:, b], index[:, b], part.q, betas, z)
         if b + 1 < B:  # u_{>b} += eta_b R_bb^{-1} R_{b,>b}
             U[:, 8 * b + 8:] += (C[:, cols] - u) @ V[cols, 8 * b + 8:]
     parts = {}
-    for name, sl in (("hi", slice(0, h)), ("lo", slice(h, B))):
-        part = p[name]
-        if part["L"] == 0 or sl.stop == sl.start:
+    for name, part, sl in p.part_ranges(B):
+        if part.L == 0 or sl.stop == sl.start:
             parts[name] = part
             continue
         parts[name] = _pack_part(np.ascontiguousarray(codes[:, sl].reshape(-1, 8)),
@@ -301,10 +303,127 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
     qm = QuantizedMatrix(shape=(n, a), rate=template.rate, method="nested",
                          mode="fixed", flags=template.flags, seed=template.seed,
                          alpha=1.0, means=template.means, norms=template.norms,
-                         payload=dict(h=h, **parts),
+                         payload=FixedPayload(h=h, **parts),
                          dither_key=template.dither_key)
     if qm.estimator == "mmse":
-        Yc = _project(C, qm)
+        Yc = project(C, qm)
+        G = Yc @ Hc
+        den = float((G * Yc).sum())
+        qm.alpha = float(np.float32((G * Y).sum() / den)) if den > 0 else 1.0
+    return qm
+
+
+# ------------------------------------------- the trellis mode, with LDLQ
+#: sequence length of :func:`quantize_ldlq_trellis`: shorter than the plain mode's,
+#: so that the error feedback runs between more blocks
+TRELLIS_SEQ_LEN = 256
+
+
+def quantize_ldlq_trellis(A, rate, H, *, seed=0, damp=None, estimator="mmse",
+                          center=True, normalize=True, rotate=True,
+                          sketch=True, seq_len=TRELLIS_SEQ_LEN):
+    """The trellis mode with Hessian-aware rounding (block LDLQ).
+
+    The block update of :func:`quantize_ldlq` with the trellis
+    sequences as the blocks and the Viterbi search as the block quantizer:
+    the coded vectors are cut into sequences at the same coordinates
+    (``[cuts[j], cuts[j+1])`` for every vector), the sequences of block
+    ``j`` of all vectors are encoded (tail-biting, as
+    :func:`nqlib.quantizers.trellis.encode`), and
+    their error ``eta_j`` is fed forward,
+    ``u_{>j} += eta_j R_jj^{-1} R_{j,>j}``, so that later blocks correct
+    it in the directions ``H`` weighs. Within a sequence the search
+    minimises the plain squared error.
+
+    Parameters
+    ----------
+    A : array_like, shape (n, a)
+        The matrix (for a linear layer with weight ``W``, ``A = W.T``).
+    rate : float
+        Target rate in bits per entry, every byte counted (as
+        ``quantize(A, rate, mode="trellis")``).
+    H : array_like, shape (n, n)
+        Second moment of the vectors the columns of ``A`` multiply,
+        symmetric positive semi-definite.
+    seed, estimator, center, normalize, rotate, sketch
+        As in :func:`nqlib.quantize`.
+    damp : float, optional
+        Damping fraction (default :data:`DEFAULT_DAMP`).
+    seq_len : int
+        Sequence length (stored in the file).
+
+    Returns
+    -------
+    QuantizedMatrix
+        A standard ``mode="trellis"`` matrix (the same file layout).
+
+    Notes
+    -----
+    With ``H`` proportional to the identity (and no centering or padding)
+    the feedback vanishes and the stream is that of the plain encoder with
+    the same sequence length. Book: chapter "Beyond E8: trellis codes",
+    label ``ch-trellis``.
+    """
+    from nqlib.kernels.cpu import trellis as kern
+
+    damp = DEFAULT_DAMP if damp is None else damp
+    A64, H = check_hessian_inputs(A, H, damp)
+    n, a = A64.shape
+    base = quantize(A64, rate, seed=seed, mode="fixed",
+                          estimator=estimator, center=center,
+                          normalize=normalize, rotate=rotate,
+                          sketch=sketch)  # side information and options
+    qm = QuantizedMatrix(
+        shape=base.shape, rate=base.rate, method="nested", mode="trellis",
+        flags=base.flags, seed=base.seed, alpha=1.0, means=base.means,
+        norms=base.norms, payload=None)
+    n_pad = qm.n_pad
+    total, keep = trellis.budget_plan(code_budget_bits(qm, TRELLIS_PAYLOAD_BYTES),
+                                      a, n_pad, sketch=sketch)
+    Y = _coded_domain(A64, base)
+    Hc = _coded_hessian(0.5 * (H + H.T), base)
+    lay, L, beta = trellis.plan(Y, total, keep=keep, L=trellis.DEFAULT_L,
+                                seq_len=seq_len)
+    per_col = lay.count // a
+    cuts = np.concatenate((lay.starts[:per_col], [keep]))
+    blocks = cuts if keep == n_pad else np.concatenate((cuts, [n_pad]))
+    V = _feedback(Hc, float(damp), blocks)
+    values = (beta * trellis.state_values(L)).astype(np.float32)
+    U = Y.copy()
+    C = np.zeros_like(Y)
+    inputs = np.zeros(a * n_pad, dtype=np.uint8)
+    table = trellis.quantile_table(trellis.TABLE_BITS)
+    for j in range(per_col):
+        c0, c1 = int(cuts[j]), int(cuts[j + 1])
+        T = c1 - c0
+        idx = np.arange(a) * per_col + j
+        bits = lay.bits[idx]
+        starts = np.arange(a, dtype=np.int64) * T
+        lengths = np.full(a, T, dtype=np.int64)
+        u = np.ascontiguousarray(U[:, c0:c1], dtype=np.float32).ravel()
+        ib = np.zeros(a * T, dtype=np.uint8)
+        kern.encode_sequences(u, starts, lengths, bits, values, L,
+                              trellis.DEFAULT_WINDOW, ib, np.zeros(a))
+        # the block's own reconstruction, decoded from its streams
+        offsets = np.concatenate(([0], np.cumsum(bits)[:-1]))
+        stream = np.zeros(-(-int(bits.sum()) // 8) + 8, dtype=np.uint8)
+        kern.pack_inputs(ib, starts, lengths, bits, offsets, stream)
+        dec = np.zeros(a * T, dtype=np.float32)
+        kern.decode_sequences(stream, starts, lengths, bits, offsets, L,
+                              trellis.hash_multiplier(), trellis.HASH_SHIFT,
+                              trellis.TABLE_BITS, table, beta, dec)
+        C[:, c0:c1] = dec.reshape(a, T)
+        inputs[(lay.starts[idx][:, None] + np.arange(T)).ravel()] = ib
+        if c1 < n_pad:  # u_{>j} += eta_j R_jj^{-1} R_{j,>j}
+            U[:, c1:] += (C[:, c0:c1] - U[:, c0:c1]) @ V[c0:c1, c1:]
+    packed = np.zeros(-(-total // 8), dtype=np.uint8)
+    kern.pack_inputs(inputs, lay.starts, lay.lengths, lay.bits, lay.offsets,
+                     packed)
+    qm.payload = TrellisPayload(L=L, qbits=trellis.TABLE_BITS,
+                                seq_len=lay.seq_len, keep=keep, beta=float(beta),
+                                total_bits=int(total), packed=packed)
+    if qm.estimator == "mmse":
+        Yc = project(C, qm)
         G = Yc @ Hc
         den = float((G * Yc).sum())
         qm.alpha = float(np.float32((G * Y).sum() / den)) if den > 0 else 1.0

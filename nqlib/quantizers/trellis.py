@@ -39,11 +39,12 @@ from statistics import NormalDist
 
 import numpy as np
 
+from nqlib.quantizers.payloads import TrellisPayload
+
 __all__ = ["DEFAULT_L", "DEFAULT_SEQ_LEN", "DEFAULT_WINDOW", "TABLE_BITS",
            "MIN_L", "MAX_L", "MAX_K", "hash_multiplier", "quantile_table",
            "state_values", "Layout", "layout", "scale_grid", "plan", "encode",
-           "decode", "budget_plan", "encode_matrix", "read_payload",
-           "write_payload", "quantize_ldlq"]
+           "decode", "decode_tensor", "budget_plan", "encode_matrix"]
 
 #: state bits L of the default code. The Viterbi search costs O(2^L) per
 #: entry and each bit buys 0.01-0.02 bit of gap: 15 is the largest L whose
@@ -232,8 +233,7 @@ def encode(Y, total_bits, *, keep=None, L=DEFAULT_L, seq_len=DEFAULT_SEQ_LEN,
 
     Returns
     -------
-    payload : dict
-        ``L, qbits, seq_len, keep, beta, total_bits, packed``.
+    payload : TrellisPayload
     decoded : ndarray (a, n')
         The reconstruction (what :func:`decode` returns).
     """
@@ -248,79 +248,51 @@ def encode(Y, total_bits, *, keep=None, L=DEFAULT_L, seq_len=DEFAULT_SEQ_LEN,
     packed = np.zeros(-(-total_bits // 8), dtype=np.uint8)
     kern.pack_inputs(inputs, lay.starts, lay.lengths, lay.bits, lay.offsets,
                      packed)
-    payload = dict(L=L, qbits=TABLE_BITS, seq_len=lay.seq_len, keep=lay.keep,
-                   beta=float(beta), total_bits=int(total_bits), packed=packed)
+    payload = TrellisPayload(L=L, qbits=TABLE_BITS, seq_len=lay.seq_len,
+                             keep=lay.keep, beta=float(beta),
+                             total_bits=int(total_bits), packed=packed)
     return payload, decode(payload, a, n_pad)
 
 
-def decode(payload, a, n_pad) -> np.ndarray:
+def decode(payload: TrellisPayload, a, n_pad) -> np.ndarray:
     """The decoded vectors (a, n') of a trellis payload (float64; entries
     past ``keep`` are 0)."""
     from nqlib.kernels.cpu import trellis as kern
 
-    lay = layout(a, n_pad, payload["keep"], payload["total_bits"],
-                 payload["seq_len"])
+    p = payload
+    lay = layout(a, n_pad, p.keep, p.total_bits, p.seq_len)
     out = np.zeros(a * n_pad, dtype=np.float32)
-    data = np.zeros(payload["packed"].size + 8, dtype=np.uint8)
-    data[:payload["packed"].size] = payload["packed"]
+    data = np.zeros(p.packed.size + 8, dtype=np.uint8)
+    data[:p.packed.size] = p.packed
     kern.decode_sequences(data, lay.starts, lay.lengths, lay.bits, lay.offsets,
-                          payload["L"], hash_multiplier(), HASH_SHIFT,
-                          payload["qbits"], quantile_table(payload["qbits"]),
-                          np.float32(payload["beta"]), out)
+                          p.L, hash_multiplier(), HASH_SHIFT, p.qbits,
+                          quantile_table(p.qbits), np.float32(p.beta), out)
     return out.reshape(a, n_pad).astype(np.float64)
 
 
-# ------------------------------------------------------- the file payload
-#: payload header: L, table bits, sequence length, kept entries per vector,
-#: the scale beta (float32), stream bits (uint64); then the packed stream
-PAYLOAD_HEADER = "BBHIfQ"
-PAYLOAD_HEADER_BYTES = 20
-#: range of a stored scale beta
-_BETA_RANGE = (2.0**-64, 2.0**64)
+def decode_tensor(payload: TrellisPayload, a, n_pad, device="cuda"):
+    """The decoded vectors (a, n') of a trellis payload as a float32 torch
+    tensor on ``device``, decoded there by the Triton kernel (entries past
+    ``keep`` are 0): the values of :func:`decode` before its float64 cast,
+    bit for bit. ``device`` is a CUDA device, or any device under the
+    Triton interpreter."""
+    import torch
 
+    from nqlib.kernels.gpu import trellis_triton
 
-def write_payload(w, payload) -> None:
-    """Append a trellis payload to a :class:`nqlib.quantizers.matrix._Writer`."""
     p = payload
-    w.pack(PAYLOAD_HEADER, p["L"], p["qbits"], p["seq_len"], p["keep"],
-           p["beta"], p["total_bits"])
-    w.buf.write(np.ascontiguousarray(p["packed"], dtype=np.uint8).tobytes())
+    lay = layout(a, n_pad, p.keep, p.total_bits, p.seq_len)
 
+    def dev(arr, dtype):
+        return torch.from_numpy(np.array(arr, dtype=dtype)).to(device)  # a copy
 
-def read_payload(r, a: int, n_pad: int) -> dict:
-    """Read and check a trellis payload from a
-    :class:`nqlib.quantizers.matrix._Reader`, for ``a`` vectors of length
-    ``n_pad``. Every field is checked against the others before anything
-    is allocated; ``ValueError`` names the first that is wrong."""
-    L, qbits, seq_len, keep, beta, total_bits = r.unpack(PAYLOAD_HEADER)
-
-    def bad(what):
-        return ValueError(f"corrupted quantized matrix: trellis payload {what}")
-
-    if not MIN_L <= L <= MAX_L:
-        raise bad(f"state bits L = {L} outside {MIN_L}..{MAX_L}")
-    if qbits != TABLE_BITS:
-        raise bad(f"table bits {qbits} (this nqlib builds {TABLE_BITS})")
-    if seq_len < 1:
-        raise bad("sequence length 0")
-    if not 1 <= keep <= n_pad:
-        raise bad(f"kept entries {keep} outside 1..{n_pad}")
-    if not (math.isfinite(beta) and _BETA_RANGE[0] <= beta <= _BETA_RANGE[1]):
-        raise bad(f"scale beta = {beta} not finite or out of range")
-    coded = a * keep
-    if not coded <= total_bits <= MAX_K * coded:
-        raise bad(f"stream of {total_bits} bits for {coded} coded entries "
-                  f"(needs 1 to {MAX_K} bits per entry)")
-    packed = r.array(np.uint8, -(-total_bits // 8))  # raises when truncated
-    if total_bits % 8 and packed[-1] & ((1 << (8 - total_bits % 8)) - 1):
-        raise bad("padding bits of the stream are not zero")
-    lay = layout(a, n_pad, keep, total_bits, seq_len)
-    try:
-        lay.check(L)
-    except ValueError as exc:
-        raise bad(str(exc)) from None
-    return dict(L=L, qbits=qbits, seq_len=seq_len, keep=keep, beta=beta,
-                total_bits=total_bits, packed=packed)
+    out = torch.zeros(a * n_pad, dtype=torch.float32, device=device)
+    trellis_triton.decode_sequences(
+        dev(p.packed, np.uint8), dev(lay.starts, np.int64),
+        dev(lay.lengths, np.int64), dev(lay.bits, np.int64),
+        dev(lay.offsets, np.int64), p.L, hash_multiplier(), HASH_SHIFT, p.qbits,
+        dev(quantile_table(p.qbits), np.float32), p.beta, out)
+    return out.reshape(a, n_pad)
 
 
 def encode_matrix(Y, budget_bits: int, *, sketch: bool, L=None, seq_len=None,
@@ -359,120 +331,3 @@ def budget_plan(budget_bits: int, a: int, n_pad: int, *, sketch: bool):
                              "vector is left after the side information")
         total = min(total, MAX_K * a * keep)
     return total, keep
-
-
-# ----------------------------------------------- Hessian-aware rounding
-#: sequence length of :func:`quantize_ldlq`: shorter than the plain mode's,
-#: so that the error feedback runs between more blocks
-LDLQ_SEQ_LEN = 256
-
-
-def quantize_ldlq(A, rate, H, *, seed=0, damp=None, estimator="mmse",
-                  center=True, normalize=True, rotate=True, sketch=True,
-                  seq_len=LDLQ_SEQ_LEN):
-    """The trellis mode with Hessian-aware rounding (block LDLQ).
-
-    The block update of :mod:`nqlib.quantizers.ldlq` with the trellis
-    sequences as the blocks and the Viterbi search as the block quantizer:
-    the coded vectors are cut into sequences at the same coordinates
-    (``[cuts[j], cuts[j+1])`` for every vector), the sequences of block
-    ``j`` of all vectors are encoded (tail-biting, as :func:`encode`), and
-    their error ``eta_j`` is fed forward,
-    ``u_{>j} += eta_j R_jj^{-1} R_{j,>j}``, so that later blocks correct
-    it in the directions ``H`` weighs. Within a sequence the search
-    minimises the plain squared error.
-
-    Parameters
-    ----------
-    A : array_like, shape (n, a)
-        The matrix (for a linear layer with weight ``W``, ``A = W.T``).
-    rate : float
-        Target rate in bits per entry, every byte counted (as
-        ``quantize(A, rate, mode="trellis")``).
-    H : array_like, shape (n, n)
-        Second moment of the vectors the columns of ``A`` multiply,
-        symmetric positive semi-definite.
-    seed, estimator, center, normalize, rotate, sketch
-        As in :func:`nqlib.quantize`.
-    damp : float, optional
-        Damping fraction (default ``ldlq.DEFAULT_DAMP``).
-    seq_len : int
-        Sequence length (stored in the file).
-
-    Returns
-    -------
-    QuantizedMatrix
-        A standard ``mode="trellis"`` matrix (the same file layout).
-
-    Notes
-    -----
-    With ``H`` proportional to the identity (and no centering or padding)
-    the feedback vanishes and the stream is that of the plain encoder with
-    the same sequence length. Book: chapter "Beyond E8: trellis codes",
-    label ``ch-trellis``.
-    """
-
-    import nqlib
-    from nqlib.kernels.cpu import trellis as kern
-    from nqlib.quantizers import ldlq, matrix
-
-    damp = ldlq.DEFAULT_DAMP if damp is None else damp
-    A64, H = ldlq.check_hessian_inputs(A, H, damp)
-    n, a = A64.shape
-    base = nqlib.quantize(A64, rate, seed=seed, mode="fixed",
-                          estimator=estimator, center=center,
-                          normalize=normalize, rotate=rotate,
-                          sketch=sketch)  # side information and options
-    qm = matrix.QuantizedMatrix(
-        shape=base.shape, rate=base.rate, method="nested", mode="trellis",
-        flags=base.flags, seed=base.seed, alpha=1.0, means=base.means,
-        norms=base.norms, payload={})
-    n_pad = qm.n_pad
-    total, keep = budget_plan(matrix._code_budget_bits(qm, PAYLOAD_HEADER_BYTES),
-                              a, n_pad, sketch=sketch)
-    Y = ldlq._coded_domain(A64, base)
-    Hc = ldlq._coded_hessian(0.5 * (H + H.T), base)
-    lay, L, beta = plan(Y, total, keep=keep, L=DEFAULT_L, seq_len=seq_len)
-    per_col = lay.count // a
-    cuts = np.concatenate((lay.starts[:per_col], [keep]))
-    blocks = cuts if keep == n_pad else np.concatenate((cuts, [n_pad]))
-    V = ldlq._feedback(Hc, float(damp), blocks)
-    values = (beta * state_values(L)).astype(np.float32)
-    U = Y.copy()
-    C = np.zeros_like(Y)
-    inputs = np.zeros(a * n_pad, dtype=np.uint8)
-    table = quantile_table(TABLE_BITS)
-    for j in range(per_col):
-        c0, c1 = int(cuts[j]), int(cuts[j + 1])
-        T = c1 - c0
-        idx = np.arange(a) * per_col + j
-        bits = lay.bits[idx]
-        starts = np.arange(a, dtype=np.int64) * T
-        lengths = np.full(a, T, dtype=np.int64)
-        u = np.ascontiguousarray(U[:, c0:c1], dtype=np.float32).ravel()
-        ib = np.zeros(a * T, dtype=np.uint8)
-        kern.encode_sequences(u, starts, lengths, bits, values, L,
-                              DEFAULT_WINDOW, ib, np.zeros(a))
-        # the block's own reconstruction, decoded from its streams
-        offsets = np.concatenate(([0], np.cumsum(bits)[:-1]))
-        stream = np.zeros(-(-int(bits.sum()) // 8) + 8, dtype=np.uint8)
-        kern.pack_inputs(ib, starts, lengths, bits, offsets, stream)
-        dec = np.zeros(a * T, dtype=np.float32)
-        kern.decode_sequences(stream, starts, lengths, bits, offsets, L,
-                              hash_multiplier(), HASH_SHIFT, TABLE_BITS, table,
-                              beta, dec)
-        C[:, c0:c1] = dec.reshape(a, T)
-        inputs[(lay.starts[idx][:, None] + np.arange(T)).ravel()] = ib
-        if c1 < n_pad:  # u_{>j} += eta_j R_jj^{-1} R_{j,>j}
-            U[:, c1:] += (C[:, c0:c1] - U[:, c0:c1]) @ V[c0:c1, c1:]
-    packed = np.zeros(-(-total // 8), dtype=np.uint8)
-    kern.pack_inputs(inputs, lay.starts, lay.lengths, lay.bits, lay.offsets,
-                     packed)
-    qm.payload = dict(L=L, qbits=TABLE_BITS, seq_len=lay.seq_len, keep=keep,
-                      beta=float(beta), total_bits=int(total), packed=packed)
-    if qm.estimator == "mmse":
-        Yc = matrix._project(C, qm)
-        G = Yc @ Hc
-        den = float((G * Yc).sum())
-        qm.alpha = float(np.float32((G * Y).sum() / den)) if den > 0 else 1.0
-    return qm

@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from nqlib import _backend, _checks
-from nqlib.lattices import Lattice, _check_tensor
+from nqlib.lattices import Lattice
 
 __all__ = ["VoronoiCode", "code_dtype"]
 
@@ -114,6 +114,94 @@ class VoronoiCode:
                              f"{m} vectors, got {z.shape[0]} vectors")
         return np.ascontiguousarray(z)
 
+    # ------------------------------------------------ torch tensors (Triton)
+    def _dither_tensor(self, dither, m, device):
+        """The dither as a contiguous float64 (1, d) or (m, d) tensor on
+        ``device``, validated like :meth:`_dither_rows` (torch dithers stay
+        on their device until moved to ``device``)."""
+        import torch
+
+        d = self.dim
+        if dither is None:
+            return torch.zeros((1, d), dtype=torch.float64, device=device)
+        if not _backend.is_torch_tensor(dither):
+            return torch.from_numpy(self._dither_rows(dither, m)).to(device)
+        if dither.is_complex():
+            raise ValueError("dither must be a real numeric array, got dtype "
+                             f"{dither.dtype}")
+        if dither.ndim == 0 or dither.shape[-1] != d:
+            raise ValueError(f"dither must have last dimension {d}, got shape "
+                             f"{tuple(dither.shape)}")
+        z = dither.detach().to(device=device, dtype=torch.float64)
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("dither contains NaN or Inf")
+        z = z.reshape(-1, d)
+        if dither.ndim > 1 and z.shape[0] not in (1, m):
+            raise ValueError(f"dither must have shape ({d},) or match x's {m} "
+                             f"vectors, got {z.shape[0]} vectors")
+        return z.contiguous()
+
+    def _generators(self, device):
+        """``(G, G^-1)`` as contiguous float64 tensors on ``device`` (copies:
+        the lattice's cached generators are read-only numpy arrays)."""
+        import torch
+
+        lat = self.lattice
+        G = torch.tensor(lat.generator, dtype=torch.float64, device=device)
+        Ginv = torch.tensor(lat.generator_inverse, dtype=torch.float64,
+                            device=device)
+        return G.contiguous(), Ginv.contiguous()
+
+    def _check_code_tensor(self, codes):
+        """Validate a codes tensor on its device, with the rules and messages
+        of :meth:`_check_codes`; return it with an integer dtype the Triton
+        decoder reads."""
+        import torch
+
+        from nqlib.kernels.gpu.voronoi_triton import CODE_DTYPES
+
+        d, q = self.dim, self.q
+        if codes.dtype == torch.bool or codes.is_complex():
+            raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+        if codes.is_floating_point():
+            if not bool((torch.isfinite(codes) & (codes == codes.round())).all()):
+                raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+            codes = codes.to(torch.int64)
+        if codes.ndim == 0 or codes.shape[-1] != d:
+            raise ValueError(f"codes must have last dimension {d}, got shape "
+                             f"{tuple(codes.shape)}")
+        if codes.dtype not in CODE_DTYPES:
+            codes = codes.to(torch.int64)
+        if codes.numel():
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < 0 or hi >= q:
+                raise ValueError(f"codes must lie in [0, q) = [0, {q}), got "
+                                 f"values in [{lo}, {hi}]")
+        return codes
+
+    def _encode_triton(self, x, dither):
+        """``encode(x, dither, backend="triton")`` for a validated tensor."""
+        from nqlib.kernels.gpu import voronoi_triton
+
+        d = self.dim
+        m = x.numel() // d
+        z = self._dither_tensor(dither, m, x.device)
+        G, Ginv = self._generators(x.device)
+        return voronoi_triton.encode(x, self.lattice.kind, self.q, self.beta, G,
+                                     Ginv, z, _torch_code_dtype(self.q))
+
+    def _decode_triton(self, codes, dither):
+        """``decode(codes, dither, backend="triton")``: validates the codes on
+        their device (same rules as :meth:`_check_codes`)."""
+        from nqlib.kernels.gpu import voronoi_triton
+
+        codes = self._check_code_tensor(codes.detach())
+        m = codes.numel() // self.dim
+        z = self._dither_tensor(dither, m, codes.device)
+        G, _ = self._generators(codes.device)
+        return voronoi_triton.decode(codes, self.lattice.kind, self.q, self.beta,
+                                     G, z)
+
     # ---------------------------------------------------------------- encode
     def encode(self, x, dither=None, *, backend: str = "auto"):
         """Encode each vector of ``x``.
@@ -145,12 +233,10 @@ class VoronoiCode:
                                    device=_backend.tensor_device(x))
         d = self.dim
         if backend == "triton":
-            from nqlib.kernels.gpu import voronoi_triton
-
-            _check_tensor(x, "x", d)
-            return voronoi_triton.encode(self, x, dither)
+            _checks.check_float_tensor(x, "x", d)
+            return self._encode_triton(x, dither)
         if tensor_input:
-            _check_tensor(x, "x", d)
+            _checks.check_float_tensor(x, "x", d)
         # numpy or torch, any float dtype (float16 / bfloat16 widen exactly)
         # and any layout; float64 arithmetic in the kernels
         arr = _checks.as_float_array(x, "x", last_dim=d)
@@ -231,10 +317,7 @@ class VoronoiCode:
                                    device=_backend.tensor_device(codes))
         d = self.dim
         if backend == "triton":
-            from nqlib.kernels.gpu import voronoi_triton
-
-            # validates codes on their device (same rules as _check_codes)
-            return voronoi_triton.decode(self, codes, dither)
+            return self._decode_triton(codes, dither)
         arr = self._check_codes(codes)
         lead = arr.shape[:-1]
         rows = np.ascontiguousarray(arr.reshape(-1, d))

@@ -95,7 +95,9 @@ def _avx2() -> bool:
     return "+avx2" in features.split(",")
 
 
-_HAVE_AVX2 = _avx2()
+#: whether this CPU has AVX2 (the lane permutes use its vpermd / vpermps;
+#: without it, a portable tree of selects)
+HAVE_AVX2 = _avx2()
 
 
 class _Emit:
@@ -136,7 +138,7 @@ class _Emit:
         """``table[idx & 7]`` lane by lane (float or int ``table``)."""
         b = self.b
         isint = table.type == _V8I
-        if _HAVE_AVX2:
+        if HAVE_AVX2:
             vty = _V8I if isint else _V8F
             name = "llvm.x86.avx2.permd" if isint else "llvm.x86.avx2.permps"
             fn = cgutils.get_or_insert_function(
@@ -319,7 +321,9 @@ _gemv_odd1, _gemv_odd2, _gemv_odd3, _gemv_odd4 = (
     _gemv_intrinsic(True, r) for r in range(1, 5))
 _gemv_even1, _gemv_even2, _gemv_even3, _gemv_even4 = (
     _gemv_intrinsic(False, r) for r in range(1, 5))
-_gemv_odd = _gemv_odd1          # one row (the chapter compiles this one)
+#: the one-row GEMV over the blocks of an odd-q part (the kernels' inner
+#: loop; chapter ``ch-kernels`` compiles it to count its instructions)
+gemv_odd = _gemv_odd1
 
 
 # ------------------------------------------------------------- batched

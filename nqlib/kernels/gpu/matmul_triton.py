@@ -36,11 +36,12 @@ blocks of a real 4-bit matrix (q = 13); each time the two answers differ by
 a coarse-lattice vector ``q (u - u')``, not by a rounding error.
 Reproducing float64 round-off on the GPU would need float64 arithmetic
 (half-rate on an H100, 1/64 on most other GPUs) including ``div.rn.f64``.
-Instead :func:`gpu_layout` runs the numba decoder once and stores what it
-decided (:func:`stored_fields`), so that the GPU decode is exact integer
-arithmetic with no search, no comparison of distances and no floor, and
-equals numba's bit for bit (``beta * r / 2`` is exact in float64; float32
-results are its rounding).
+Instead the host-side builder (:mod:`nqlib.quantizers.fixed_layout`) runs
+the numba decoder once and stores what it decided
+(:func:`nqlib.quantizers.cpu_layout.stored_fields`), so that the GPU decode
+is exact integer arithmetic with no search, no comparison of distances and
+no floor, and equals numba's bit for bit (``beta * r / 2`` is exact in
+float64; float32 results are its rounding).
 
 Stored halves
 -------------
@@ -67,7 +68,7 @@ Kernels
 ``_decode_gemv_kernel`` (one row of activations per program),
 ``_decode_matmul_kernel`` (``BLOCK_M`` rows: FMAs on a 3-D accumulator, or
 one ``tl.dot`` per coordinate) and ``_decode_rows_kernel`` (decode to
-memory, for :func:`nqlib.matmul`). The activations are passed tiled along
+memory, for :func:`nqlib.inner_products`). The activations are passed tiled along
 K, ``x[m, t, j, i] = x_rot[m, 8 (t BLOCK_B + i) + j]`` plus the block sums
 as a ninth coordinate, and padded, so that ``x_j`` of consecutive blocks is
 contiguous at a fixed offset and no load of ``x`` needs a mask. The K loop
@@ -83,7 +84,7 @@ after the K loop. From five rows on, one ``tl.dot`` per coordinate
 multiplies the decoded ``[BLOCK_N, BLOCK_B]`` weights into the
 accumulator, in float32 (``"ieee"``, on the FMA units) by default or on the
 tensor cores (``"tf32"``). The thresholds come from the instruction counts
-of the compiled loops (:func:`loop_instruction_counts`).
+of the compiled loops (``benchmarks/gpu_isa.py``).
 
 Layout (per vector, per coded block)
 ------------------------------------
@@ -114,33 +115,22 @@ import torch
 import triton
 import triton.language as tl
 
+from nqlib import _backend
+
+# the bit fields of the layout (meta byte, row padding, scale tables) are
+# shared with the host-side builder, nqlib.quantizers.fixed_layout
+from nqlib.kernels.gpu.fixed_format import (  # noqa: F401  (re-exported)
+    FIX_SHIFT,
+    INDEX_SHIFT,
+    ODD_SHIFT,
+    PARITY_SHIFT,
+    ROW_ALIGN,
+    TAB_SIZE,
+)
 from nqlib.kernels.gpu.lattice_triton import check_rows
 
-# the decoder's decisions are host code shared with the CPU layout (one copy)
-from nqlib.quantizers.cpu_layout import (  # noqa: F401  (re-exported)
-    decisions,
-    stored_fields,
-)
-from nqlib.quantizers.cpu_layout import (  # noqa: F401  (re-exported)
-    e8_doubled_points as _e8_doubled_points,
-)
-
-#: Bit fields of the ``meta`` byte: parity ``pi`` of ``r + q`` (bit 0),
-#: whether the D8 parity fix applies (bit 1), the coordinate ``k`` it moves
-#: (bits 2-4: ``meta & 28`` is the shift ``4 k`` of its 4-bit half), the
-#: scale index (bits 5-7).
-PARITY_SHIFT = 0
-ODD_SHIFT = 1
-FIX_SHIFT = 2
-INDEX_SHIFT = 5
 _INDEX_SHIFT = tl.constexpr(INDEX_SHIFT)
-#: Stored rows are padded to a multiple of this many blocks: Triton then
-#: knows the row stride is divisible by 16 and vectorises the loads.
-ROW_ALIGN = 16
-#: Entries of the float32 ``tab`` tensor of a launch: beta for the scales
-#: of part hi (0..7) and lo (8..15).
-TAB_SIZE = 16
-#: Rows of a tile of activations (see :func:`_tiled`): the 8 coordinates
+#: Rows of a tile of activations (see :func:`tiled_activations`): the 8 coordinates
 #: scaled by ``2^(23 - p_j)`` (``p_j`` the bit position of ``m_j`` in its
 #: word when the kernels read it), the block sum, the 8 coordinates unscaled.
 X_ROWS = 17
@@ -148,8 +138,6 @@ _X_ROWS = tl.constexpr(X_ROWS)
 #: ``p_j`` for 4-bit halves (m_5 .. m_7 are read from the word shifted right
 #: by 12) and for 8-bit halves (bytes 2 and 3 from the word shifted by 16).
 FIELD_SHIFTS = {4: (0, 4, 8, 12, 16, 8, 12, 16), 8: (0, 8, 0, 8, 0, 8, 0, 8)}
-#: Vectors decoded per numba call while building a layout (bounds memory).
-LAYOUT_CHUNK = 4096
 #: tl.dot precisions accepted by :func:`decode_matmul`.
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
@@ -190,7 +178,7 @@ def _scaled_field(src, p: tl.constexpr, ones: tl.constexpr):
     one multiplication by ``2^126`` makes it normal, exactly. The kernels
     scale the activation ``x_j`` by ``2^(23 - p)`` instead (exact), so the
     fma gives ``x_j m_j``. Needs subnormals kept: Triton emits ``mul.f32``
-    without ``.ftz`` (checked by :func:`loop_instruction_counts`)."""
+    without ``.ftz`` (checked by ``benchmarks/gpu_isa.py``)."""
     bits = src & (ones << p)
     return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37
 
@@ -292,7 +280,7 @@ def _gemv_step(acc, x_row, words_ptr, meta_ptr, tab_ptr, rn, n_ok, b0, stride_b,
 @triton.jit
 def _decode_gemv_kernel(
     x_ptr,          # (M, T, X_ROWS, BLOCK_B) float32, T = cdiv(stride_b,
-                    # BLOCK_B): the rotated inputs tiled along K by _tiled
+                    # BLOCK_B): the rotated inputs tiled along K by tiled_activations
                     # (rows 0..7 scaled coordinates, 8 the block sum, 9..16
                     # the plain coordinates of block b = t BLOCK_B + i)
     words_ptr,      # (N, stride_b * CODE_BITS / 4) int32: packed halves m_j
@@ -545,7 +533,9 @@ def _decode_rows_kernel(
 class GpuLayout:
     """Device tensors of a fixed-mode QuantizedMatrix, for the kernels here.
 
-    Build with :func:`gpu_layout`. ``shape = (n, a)`` is the matrix's shape:
+    Build with :func:`upload` from the host arrays of
+    :mod:`nqlib.quantizers.fixed_layout` (``fixed_layout.gpu_layout(qm,
+    device)`` does both). ``shape = (n, a)`` is the matrix's shape:
     ``a`` vectors of length ``n`` (padded to ``n_pad = 8 B``). Blocks
     ``[0, h)`` of every vector belong to part hi, ``[h, coded_blocks)`` to
     part lo; blocks from ``coded_blocks`` on are dropped (decode to 0).
@@ -566,7 +556,6 @@ class GpuLayout:
     row_scale: torch.Tensor | None         # (a,) float32 (not for dither)
     row_offset: torch.Tensor | None        # (a,) float32
     rotation: tuple | None     # (signs, orthogonal, p) float32 tensors, or None
-    source: object = None      # the QuantizedMatrix (for the torch glue)
 
     @property
     def vectors(self) -> int:
@@ -598,185 +587,59 @@ class GpuLayout:
         return 8.0 * self.bytes_read / (n * a)
 
 
-def _rotation_tensors(P, dtype, device):
-    """``(signs, O, p)`` of the RandomHadamard ``P`` as ``dtype`` tensors on
-    ``device``, in the form :func:`random_hadamard` takes."""
-    return (torch.from_numpy(P.signs.astype(dtype)).to(device),
-            torch.from_numpy(P.orthogonal.astype(dtype)).to(device),
-            P.power_of_two)
+def _rotation_tensors(rotation, dtype, device):
+    """``(signs, O, p)`` of a rotation given as ``(signs, orthogonal,
+    power_of_two)`` numpy arrays, as ``dtype`` tensors on ``device``, in the
+    form :func:`~nqlib.kernels.gpu.hadamard_triton.random_hadamard` takes."""
+    signs, orthogonal, p = rotation
+    return (torch.from_numpy(np.asarray(signs).astype(dtype)).to(device),
+            torch.from_numpy(np.asarray(orthogonal).astype(dtype)).to(device),
+            p)
 
 
-def gpu_layout(qm, device=None) -> GpuLayout:
-    """The device layout of a fixed-mode nested-lattice QuantizedMatrix.
+def _tensor(arr, device):
+    return None if arr is None else torch.from_numpy(arr).to(device)
+
+
+def upload(arrays, device=None) -> GpuLayout:
+    """Copy a host-side layout to ``device``.
 
     Parameters
     ----------
-    qm : QuantizedMatrix
-        ``method="nested"``, ``mode="fixed"``; either part may be absent and
-        the low part may be dropped (sketching).
+    arrays : nqlib.quantizers.fixed_layout.FixedLayoutArrays
+        The layout's numpy arrays (any object with its attributes).
     device : torch.device or str, optional
-        Where the tensors go (default: CUDA when available, else CPU, for the
-        Triton interpreter).
+        Where the tensors go (default:
+        :func:`nqlib._backend.default_torch_device`: CUDA when available,
+        else CPU, for the Triton interpreter).
 
     Returns
     -------
     GpuLayout
-        Halves ``m`` (4 bits each when every ``q <= 16``, else 8), one byte
-        per block holding the parity, the parity fix and the scale index,
-        per-part scales, and -- without dither -- the per-vector constants of
-        :func:`quant_linear`: ``row_scale = alpha * |a_i| / sqrt(n_pad)``
-        (1 when not normalised) and ``row_offset = mean_i - row_scale * c_i /
-        sqrt(n)``, ``c_i = <raw_i, u>``, ``u`` the rotated unit all-ones
-        vector (0 when not centred).
-
-    Raises
-    ------
-    ValueError
-        For another method or mode, or ``q > 256``.
-
-    Notes
-    -----
-    Bytes per weight: ``(4 + 1) / 8`` for q <= 16, ``(8 + 1) / 8`` above,
-    times the coded fraction of the blocks, plus 8 bytes per vector; see
-    :attr:`GpuLayout.bits_per_weight`. Book: chapter "Kernels: CPU and GPU",
-    label ``ch-kernels``.
+        The same arrays as tensors (the rotation as float32), the scalars
+        as they are.
     """
-    from nqlib.quantizers.matrix import (
-        QuantizedMatrix,
-        _dither,
-        _fixed_part_codes,
-        _padded,
-        _unit_mean_direction,
-    )
-
-    if not isinstance(qm, QuantizedMatrix):
-        raise ValueError(f"expected a QuantizedMatrix, got {type(qm).__name__}")
-    if qm.method != "nested" or qm.mode != "fixed":
-        raise ValueError("the GPU layout needs a nested-lattice matrix in fixed "
-                         f"mode, got method={qm.method!r}, mode={qm.mode!r}")
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = _backend.default_torch_device()
     device = torch.device(device)
-    n, a = qm.shape
-    n_pad = _padded(n)
-    B = n_pad // 8
-    p = qm.payload
-    h = int(p["h"])
-    parts = [("hi", 0, h), ("lo", h, B)]
-    parts = [(name, b0, b1) for name, b0, b1 in parts
-             if p[name]["L"] and b1 > b0]
-    coded = max((b1 for _, _, b1 in parts), default=0)
-    qs = {name: int(p[name]["q"]) for name, _, _ in parts}
-    if qs and max(qs.values()) > 256:
-        raise ValueError(f"q up to 256 is supported, got {max(qs.values())}")
-    code_bits = 4 if all(q <= 16 for q in qs.values()) else 8
-    codes_all = np.zeros((a, coded, 8), dtype=np.uint8)
-    meta = np.zeros((a, coded), dtype=np.uint8)
-    P = qm.rotation()
-    # c_i = <raw_i, u>, u the rotated unit all-ones vector (epilogue constant)
-    u = _unit_mean_direction(P, n, n_pad) if qm.center else np.zeros(n_pad)
-    c_dot_u = np.zeros(a)
-    for name, b0, b1 in parts:
-        part = p[name]
-        q = qs[name]
-        per = b1 - b0
-        betas = np.asarray(part["betas"], dtype=np.float64)
-        for v0 in range(0, a, LAYOUT_CHUNK):   # v0 * per * L is a multiple of 8
-            v1 = min(a, v0 + LAYOUT_CHUNK)
-            codes, index = _fixed_part_codes(part, (v1 - v0) * per, v0 * per)
-            m, pi, odd, k, r = stored_fields(codes, q)
-            codes_all[v0:v1, b0:b1] = m.reshape(v1 - v0, per, 8)
-            meta[v0:v1, b0:b1] = (pi << PARITY_SHIFT | odd << ODD_SHIFT
-                                  | k << FIX_SHIFT
-                                  | index << INDEX_SHIFT).reshape(v1 - v0, per)
-            raw = betas[index][:, None] * (0.5 * r)     # numba's decode, no dither
-            c_dot_u[v0:v1] += raw.reshape(v1 - v0, 8 * per) @ u[8 * b0:8 * b1]
-    dither = None
-    row_scale = row_offset = None
-    if qm.dither:
-        z = _dither(qm.seed, n_pad, a, a * B, qm.dither_key,
-                    qm.version).reshape(a, n_pad)
-        dither = torch.from_numpy(np.ascontiguousarray(z)).to(device)
-    else:
-        scale = qm.alpha * qm._row_scales()
-        offset = np.zeros(a)
-        if qm.center:
-            offset = qm.means.astype(np.float64) - scale * c_dot_u / np.sqrt(n)
-        row_scale = torch.from_numpy(scale.astype(np.float32)).to(device)
-        row_offset = torch.from_numpy(offset.astype(np.float32)).to(device)
-    rotation = None if P is None else _rotation_tensors(P, np.float32, device)
-    betas = {name: p[name]["betas"] for name in qs}
-    return _assemble(codes_all, meta, (n, a), h, qs, betas, code_bits, device,
-                     dither=dither, row_scale=row_scale, row_offset=row_offset,
-                     rotation=rotation, source=qm)
-
-
-def _assemble(codes, meta, shape, h, qs, betas, code_bits, device, **extra):
-    """Pack the halves ``codes`` (a, coded, 8) and ``meta`` (a, coded) into
-    a GpuLayout: rows padded to ``ROW_ALIGN`` blocks, halves ``code_bits``
-    each, the float32 ``tab`` and float64 betas of the two parts."""
-    a, coded = meta.shape
-    stride_b = -(-coded // ROW_ALIGN) * ROW_ALIGN
-    c = np.zeros((a, stride_b, 8), dtype=np.uint8)
-    c[:, :coded] = codes
-    m = np.zeros((a, stride_b), dtype=np.uint8)
-    m[:, :coded] = meta
-    if code_bits == 4:
-        packed = np.zeros((a, stride_b), dtype=np.uint32)
-        for j in range(8):
-            packed |= c[:, :, j].astype(np.uint32) << np.uint32(4 * j)
-        words = packed.view(np.int32)
-    else:
-        words = c.view(np.int32).reshape(a, 2 * stride_b)
-    tab = np.zeros(TAB_SIZE, dtype=np.float32)
-    betas64 = np.zeros(TAB_SIZE)
-    for slot, name in enumerate(("hi", "lo")):
-        if name not in qs:
-            continue
-        b = np.asarray(betas[name], dtype=np.float32)
-        tab[8 * slot:8 * slot + len(b)] = b
-        betas64[8 * slot:8 * slot + len(b)] = b.astype(np.float64)
-    extra.setdefault("dither", None)
-    extra.setdefault("row_scale", None)
-    extra.setdefault("row_offset", None)
-    extra.setdefault("rotation", None)
-    n = shape[0]
+    a = arrays
+    rotation = (None if a.rotation is None
+                else _rotation_tensors(a.rotation, np.float32, device))
     return GpuLayout(
-        shape=tuple(shape), n_pad=-(-n // 8) * 8, h=h, coded_blocks=coded,
-        stride_b=stride_b, q=(qs.get("hi", 0), qs.get("lo", 0)),
-        code_bits=code_bits,
-        words=torch.from_numpy(np.ascontiguousarray(words)).to(device),
-        meta=torch.from_numpy(m).to(device),
-        tab=torch.from_numpy(tab).to(device),
-        betas=torch.from_numpy(betas64).to(device), **extra)
-
-
-def random_layout(n, a, q, betas, *, device=None, seed=0):
-    """A layout of random halves and random meta bytes, **for timing only**:
-    it decodes to arbitrary lattice vectors, not to any matrix. One part of
-    ``q`` (and the given scales) covers all ``n / 8`` blocks; per-vector
-    constants are 1 and 0, no rotation. Building it costs no quantization
-    (an 8192 x 28672 matrix takes minutes to quantize on a CPU)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    B = -(-n // 8)
-    rng = np.random.default_rng(seed)
-    codes = rng.integers(0, q, size=(a, B, 8), dtype=np.uint8)
-    meta = (rng.integers(0, len(betas), size=(a, B)) << INDEX_SHIFT
-            | rng.integers(0, 32, size=(a, B)))
-    # a block without the fix has k = 0 (as gpu_layout stores it)
-    no_fix = (meta >> ODD_SHIFT & 1) == 0
-    meta = np.where(no_fix, meta & ~(7 << FIX_SHIFT), meta).astype(np.uint8)
-    ones = torch.ones(a, dtype=torch.float32, device=device)
-    return _assemble(codes, meta, (n, a), B, {"hi": int(q)}, {"hi": betas},
-                     4 if q <= 16 else 8, device, row_scale=ones,
-                     row_offset=torch.zeros_like(ones))
+        shape=tuple(a.shape), n_pad=int(a.n_pad), h=int(a.h),
+        coded_blocks=int(a.coded_blocks), stride_b=int(a.stride_b),
+        q=tuple(int(q) for q in a.q), code_bits=int(a.code_bits),
+        words=_tensor(np.ascontiguousarray(a.words), device),
+        meta=_tensor(np.ascontiguousarray(a.meta), device),
+        tab=_tensor(a.tab, device), betas=_tensor(a.betas, device),
+        dither=_tensor(a.dither, device), row_scale=_tensor(a.row_scale, device),
+        row_offset=_tensor(a.row_offset, device), rotation=rotation)
 
 
 # ------------------------------------------------------------- launchers
 def _check_layout(layout):
     if not isinstance(layout, GpuLayout):
-        raise ValueError(f"layout must be a GpuLayout (from gpu_layout), got "
+        raise ValueError(f"layout must be a GpuLayout (from upload), got "
                          f"{type(layout).__name__}")
 
 
@@ -790,7 +653,7 @@ def _config(m, n_vectors):
 
     The decode costs the same whatever the number of rows it serves, so the
     variant is chosen by the compiled instructions per weight of its loop
-    (sm_90 SASS, :func:`loop_instruction_counts`, float32 products): about
+    (sm_90 SASS, ``benchmarks/gpu_isa.py``, float32 products): about
     7.4 for "gemv" (one row), 11 for "fma" with 2 rows, 20 with 4, 30 for
     "dot" with 16 rows and 82 with 64 (17.5, 22, 36, 38 and 93 when the
     layout stored the codes ``c`` and the kernels ran the integer decoder).
@@ -810,7 +673,7 @@ def _config(m, n_vectors):
 @triton.jit
 def _tile_kernel(xr_ptr, out_ptr, M, BC, stride_xr, T,
                  CODE_BITS: tl.constexpr, BLOCK_B: tl.constexpr):
-    """One (row, K tile) of :func:`_tiled`: rows 0..7 the scaled
+    """One (row, K tile) of :func:`tiled_activations`: rows 0..7 the scaled
     coordinates, row 8 the block sums, rows 9..16 the plain coordinates,
     zeros past the coded blocks and the input rows."""
     mm = tl.program_id(0)
@@ -835,9 +698,26 @@ def _tile_kernel(xr_ptr, out_ptr, M, BC, stride_xr, T,
     tl.store(rows + 9 * BLOCK_B, xv)
 
 
-def _tiled(x_rot, layout, block_m, block_b):
-    """The activations as the fused kernels read them: a (M', T, X_ROWS,
-    block_b) float32 tensor, ``T = cdiv(stride_b, block_b)``. For block
+def tiled_activations(x_rot, layout, block_m, block_b):
+    """The activations as the fused kernels read them.
+
+    Parameters
+    ----------
+    x_rot : torch.Tensor, shape (M, n_pad)
+        Contiguous float32 rows in the coded domain.
+    layout : GpuLayout
+    block_m, block_b : int
+        Rows and blocks of the kernel's tiles.
+
+    Returns
+    -------
+    torch.Tensor
+        A (M', T, X_ROWS, block_b) float32 tensor, ``T = cdiv(stride_b,
+        block_b)``.
+
+    Notes
+    -----
+    For block
     ``b = t block_b + i``, row ``j < 8`` holds ``x_rot[m, 8b + j] * 2^(23 -
     p_j)`` (``p_j`` from :data:`FIELD_SHIFTS`: the inverse scale of the half
     the kernels multiply it with), row 8 the block's sum and rows 9..16 the
@@ -845,7 +725,8 @@ def _tiled(x_rot, layout, block_m, block_b):
     rows up to ``M'``, a multiple of ``block_m``. Per K step a program then
     reads ``x_j`` of consecutive blocks at consecutive addresses and fixed
     offsets, and no load needs a mask. One launch of :func:`_tile_kernel`
-    (no host-to-device copy, so it can be captured in a CUDA graph)."""
+    (no host-to-device copy, so it can be captured in a CUDA graph).
+    """
     m = x_rot.shape[0]
     T = -(-layout.stride_b // block_b)
     rows = -(-m // block_m) * block_m
@@ -858,14 +739,27 @@ def _tiled(x_rot, layout, block_m, block_b):
     return x
 
 
-def _subnormals_kept(device) -> bool:
-    """Whether the GEMV/FMA kernels may read halves as subnormal floats
-    (:func:`_scaled_field`). On CUDA the compiled code keeps subnormals
+def subnormals_kept(device) -> bool:
+    """Whether the GEMV/FMA kernels may read halves as subnormal floats.
+
+    Parameters
+    ----------
+    device : torch.device or str
+        Where the kernels run.
+
+    Returns
+    -------
+    bool
+
+    Notes
+    -----
+    See :func:`_scaled_field`. On CUDA the compiled code keeps subnormals
     (Triton emits ``mul.f32`` without ``.ftz``, checked by
-    :func:`loop_instruction_counts`). Under the interpreter the kernels run
+    ``benchmarks/gpu_isa.py``). Under the interpreter the kernels run
     as numpy on the host, whose flush-to-zero / denormals-are-zero state
     (e.g. ``torch.set_flush_denormal(True)``) would turn every half into 0:
-    probe it, and fall back to the conversion-free normal-float halves."""
+    probe it, and fall back to the conversion-free normal-float halves.
+    """
     if torch.device(device).type == "cuda":
         return True
     tiny = np.array([1], dtype=np.int32).view(np.float32)   # 2^-149
@@ -882,7 +776,7 @@ def _launch_matmul(x_rot, layout, out, xsum, bias, precision, config):
         raise ValueError("tl.dot needs BLOCK_M, BLOCK_N, BLOCK_B >= 16")
     epilogue = xsum is not None
     dummy = layout.tab
-    x = _tiled(x_rot, layout, 1 if kind == "gemv" else block_m, block_b)
+    x = tiled_activations(x_rot, layout, 1 if kind == "gemv" else block_m, block_b)
     args = (x, layout.words, layout.meta, layout.tab, out,
             xsum if epilogue else dummy,
             layout.row_scale if epilogue else dummy,
@@ -892,7 +786,7 @@ def _launch_matmul(x_rot, layout, out, xsum, bias, precision, config):
             x.stride(0), out.stride(0))
     common = dict(CODE_BITS=layout.code_bits, BLOCK_N=block_n, BLOCK_B=block_b,
                   EPILOGUE=epilogue, HAS_BIAS=bias is not None,
-                  SCALED=_subnormals_kept(x_rot.device),
+                  SCALED=subnormals_kept(x_rot.device),
                   num_warps=warps, enable_fp_fusion=True)
     if kind == "gemv":
         grid = (triton.cdiv(N, block_n), m)
@@ -913,7 +807,8 @@ def decode_matmul(x_rot, layout, *, precision="ieee", config=None):
         Contiguous float32 rows in the coded (rotated, padded) domain, on the
         layout's device.
     layout : GpuLayout
-        From :func:`gpu_layout`, without dither.
+        From :func:`upload` (or ``nqlib.quantizers.fixed_layout.gpu_layout``),
+        without dither.
     precision : {"ieee", "tf32", "tf32x3"}
         Input precision of ``tl.dot`` (used for M > 4). ``"ieee"`` keeps
         float32 products (on an H100 it runs on the FMA units); ``"tf32"``
@@ -955,7 +850,8 @@ def decode_matmul(x_rot, layout, *, precision="ieee", config=None):
 def quant_linear(x, layout, bias=None, *, precision="ieee", config=None):
     """``x @ W_hat.T + bias`` for the weight ``W_hat`` a QuantLinear holds.
 
-    ``layout`` is :func:`gpu_layout` of the QuantizedMatrix of ``W.T``
+    ``layout`` is the layout (``nqlib.quantizers.fixed_layout.gpu_layout``)
+    of the QuantizedMatrix of ``W.T``
     (``a`` = out_features vectors of length ``n`` = in_features), without
     dither. With ``x_rot = P [x, 0]`` (rotation, zero padding) and
     ``s = sum(x)``, each output is
@@ -1024,195 +920,91 @@ def decode_rows(layout, dtype=torch.float64):
     return out
 
 
-def decoded_rows(qm, layout=None, device=None):
-    """``qm._rows()`` on the device: the raw decode, projected (padding and,
-    when centred, the mean direction) and shrunk by ``alpha``; float64."""
-    if layout is None:
-        layout = gpu_layout(qm, device)
+def decoded_rows(layout, *, center, alpha, rotation=None):
+    """The coded rows of a matrix (``QuantizedMatrix.coded_rows()``),
+    computed on the layout's device.
+
+    Parameters
+    ----------
+    layout : GpuLayout
+        The matrix's layout.
+    center : bool
+        Whether the matrix was centred (the mean direction is projected out).
+    alpha : float
+        The shrinkage factor.
+    rotation : tuple, optional
+        ``(signs, orthogonal, power_of_two)`` numpy arrays of the matrix's
+        random Hadamard rotation (None: not rotated).
+
+    Returns
+    -------
+    torch.Tensor, shape (a, n_pad), float64
+        The raw decode (:func:`decode_rows`), projected (padding and, when
+        centred, the mean direction) and shrunk by ``alpha``.
+    """
     Y = decode_rows(layout, torch.float64)
-    n = qm.shape[0]
-    P = qm.rotation()
+    n, n_pad = layout.shape[0], layout.n_pad
     dev = Y.device
-    if P is not None:
+    if rotation is not None:
         from nqlib.kernels.gpu.hadamard_triton import random_hadamard
 
-        rotation = _rotation_tensors(P, np.float64, dev)
+        rot64 = _rotation_tensors(rotation, np.float64, dev)
 
         def rot(t, inverse):
-            return random_hadamard(t.contiguous(), *rotation, inverse=inverse)
+            return random_hadamard(t.contiguous(), *rot64, inverse=inverse)
     else:
         def rot(t, inverse):
             return t
-    if qm.n_pad > n:
+    if n_pad > n:
         Z = rot(Y, True)
         Z[:, n:] = 0.0
         Y = rot(Z, False)
-    if qm.center:
-        e = torch.zeros((1, qm.n_pad), dtype=torch.float64, device=dev)
+    if center:
+        e = torch.zeros((1, n_pad), dtype=torch.float64, device=dev)
         e[0, :n] = 1.0 / math.sqrt(n)
         u = rot(e, False)[0]
         Y = Y - torch.outer(Y @ u, u)
-    return Y * qm.alpha
+    return Y * alpha
 
 
-def dequantized_rows(qm, layout=None, device=None):
-    """``qm.dequantize().T`` on the device: (a, n) float64."""
-    Y = decoded_rows(qm, layout, device)
-    n = qm.shape[0]
-    P = qm.rotation()
-    if P is not None:
+def dequantized_rows(layout, *, center, alpha, row_scales, means=None,
+                     rotation=None):
+    """The dequantized matrix, transposed (``QuantizedMatrix.dequantize().T``),
+    computed on the layout's device.
+
+    Parameters
+    ----------
+    layout, center, alpha, rotation :
+        As for :func:`decoded_rows`.
+    row_scales : ndarray, shape (a,)
+        The per-vector scales (``QuantizedMatrix.row_scales()``), float64.
+    means : ndarray, shape (a,), optional
+        The column means (float64), added when ``center``.
+
+    Returns
+    -------
+    torch.Tensor, shape (a, n), float64
+    """
+    Y = decoded_rows(layout, center=center, alpha=alpha, rotation=rotation)
+    n = layout.shape[0]
+    if rotation is not None:
         from nqlib.kernels.gpu.hadamard_triton import random_hadamard
 
-        Y = random_hadamard(Y, *_rotation_tensors(P, np.float64, Y.device),
+        Y = random_hadamard(Y, *_rotation_tensors(rotation, np.float64, Y.device),
                             inverse=True)
-    Z = Y[:, :n] * torch.from_numpy(qm._row_scales()).to(Y.device)[:, None]
-    if qm.center:
-        Z = Z + torch.from_numpy(qm.means.astype(np.float64)).to(Y.device)[:, None]
+    Z = Y[:, :n] * torch.from_numpy(np.asarray(row_scales)).to(Y.device)[:, None]
+    if center:
+        Z = Z + torch.from_numpy(np.asarray(means)).to(Y.device)[:, None]
     return Z
 
 
-# ------------------------------------------------- compiled instruction count
-def _loop_body(lines, label_re, branch_re):
-    """Line span of the longest backward branch: the K loop (the kernels
-    here have one loop; the only other backward branch is the one-line
-    trap at the end of SASS)."""
-    import re
-
-    labels, body = {}, (0, -1)
-    for i, line in enumerate(lines):
-        m = re.match(label_re, line)
-        if m:
-            labels[m.group(1)] = i
-        b = re.search(branch_re, line)
-        if b and b.group(1) in labels and i - labels[b.group(1)] > body[1] - body[0]:
-            body = (labels[b.group(1)], i)
-    return body
-
-
-def _ptx_opcodes(ptx):
-    import re
-
-    lines = ptx.splitlines()
-    span = _loop_body(lines, r"^(\$L__BB\d+_\d+):",
-                      r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
-    ops = []
-    for line in lines[span[0]:span[1] + 1]:
-        toks = line.split()
-        if toks and toks[0].startswith("@"):            # predicate guard
-            toks = toks[1:]
-        if toks and re.match(r"[a-z]", toks[0]) and line.rstrip().endswith(";"):
-            ops.append(toks[0])
-    return ops
-
-
-def _sass_text(cubin):
-    """The SASS of ``cubin`` by nvdisasm (shipped with Triton's NVIDIA
-    backend), or None when nvdisasm is missing."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    import triton.backends.nvidia as nv
-
-    tool = Path(nv.__file__).parent / "bin" / "nvdisasm"
-    if not tool.exists():
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(cubin)
-        fh.flush()
-        return subprocess.run([str(tool), "-c", fh.name], capture_output=True,
-                              text=True, check=True).stdout
-
-
-def _sass_opcodes(cubin):
-    """Opcodes of the loop in the SASS of ``cubin``; None without nvdisasm."""
-    import re
-
-    text = _sass_text(cubin)
-    if text is None:
-        return None
-    lines = text.splitlines()
-    span = _loop_body(lines, r"^(\.L_x_\d+):", r"\bBRA\s+`?\(?(\.L_x_\d+)")
-    ops = []
-    for line in lines[span[0]:span[1] + 1]:
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?);", line)
-        if m:
-            toks = m.group(1).split()
-            if toks[0].startswith("@"):
-                toks = toks[1:]
-            ops.append(toks[0])
-    return ops
-
-
-def loop_instruction_counts(config=("gemv", 1, 16, 32, 4), code_bits=4, arch=90,
-                            precision="ieee"):
-    """Compile the fused kernel for an NVIDIA GPU of compute capability
-    ``arch`` (no GPU needed) and count the instructions of its K loop.
-
-    Returns a dict: PTX and SASS instruction counts of one loop iteration
-    (per thread), the weights one iteration decodes per thread, the
-    instructions per weight (``count * threads / weights per iteration``;
-    each weight serves all ``BLOCK_M`` rows), and the most frequent SASS
-    opcodes. Under ``TRITON_INTERPRET=1`` the kernels are interpreted, so
-    the compilation runs in a subprocess without it.
-    """
-    import collections
-    import json
-    import os
-    import subprocess
-    import sys
-
-    if not isinstance(_decode_matmul_kernel, triton.runtime.JITFunction):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        code = ("import json; from nqlib.kernels.gpu.matmul_triton import "
-                "loop_instruction_counts as f; "
-                f"print(json.dumps(f({tuple(config)!r}, {code_bits}, {arch}, "
-                f"{precision!r})))")
-        res = subprocess.run([sys.executable, "-c", code], env=env,
-                             capture_output=True, text=True, timeout=600)
-        if res.returncode:
-            raise RuntimeError(f"compiling for sm_{arch} failed:\n"
-                               f"{res.stderr[-2000:]}")
-        return json.loads(res.stdout.strip().splitlines()[-1])
-
-    from triton.backends.compiler import GPUTarget
-
-    kind, block_m, block_n, block_b, warps = config
-    cx = dict(CODE_BITS=code_bits, BLOCK_N=block_n, BLOCK_B=block_b,
-              EPILOGUE=True, HAS_BIAS=True, SCALED=True)
-    if kind != "gemv":
-        cx.update(BLOCK_M=block_m, USE_DOT=kind == "dot", PRECISION=precision)
-    fn = _decode_gemv_kernel if kind == "gemv" else _decode_matmul_kernel
-    f32 = "*fp32"
-    sig = dict(x_ptr=f32, words_ptr="*i32", meta_ptr="*u8", tab_ptr=f32,
-               out_ptr=f32, xsum_ptr=f32, scale_ptr=f32, offset_ptr=f32,
-               bias_ptr=f32)
-    # ints as Triton specialises them at run time: strides divisible by 16
-    sig.update({k: "i32" for k in ("M", "N", "stride_b", "H", "q_hi", "q_lo",
-                                   "stride_xm", "stride_om")})
-    sig.update({k: "constexpr" for k in cx})
-    attrs = {(i,): [["tt.divisibility", 16]]
-             for i, k in enumerate(sig) if k.endswith("_ptr")
-             or k in ("stride_b", "stride_xm", "stride_om")}
-    src = triton.compiler.ASTSource(fn=fn, signature=sig,
-                                    constexprs=cx, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": warps, "enable_fp_fusion": True})
-    ptx_ops = _ptx_opcodes(kernel.asm["ptx"])
-    # the halves are read as subnormal floats: the loop must not flush them
-    ftz = any(".ftz" in op for op in ptx_ops)
-    sass_ops = _sass_opcodes(kernel.asm["cubin"])
-    threads = 32 * warps
-    weights = block_n * block_b * 8
-    out = dict(arch=f"sm_{arch}", config=list(config), code_bits=code_bits,
-               precision=precision,
-               threads=threads, weights_per_iteration=weights,
-               ptx_per_iteration=len(ptx_ops),
-               ptx_per_weight=len(ptx_ops) * threads / weights,
-               ftz_in_loop=ftz)
-    if sass_ops is not None:
-        top = collections.Counter(o.split(".")[0] for o in sass_ops)
-        out.update(sass_per_iteration=len(sass_ops),
-                   sass_per_weight=len(sass_ops) * threads / weights,
-                   sass_opcodes=dict(top.most_common()))
-    return out
+# ------------------------------------------------------- for compilation
+#: The ``@triton.jit`` functions of this module by name, for compiling them
+#: outside a launch (instruction counts of their loops:
+#: ``benchmarks/gpu_isa.py``; the sm_90 compilation test).
+JIT_KERNELS = {
+    "gemv": _decode_gemv_kernel,
+    "matmul": _decode_matmul_kernel,
+    "decode_rows": _decode_rows_kernel,
+    "tile": _tile_kernel,
+}

@@ -21,7 +21,6 @@ Book: chapter "Beyond E8: trellis codes", label ``ch-trellis``.
 from __future__ import annotations
 
 import numpy as np
-import torch
 import triton
 import triton.language as tl
 
@@ -67,26 +66,41 @@ def _decode_kernel(
     tl.store(out_ptr + first + t, val, mask=mask)
 
 
-def decode(payload: dict, a: int, n_pad: int, device="cuda") -> torch.Tensor:
-    """The decoded vectors (a, n') of a trellis payload as a float32 tensor
-    on ``device`` (entries past ``keep`` are 0): the values of
-    :func:`nqlib.quantizers.trellis.decode` before its float64 cast."""
-    from nqlib.quantizers import trellis as tq
+def decode_sequences(data, starts, lengths, bits, offsets, L, mult, shift,
+                     qbits, table, beta, out):
+    """Decode every trellis sequence into ``out``; the arguments and results
+    of the numba kernel :func:`nqlib.kernels.cpu.trellis.decode_sequences`.
 
-    lay = tq.layout(a, n_pad, payload["keep"], payload["total_bits"],
-                    payload["seq_len"])
+    Parameters
+    ----------
+    data : torch.Tensor of uint8
+        The packed stream.
+    starts, lengths, bits, offsets : torch.Tensor of int64, shape (N,)
+        Per sequence: first output index, weights ``T``, stream bits ``Bs``
+        and first stream bit.
+    L : int
+        State bits.
+    mult, shift : int
+        The hash multiplier (< 2^32) and its xor-shift.
+    qbits : int
+        Index bits of the quantile table.
+    table : torch.Tensor of float32, shape (2**qbits,)
+        The quantile table.
+    beta : float
+        The scale, a float32 value.
+    out : torch.Tensor of float32
+        Flat output; entries no sequence covers are left as they are.
 
-    def dev(arr, dtype):
-        return torch.from_numpy(np.array(arr, dtype=dtype)).to(device)  # a copy
-
-    data = dev(payload["packed"], np.uint8)
-    table = dev(tq.quantile_table(payload["qbits"]), np.float32)
-    out = torch.zeros(a * n_pad, dtype=torch.float32, device=device)
-    grid = (lay.count, triton.cdiv(int(lay.lengths.max()), BLOCK))
+    Notes
+    -----
+    Every tensor is contiguous and on one device (CUDA, or any device under
+    the Triton interpreter). Returns None.
+    """
+    count = starts.shape[0]
+    if count == 0:
+        return
+    grid = (count, triton.cdiv(int(lengths.max()), BLOCK))
     _decode_kernel[grid](
-        data, dev(lay.starts, np.int64), dev(lay.lengths, np.int64),
-        dev(lay.bits, np.int64), dev(lay.offsets, np.int64), table, out,
-        float(np.float32(payload["beta"])), tq.hash_multiplier(),
-        L=int(payload["L"]), SHIFT=tq.HASH_SHIFT, QBITS=int(payload["qbits"]),
-        BLOCK=BLOCK, enable_fp_fusion=False)
-    return out.reshape(a, n_pad)
+        data, starts, lengths, bits, offsets, table, out, float(np.float32(beta)),
+        int(mult), L=int(L), SHIFT=int(shift), QBITS=int(qbits), BLOCK=BLOCK,
+        enable_fp_fusion=False)

@@ -36,7 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nqlib import _backend
 from nqlib.kernels.gpu.lattice_triton import (
     A2,
     CONST_BETA,
@@ -293,101 +292,77 @@ def decode_rows(kind, codes, q, beta, z, G, out):
         KIND=kind, N=n, DP=dp, BLOCK_M=block_m, enable_fp_fusion=False)
 
 
-# ------------------------------------------------------------- public glue
-def _dither_rows(code, dither, m, device):
-    """The dither as a contiguous float64 (1, d) or (m, d) tensor on ``device``,
-    validated like ``VoronoiCode._dither_rows`` (torch dithers stay on their
-    device until moved to ``device``)."""
-    d = code.dim
-    if dither is None:
-        return torch.zeros((1, d), dtype=torch.float64, device=device)
-    if not _backend.is_torch_tensor(dither):
-        return torch.from_numpy(code._dither_rows(dither, m)).to(device)
-    if dither.is_complex():
-        raise ValueError("dither must be a real numeric array, got dtype "
-                         f"{dither.dtype}")
-    if dither.ndim == 0 or dither.shape[-1] != d:
-        raise ValueError(f"dither must have last dimension {d}, got shape "
-                         f"{tuple(dither.shape)}")
-    z = dither.detach().to(device=device, dtype=torch.float64)
-    if not bool(torch.isfinite(z).all()):
-        raise ValueError("dither contains NaN or Inf")
-    z = z.reshape(-1, d)
-    if dither.ndim > 1 and z.shape[0] not in (1, m):
-        raise ValueError(f"dither must have shape ({d},) or match x's {m} "
-                         f"vectors, got {z.shape[0]} vectors")
-    return z.contiguous()
+# ------------------------------------------------------------ whole arrays
+def encode(x, kind, q, beta, G, Ginv, z, code_dtype):
+    """Voronoi-encode the vectors of a tensor of any shape (..., n).
 
+    Backs ``VoronoiCode.encode(x, dither, backend="triton")``, which
+    validates ``x`` and builds the other arguments.
 
-def _matrices(lattice, device):
-    # copies: the lattice's cached generators are read-only numpy arrays
-    G = torch.tensor(lattice.generator, dtype=torch.float64, device=device)
-    Ginv = torch.tensor(lattice.generator_inverse, dtype=torch.float64,
-                        device=device)
-    return G.contiguous(), Ginv.contiguous()
+    Parameters
+    ----------
+    x : torch.Tensor, shape (..., n)
+        Finite floating vectors, any layout (float16 / bfloat16 widen
+        exactly to float32).
+    kind : int
+        Lattice kind (:data:`~nqlib.kernels.gpu.lattice_triton.ZN`, ``DN``,
+        ``E8`` or ``A2``).
+    q : int
+        Nesting ratio, >= 2.
+    beta : float
+        Scale, > 0.
+    G, Ginv : torch.Tensor, shape (n, n)
+        Contiguous float64 generator and its inverse, on ``x``'s device.
+    z : torch.Tensor, shape (1, n) or (m, n)
+        Contiguous float64 dither rows on ``x``'s device, ``m`` the number of
+        vectors of ``x``.
+    code_dtype : torch.dtype
+        Integer dtype of the codes, one of :data:`CODE_DTYPES`.
 
-
-def encode(code, x, dither):
-    """Backs ``VoronoiCode.encode(x, dither, backend="triton")``.
-
-    ``x`` (..., dim) is a finite floating tensor (validated by the caller);
-    it may be strided. Returns ``(codes, overload)`` on ``x``'s device:
-    codes of dtype ``_torch_code_dtype(q)`` and shape ``x.shape``, overload
-    bool of shape ``x.shape[:-1]``; equal to the numba backend's.
+    Returns
+    -------
+    codes : torch.Tensor, shape ``x.shape``
+        Integers in ``[0, q)`` of dtype ``code_dtype``.
+    overload : torch.Tensor of bool, shape ``x.shape[:-1]``
+        Equal to the numba backend's.
     """
-    from nqlib.quantizers.voronoi import _torch_code_dtype
-
-    lat = code.lattice
-    d = lat.dim
-    rows = as_kernel_floats(x.detach()).reshape(-1, d).contiguous()
+    n = x.shape[-1]
+    rows = as_kernel_floats(x.detach()).reshape(-1, n).contiguous()
     m = rows.shape[0]
     dev = rows.device
-    z = _dither_rows(code, dither, m, dev)
-    G, Ginv = _matrices(lat, dev)
-    codes = torch.empty((m, d), dtype=_torch_code_dtype(code.q), device=dev)
+    codes = torch.empty((m, n), dtype=code_dtype, device=dev)
     overload = torch.empty(m, dtype=torch.bool, device=dev)
-    encode_rows(lat.kind, rows, code.q, code.beta, z, G, Ginv, codes, overload)
+    encode_rows(kind, rows, q, beta, z, G, Ginv, codes, overload)
     return codes.reshape(x.shape), overload.reshape(x.shape[:-1])
 
 
-def _code_rows(code, codes):
-    """Validate a codes tensor on its device, with the rules and messages of
-    ``VoronoiCode._check_codes``; return it as contiguous (m, dim) rows of an
-    integer dtype."""
-    d, q = code.dim, code.q
-    if codes.dtype == torch.bool or codes.is_complex():
-        raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
-    if codes.is_floating_point():
-        if not bool((torch.isfinite(codes) & (codes == codes.round())).all()):
-            raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
-        codes = codes.to(torch.int64)
-    if codes.ndim == 0 or codes.shape[-1] != d:
-        raise ValueError(f"codes must have last dimension {d}, got shape "
-                         f"{tuple(codes.shape)}")
-    if codes.dtype not in CODE_DTYPES:
-        codes = codes.to(torch.int64)
-    if codes.numel():
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= q:
-            raise ValueError(f"codes must lie in [0, q) = [0, {q}), got "
-                             f"values in [{lo}, {hi}]")
-    return codes.reshape(-1, d).contiguous()
+def decode(codes, kind, q, beta, G, z):
+    """Voronoi-decode the codes of a tensor of any shape (..., n).
 
+    Backs ``VoronoiCode.decode(codes, dither, backend="triton")``, which
+    validates ``codes`` and builds the other arguments.
 
-def decode(code, codes, dither):
-    """Backs ``VoronoiCode.decode(codes, dither, backend="triton")``.
+    Parameters
+    ----------
+    codes : torch.Tensor, shape (..., n)
+        Integers in ``[0, q)`` (not checked here), any layout.
+    kind, q, beta, G :
+        As for :func:`encode`.
+    z : torch.Tensor, shape (1, n) or (m, n)
+        Contiguous float64 dither rows on ``codes``' device.
 
-    Validates ``codes`` (integers in [0, q), last dimension ``dim``) on its
-    device. Returns a float32 tensor of ``codes``' shape on its device: the
-    float64 decoder output rounded once, equal to the numba backend's.
+    Returns
+    -------
+    torch.Tensor, shape ``codes.shape``
+        float32 on ``codes``' device: the float64 decoder output rounded
+        once, equal to the numba backend's.
     """
-    lat = code.lattice
-    d = lat.dim
-    rows = _code_rows(code, codes.detach())
+    n = codes.shape[-1]
+    rows = codes.detach()
+    if rows.dtype not in CODE_DTYPES:
+        rows = rows.to(torch.int64)
+    rows = rows.reshape(-1, n).contiguous()
     m = rows.shape[0]
-    dev = rows.device
-    z = _dither_rows(code, dither, m, dev)
-    G, _ = _matrices(lat, dev)
-    out = torch.empty((m, d), dtype=torch.float32, device=dev)
-    decode_rows(lat.kind, rows, code.q, code.beta, z, G, out)
+    out = torch.empty((m, n), dtype=torch.float32, device=rows.device)
+    decode_rows(kind, rows, q, beta, z, G, out)
     return out.reshape(codes.shape)

@@ -1,11 +1,14 @@
-"""torch modules: ``QuantLinear`` and ``quantize_model``.
+"""torch modules whose weight is stored as nqlib codes.
 
-``QuantLinear`` stores the weight ``W`` (out x in) of a linear layer as a
-:class:`nqlib.QuantizedMatrix` of ``W.T``: the rows of ``W`` are the quantized
-vectors, so every output is an inner product between an activation row and a
-quantized weight row -- the setting of the book. Optionally the activations
-are quantized on the fly too (``act_rate``), with the same seed, so both
-operands share the rotation and the product is formed in the rotated domain.
+* :class:`QuantLinear` stores the weight ``W`` (out x in) of a linear layer
+  as a :class:`nqlib.QuantizedMatrix` of ``W.T``: the rows of ``W`` are the
+  quantized vectors, so every output is an inner product between an
+  activation row and a quantized weight row -- the setting of the book.
+  Optionally the activations are quantized on the fly too (``act_rate``,
+  :mod:`nqlib.nn.activations`), with the same seed, so both operands share
+  the rotation and the product is formed in the rotated domain.
+* :class:`QuantEmbedding` is an embedding table tied to a quantized output
+  layer: it reads its rows from the layer's codes.
 
 This module imports torch; ``import nqlib`` does not import it.
 
@@ -14,32 +17,20 @@ Book: chapter "Quantizing a sentence-embedding model", label ``ch-minilm``.
 
 from __future__ import annotations
 
-import threading
 import weakref
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from nqlib import _backend
-from nqlib.matmul import _same_domain, matmul
-
-# the torchao-style API lives in nqlib/nn_api.py (it imports this module
-# lazily, inside its functions)
-from nqlib.nn_api import (
-    QuantConfig,
-    QuantEmbedding,
-    load_quantized,
-    quantize_,
-    save_quantized,
-)
+from nqlib.matmul import inner_products, same_domain
+from nqlib.nn.activations import ActivationCache, check_act_mode
+from nqlib.nn.options import LDLQ_METHOD, check_keywords, weight_quantizer
 from nqlib.quantizers import cpu_layout as _cpu_layout
-from nqlib.quantizers import matrix as _matrix
-from nqlib.quantizers.matrix import QuantizedMatrix, quantize
+from nqlib.quantizers.matrix import QuantizedMatrix
+from nqlib.quantizers.rate_control import check_rate
 
-__all__ = ["QuantLinear", "quantize_model", "QuantizationReport",
-           "calibration_hessians", "QuantConfig", "quantize_",
-           "QuantEmbedding", "save_quantized", "load_quantized"]
+__all__ = ["QuantLinear", "QuantEmbedding"]
 
 
 class QuantLinear(torch.nn.Module):
@@ -98,7 +89,7 @@ class QuantLinear(torch.nn.Module):
     :attr:`resident_nbytes` counts what the layer keeps. Other weights are
     held as their QuantizedMatrix; on CPU the forward pass decodes them once
     (numba) and caches the dequantized float32 matrix, and with activation
-    quantization it runs :func:`nqlib.matmul` on the two quantized
+    quantization it runs :func:`nqlib.inner_products` on the two quantized
     operands. The output has the input's dtype (bfloat16 and float16 inputs
     included; the arithmetic is float32). A layer may be called from
     several threads at once.
@@ -116,8 +107,8 @@ class QuantLinear(torch.nn.Module):
             # the activation quantizer's own rules (range, integer widths for
             # the rtn methods, the modes the method has), checked now rather
             # than at the first forward
-            act_rate = _matrix._check_rate(act_rate, qweight.method)
-            _check_act_mode(act_mode, qweight.method)
+            act_rate = check_rate(act_rate, qweight.method)
+            check_act_mode(act_mode, qweight.method)
         elif act_mode is not None:
             raise ValueError(f"act_mode={act_mode!r} does not apply without "
                              "act_rate (the activations stay in float)")
@@ -219,18 +210,12 @@ class QuantLinear(torch.nn.Module):
             raise ValueError(f"act_mode={act_mode!r} does not apply without "
                              "act_rate (the activations stay in float)")
         W = linear.weight.detach().to("cpu", torch.float64).numpy()
-        if method == "nested-ldlq":
-            from nqlib.quantizers.ldlq import quantize_ldlq
-
+        if method == LDLQ_METHOD:
             if hessian is None:
                 raise ValueError("method='nested-ldlq' needs hessian= (the "
                                  "second moment of the layer's inputs)")
-            if mode not in (None, "fixed", "trellis"):
-                raise ValueError("method='nested-ldlq' codes the fixed or the "
-                                 f"trellis mode, got mode={mode!r}")
-            if mode == "trellis":  # the Viterbi search as the block quantizer
-                from nqlib.quantizers.trellis import quantize_ldlq
-            _check_keywords(quantize_ldlq, quantize_kwargs, method)
+            quantize_ldlq = weight_quantizer(method, mode)
+            check_keywords(quantize_ldlq, quantize_kwargs, method)
             qw = quantize_ldlq(W.T, weight_rate, hessian, seed=seed,
                                **quantize_kwargs)
         elif hessian is not None:
@@ -239,7 +224,8 @@ class QuantLinear(torch.nn.Module):
         else:
             if mode is None and method == "nested":
                 mode = "fixed"  # random access: the default for weights
-            _check_keywords(quantize, quantize_kwargs, method)
+            quantize = weight_quantizer(method, mode)
+            check_keywords(quantize, quantize_kwargs, method)
             qw = quantize(W.T, weight_rate, seed=seed, method=method, mode=mode,
                           **quantize_kwargs)
         return cls(linear.in_features, linear.out_features, qw, linear.bias,
@@ -300,18 +286,8 @@ class QuantLinear(torch.nn.Module):
             out.update({f"layout.{k}": v for k, v in self._layout.arrays().items()})
         if self._qbytes is not None:
             out["qweight"] = self._qbytes
-        q = self._qw
-        if q is not None:
-            for name in ("means", "norms", "_decoded", "_raw"):
-                if getattr(q, name, None) is not None:
-                    out[f"qm.{name}"] = getattr(q, name)
-            for k, v in (q.payload or {}).items():
-                vals = v.items() if isinstance(v, dict) else [("", v)]
-                for kk, vv in vals:
-                    if isinstance(vv, np.ndarray):
-                        out[f"qm.payload.{k}.{kk}".rstrip(".")] = vv
-            if q._bytes is not None:
-                out["qm._bytes"] = np.frombuffer(q._bytes, dtype=np.uint8)
+        if self._qw is not None:  # codes, side information, cached bytes and rows
+            out.update({f"qm.{k}": v for k, v in self._qw.resident_arrays().items()})
         if self.bias is not None:
             out["bias"] = self.bias
         if self._w_cache is not None:
@@ -351,17 +327,21 @@ class QuantLinear(torch.nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The decoded weight ``W_hat`` (out x in), float32, decoded on each
-        access and not kept: a fresh tensor that the module holds no
-        reference to (writing into it changes nothing). Read-only: assigning
-        to it raises. For code that reads ``.weight`` (tied embeddings,
-        ``get_output_embeddings().weight``, PEFT); :meth:`forward` does not
-        use it."""
-        qw = self.quantized_weight
-        kept = qw._decoded  # decoding must leave no rows cached behind
-        try:
-            W = qw.dequantize(np.float32)
-        finally:
-            qw._decoded = kept
+        access (copied when :meth:`dequantized_weight` has cached it) and
+        not kept: a fresh tensor that the module holds no reference to
+        (writing into it changes nothing), and no decoded rows are left
+        cached behind, on the layer or on a :attr:`quantized_weight` a
+        caller holds. Read-only: assigning to it raises. For code that reads
+        ``.weight`` (tied embeddings, ``get_output_embeddings().weight``,
+        PEFT); :meth:`forward` does not use it."""
+        if self._w_cache is not None:  # the same decode, already at hand
+            return self._w_cache.clone()
+        # decoded from a copy that nobody keeps, so that no decoded rows are
+        # left cached behind (on the layer's matrix, or on the one that
+        # quantized_weight gave a caller)
+        qw = (self._layout.to_quantized() if self._layout is not None
+              else QuantizedMatrix.from_bytes(self._qw.to_bytes()))
+        W = qw.dequantize(np.float32)
         return torch.from_numpy(np.ascontiguousarray(W.T))
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -417,11 +397,12 @@ class QuantLinear(torch.nn.Module):
         """``x2 @ W_hat.T + bias`` by the fused kernel; the device layout of
         the weight is built on first use per device and cached."""
         from nqlib.kernels.gpu import matmul_triton
+        from nqlib.quantizers.fixed_layout import gpu_layout
 
         cache = self._triton_layout
         if cache is None or cache[0] is not self._header or cache[1] != x2.device:
-            layout = matmul_triton.gpu_layout(self.quantized_weight, x2.device)
-            layout.source = None   # the rebuilt QuantizedMatrix is not kept
+            # device tensors only: the rebuilt QuantizedMatrix is not kept
+            layout = gpu_layout(self.quantized_weight, x2.device)
             cache = self._triton_layout = (self._header, x2.device, layout)
         return matmul_triton.quant_linear(x2, cache[2], self.bias)
 
@@ -468,12 +449,12 @@ class QuantLinear(torch.nn.Module):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _forward_quantized_acts(self, x2, fused=False):
-        """``nqlib.matmul(quantize(x2.T), qweight)``, formed in float32.
+        """``nqlib.inner_products(quantize(x2.T), qweight)``, formed in float32.
 
         The activations are quantized once per input tensor (layers fed the
         same tensor, like an attention block's query, key and value, share
         the quantized copy) and the product is taken in the rotated domain
-        -- the estimate of :func:`nqlib.matmul`, in float32 arithmetic. With
+        -- the estimate of :func:`nqlib.inner_products`, in float32 arithmetic. With
         ``fused`` (a layer held as a CPU layout, on CPU) the decoded
         activation rows meet the weight in the fused kernel and the bias is
         added; otherwise the product is taken against the cached, rescaled
@@ -486,15 +467,15 @@ class QuantLinear(torch.nn.Module):
         QX = self.act_cache.quantized(x2, self.act_rate, q, self.act_mode)
         self._act_bytes = getattr(self, "_act_bytes", 0) + QX.nbytes
         self._act_entries = getattr(self, "_act_entries", 0) + x2.numel()
-        if not _same_domain(QX, q):
-            y = torch.from_numpy(matmul(QX, self.quantized_weight).astype(
+        if not same_domain(QX, q):
+            y = torch.from_numpy(inner_products(QX, self.quantized_weight).astype(
                 np.float32)).to(x2.device)
             return y + self.bias if fused and self.bias is not None else y
         if fused:
             # both operands' decoders removed the same directions (padding,
             # mean), so the raw weight rows meet the decoded activation rows
             # in the rotated domain; the mean term is n mu_x mu_w
-            Xr = (QX._rows() * QX._row_scales()[:, None]).astype(np.float32)
+            Xr = (QX.coded_rows() * QX.row_scales()[:, None]).astype(np.float32)
             lay = self._layout
             xsum = (float(q.shape[0]) * QX.means.astype(np.float32)
                     if q.center else np.zeros(len(Xr), dtype=np.float32))
@@ -502,7 +483,7 @@ class QuantLinear(torch.nn.Module):
             return torch.from_numpy(lay.linear_rotated(Xr, xsum, bias))
         Wr, w_means = self._rotated_weight()
         Xr = torch.from_numpy(
-            (QX._rows() * QX._row_scales()[:, None]).astype(np.float32))
+            (QX.coded_rows() * QX.row_scales()[:, None]).astype(np.float32))
         C = Xr @ Wr.T  # (batch, out)
         if q.center:
             x_means = torch.from_numpy(QX.means.astype(np.float32))
@@ -530,7 +511,7 @@ class QuantLinear(torch.nn.Module):
             # (a layer held as a CPU layout gets here only on other devices)
             q = self.quantized_weight
             Wr = torch.from_numpy(
-                (q._rows() * q._row_scales()[:, None]).astype(np.float32))
+                (q.coded_rows() * q.row_scales()[:, None]).astype(np.float32))
             means = (torch.from_numpy(q.means.astype(np.float32)) if q.center
                      else None)
             cache = (self._header, Wr, means)
@@ -562,7 +543,7 @@ class QuantLinear(torch.nn.Module):
                                  f"expected {(self.in_features, self.out_features)}")
             if self.act_rate is not None:
                 try:  # the activation rate must suit the loaded weight's method
-                    _matrix._check_rate(self.act_rate, qw.method)
+                    check_rate(self.act_rate, qw.method)
                 except ValueError as exc:
                     raise ValueError(f"{key}: the layer's act_rate does not suit "
                                      f"the loaded weight: {exc}") from None
@@ -582,325 +563,61 @@ class QuantLinear(torch.nn.Module):
         destination[prefix + "qweight"] = self.qweight
 
 
-# --------------------------------------------------------------- the model
-@dataclass
-class QuantizationReport:
-    """What :func:`quantize_model` did, layer by layer."""
+class QuantEmbedding(torch.nn.Module):
+    """An embedding table tied to a quantized output layer.
 
-    layers: list = field(default_factory=list)
+    Language models often tie the token embedding to the output projection
+    (the LM head): one ``vocab x dim`` matrix serves both. When
+    :func:`quantize_` quantizes such a head, the embedding reads its rows
+    from the same codes, so the matrix is stored once, quantized.
 
-    def add(self, name: str, layer: QuantLinear) -> None:
-        """Append the row of the quantized layer ``layer`` named ``name``
-        (its float weight counted as float32 before)."""
-        out_f, in_f = layer.out_features, layer.in_features
-        self.layers.append(dict(
-            name=name, shape=(out_f, in_f), entries=out_f * in_f,
-            bits_per_entry=layer.weight_bits_per_entry,
-            bytes_before=4 * out_f * in_f, bytes_after=layer.weight_nbytes))
-
-    @property
-    def bytes_before(self) -> int:
-        return sum(r["bytes_before"] for r in self.layers)
-
-    @property
-    def bytes_after(self) -> int:
-        return sum(r["bytes_after"] for r in self.layers)
-
-    @property
-    def bits_per_entry(self) -> float:
-        entries = sum(r["entries"] for r in self.layers)
-        return 8.0 * self.bytes_after / entries if entries else float("nan")
-
-    def __str__(self) -> str:
-        lines = [f"{'layer':40s} {'shape':>12s} {'bit/entry':>9s} {'bytes':>10s}"]
-        for r in self.layers:
-            shape = "x".join(str(s) for s in r["shape"])
-            lines.append(f"{r['name'][:40]:40s} {shape:>12s} "
-                         f"{r['bits_per_entry']:9.3f} {r['bytes_after']:10d}")
-        lines.append(f"{len(self.layers)} layers: {self.bytes_before} -> "
-                     f"{self.bytes_after} bytes ({self.bits_per_entry:.3f} "
-                     "bit/entry of weights)")
-        return "\n".join(lines)
-
-
-def quantize_model(model: torch.nn.Module, weight_rate: float = 4.0,
-                   act_rate=None, method: str = "nested", seed: int = 0,
-                   skip=(), *, mode: str | None = None,
-                   act_mode: str | None = None, calibration=None,
-                   progress: bool = True, **quantize_kwargs) -> QuantizationReport:
-    """Replace every ``nn.Linear`` of ``model`` by a :class:`QuantLinear`, in
-    place.
+    The table is not a registered submodule or buffer (the head owns it):
+    the state dict of this module is empty, and :func:`save_quantized`
+    records the tie instead.
 
     Parameters
     ----------
-    model : torch.nn.Module
-    weight_rate : float
-        Weight rate (bits per entry; the integer width for rtn methods).
-    act_rate : float or None
-        Quantize each replaced layer's input at this rate.
-    method : {"nested", "nested-ldlq", "rtn", "rtn-hadamard", "ecsq"}
-        ``"nested-ldlq"`` needs ``calibration``.
-    seed : int
-    skip : iterable of str or callable
-        Layer names (as in ``model.named_modules()``) to leave in float, or a
-        predicate ``skip(name, module) -> bool``.
-    mode, act_mode : {"fixed", "variable"}, optional
-        Modes of the weight and activation quantizers, as in
-        :meth:`QuantLinear.from_linear` (None: ``"fixed"`` weights and
-        ``"variable"`` activations for the nested method, the method's own
-        mode for the baselines).
-    calibration : callable, iterable or dict, optional
-        For ``method="nested-ldlq"``: calibration data, run through the
-        (still float) model to measure each layer's input second moment (see
-        :func:`calibration_hessians`): a callable ``calibration(model)``, or
-        an iterable of batches, each called as ``model(batch)``; or the
-        dict that :func:`calibration_hessians` returned (reused as is).
-    progress : bool
-        Show a progress bar over layers.
-    **quantize_kwargs
-        Passed on to :meth:`QuantLinear.from_linear`.
-
-    Returns
-    -------
-    QuantizationReport
-        Per layer: name, shape, bits/entry, bytes before (float32) and
-        after.
-
-    Raises
-    ------
-    ValueError
-        ``model`` is not a module; ``method="nested-ldlq"`` without
-        ``calibration``, or ``calibration`` with another method; an option
-        that does not apply to ``method`` (as in
-        :meth:`QuantLinear.from_linear`), checked before any calibration or
-        quantization runs.
+    source : nqlib.nn.QuantLinear
+        The quantized head, weight ``(num_embeddings, embedding_dim)``.
+    padding_idx : int or None
+        As in ``torch.nn.Embedding`` (only recorded: no gradient flows).
 
     Notes
     -----
-    The replaced layers share one :class:`ActivationCache` (layers fed the
-    same input quantize it once); it belongs to the model, not the process.
-    """
-    from tqdm.auto import tqdm
-
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError("model must be a torch.nn.Module")
-    if (method == "nested-ldlq") != (calibration is not None):
-        raise ValueError("calibration= is needed by, and only by, "
-                         f"method='nested-ldlq' (got method={method!r}, "
-                         f"calibration={'None' if calibration is None else 'given'})")
-    _check_model_options(method, mode, act_rate, act_mode, quantize_kwargs)
-    skip_fn = skip if callable(skip) else (lambda name, mod, s=set(skip): name in s)
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, torch.nn.Linear) and not skip_fn(name, mod)]
-    hessians = {}
-    if isinstance(calibration, dict):
-        missing = [name for name, _ in targets if name not in calibration]
-        if missing:
-            raise ValueError(f"calibration has no second moment for layer(s) "
-                             f"{missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        hessians = calibration
-    elif calibration is not None:
-        hessians = calibration_hessians(model, calibration,
-                                        layers=[name for name, _ in targets])
-    report = QuantizationReport()
-    for name, mod in tqdm(targets, desc="quantizing layers", disable=not progress):
-        ql = QuantLinear.from_linear(mod, weight_rate, act_rate, seed,
-                                     method=method, mode=mode, act_mode=act_mode,
-                                     hessian=hessians.get(name), **quantize_kwargs)
-        parent = model
-        parts = name.split(".")
-        for p in parts[:-1]:
-            parent = getattr(parent, p)
-        setattr(parent, parts[-1], ql)
-        report.add(name, ql)
-    # one activation cache for the model's layers (q, k and v share inputs)
-    _share_activation_cache(model)
-    return report
-
-
-def calibration_hessians(model: torch.nn.Module, calibration,
-                         layers=None) -> dict:
-    """Second moments ``H = E[x x^T]`` of the inputs of linear layers.
-
-    Forward pre-hooks on the layers accumulate ``sum x x^T`` (float64) over
-    every input row (token) while ``calibration`` runs the model without
-    gradients; they are removed afterwards.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    calibration : callable or iterable
-        ``calibration(model)``, or an iterable of batches, each called as
-        ``model(batch)``.
-    layers : list of str, optional
-        Names (as in ``model.named_modules()``) of the ``nn.Linear`` layers to
-        measure; all of them by default.
-
-    Returns
-    -------
-    dict
-        ``{name: ndarray (in_features, in_features)}``, the mean of
-        ``x x^T`` over the rows the layer saw.
-
-    Raises
-    ------
-    ValueError
-        A name that is not an ``nn.Linear`` of ``model``, or a layer that the
-        calibration never ran.
-    """
-    modules = dict(model.named_modules())
-    names = ([n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
-             if layers is None else list(layers))
-    for name in names:
-        if not isinstance(modules.get(name), torch.nn.Linear):
-            raise ValueError(f"{name!r} is not an nn.Linear of the model")
-    sums = {name: None for name in names}
-    rows = dict.fromkeys(names, 0)
-
-    def hook_for(name):
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, module.in_features).to(
-                "cpu", torch.float64)
-            xtx = x.T @ x
-            sums[name] = xtx if sums[name] is None else sums[name] + xtx
-            rows[name] += x.shape[0]
-        return hook
-
-    handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
-        with torch.no_grad():
-            if callable(calibration):
-                calibration(model)
-            else:
-                for batch in calibration:
-                    model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [n for n in names if rows[n] == 0]
-    if missing:
-        raise ValueError(f"the calibration never ran layer(s) {missing[:3]}"
-                         f"{' ...' if len(missing) > 3 else ''}")
-    return {n: (sums[n] / rows[n]).numpy() for n in names}
-
-
-class ActivationCache:
-    """The last input that :class:`QuantLinear` layers quantized, one entry
-    per thread.
-
-    Layers fed the same tensor (an attention block's query, key and value)
-    quantize it once: the first one quantizes it, the others find an equal
-    input here. Quantization is deterministic, so an equal input gives the
-    same result; inputs are compared by value (not by identity or version
-    counter, which inference-mode tensors lack), which keeps in-place writes
-    safe. Each thread has its own entry, so concurrent forward passes neither
-    see nor evict each other's.
-
-    A cache belongs to the layers that hold it (``QuantLinear.act_cache``):
-    :func:`quantize_model` gives all the layers of a model one cache, a layer
-    built alone gets its own, and nothing is shared across the process.
-    Copies of a model (``copy.deepcopy``, pickling) start with an empty cache
-    (still shared by the copied layers).
+    Each call decodes the whole table (:attr:`QuantLinear.weight`) and
+    keeps nothing; a look-up that decodes only the requested rows is not
+    implemented.
     """
 
-    def __init__(self):
-        self._local = threading.local()
+    def __init__(self, source, padding_idx=None):
+        super().__init__()
+        if not isinstance(source, QuantLinear):
+            raise TypeError(f"source must be a QuantLinear, got "
+                            f"{type(source).__name__}")
+        object.__setattr__(self, "_source", source)  # not a submodule
+        self.num_embeddings = source.out_features
+        self.embedding_dim = source.in_features
+        self.padding_idx = padding_idx
 
-    def __getstate__(self):
-        return {}
+    @property
+    def source(self):
+        """The quantized layer that owns the table."""
+        return self._source
 
-    def __setstate__(self, state):
-        self._local = threading.local()
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded table (num_embeddings x embedding_dim), float32,
+        decoded on each access."""
+        return self._source.weight
 
-    def clear(self) -> None:
-        """Drop the calling thread's entry."""
-        self._local.entry = None
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, self.weight.to(self._device()),
+                                             self.padding_idx)
 
-    def quantized(self, x2, act_rate, qw, act_mode) -> QuantizedMatrix:
-        """``quantize(x2.T, act_rate)`` with the weight's method and seed (and
-        ``act_mode``, None for the method's default), reused when this
-        thread's previous call saw an equal input with the same options."""
-        method = qw.method
-        mode = _matrix.OPTION_VALUES[method]["mode"][0] if act_mode is None \
-            else act_mode
-        key = (tuple(x2.shape), x2.dtype, x2.device, act_rate, method, mode,
-               qw.seed)
-        hit = getattr(self._local, "entry", None)
-        if hit is not None and hit[0] == key and torch.equal(hit[1], x2.detach()):
-            return hit[2]
-        X = x2.detach().to("cpu", torch.float64).numpy()
-        # keep_decoded: the MMSE step decodes the rows anyway; keeping them
-        # saves decoding them again in the product (bit-identical to decoding
-        # the bytes)
-        QX = _matrix._quantize(X.T, act_rate, seed=qw.seed, method=method,
-                               mode=mode, keep_decoded=True)
-        self._local.entry = (key, x2.detach().clone(), QX)
-        return QX
+    def _device(self):
+        b = next(iter(self._source.buffers()), None)
+        return b.device if b is not None else torch.device("cpu")
 
-
-def _check_keywords(quantizer, kwargs, method) -> None:
-    """Every key of ``kwargs`` must be a keyword-only option of
-    ``quantizer`` (``nqlib.quantize`` or ``quantize_ldlq``)."""
-    import inspect
-
-    params = inspect.signature(quantizer).parameters
-    options = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY]
-    for key in kwargs:
-        if key not in options:
-            raise ValueError(f"{key}= does not apply to method={method!r}: "
-                             f"{quantizer.__name__} has no such option (it "
-                             f"has {', '.join(options)})")
-
-
-def _check_model_options(method, mode, act_rate, act_mode, kwargs) -> None:
-    """The options of :func:`quantize_model`, checked as
-    :meth:`QuantLinear.from_linear` checks them, before any layer is
-    touched."""
-    from nqlib.quantizers.ldlq import quantize_ldlq
-
-    ldlq = method == "nested-ldlq"
-    base = "nested" if ldlq else method
-    if base not in _matrix.METHODS:
-        raise ValueError("method must be one of "
-                         f"{('nested-ldlq',) + _matrix.METHODS}, got {method!r}")
-    if ldlq and mode not in (None, "fixed", "trellis"):
-        raise ValueError("method='nested-ldlq' codes the fixed or the trellis "
-                         f"mode, got mode={mode!r}")
-    if ldlq and mode == "trellis":
-        from nqlib.quantizers.trellis import quantize_ldlq
-    if act_rate is None and act_mode is not None:
-        raise ValueError(f"act_mode={act_mode!r} does not apply without act_rate "
-                         "(the activations stay in float)")
-    _check_keywords(quantize_ldlq if ldlq else quantize, kwargs, method)
-    options = {k: v for k, v in kwargs.items()
-               if k in _matrix.OPTION_VALUES[base]}
-    _matrix._resolve_options(base, mode=mode, **options)
-    if act_rate is not None:
-        _matrix._check_rate(act_rate, base)
-        _check_act_mode(act_mode, base)
-
-
-def _check_act_mode(act_mode, method) -> None:
-    """``act_mode`` must be a mode that the activation quantizer (the
-    weight's method) implements; not ``"trellis"``, whose Viterbi encoder
-    is for weights (quantized once, offline), not per-call activations."""
-    if act_mode == "trellis":
-        raise ValueError("act_mode='trellis' does not apply: the trellis "
-                         "encoder is a Viterbi search, too slow for "
-                         "activations quantized at every call; use 'variable' "
-                         "or 'fixed'")
-    try:
-        _matrix._resolve_options(method, mode=act_mode)
-    except ValueError as exc:
-        msg = str(exc).replace("mode=", "act_mode=")
-        raise ValueError(msg.replace("mode must", "act_mode must")) from None
-
-
-def _share_activation_cache(model: torch.nn.Module) -> ActivationCache:
-    """Give every :class:`QuantLinear` of ``model`` one activation cache (a
-    new one) and return it."""
-    cache = ActivationCache()
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            mod.act_cache = cache
-    return cache
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, "
+                f"tied to a QuantLinear")
