@@ -88,6 +88,7 @@ class Lattice:
 
     @property
     def kind(self) -> int:
+        """The family's integer tag, as the kernels take it."""
         return _KIND[self.family]
 
     def __repr__(self) -> str:

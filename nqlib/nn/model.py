@@ -84,14 +84,17 @@ class QuantizationReport:
 
     @property
     def bytes_before(self) -> int:
+        """Bytes of the float weights the report covers."""
         return sum(r["bytes_before"] for r in self.layers)
 
     @property
     def bytes_after(self) -> int:
+        """Bytes of their quantized replacements (every byte counted)."""
         return sum(r["bytes_after"] for r in self.layers)
 
     @property
     def bits_per_entry(self) -> float:
+        """Bits per weight over all the quantized layers."""
         entries = sum(r["entries"] for r in self.layers)
         return 8.0 * self.bytes_after / entries if entries else float("nan")
 

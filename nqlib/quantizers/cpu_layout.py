@@ -211,10 +211,12 @@ class CpuLayout:
 
     @property
     def vectors(self) -> int:
+        """Number of coded vectors (output features)."""
         return self.shape[1]
 
     @property
     def groups(self) -> int:
+        """Number of groups of 8 vectors."""
         return self.words.shape[0]
 
     def arrays(self) -> dict:
@@ -247,6 +249,7 @@ class CpuLayout:
 
     @property
     def center(self) -> bool:
+        """Whether the vectors were centred (their means are stored)."""
         return self.means is not None
 
     def row_scales(self) -> np.ndarray:

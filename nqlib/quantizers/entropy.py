@@ -261,6 +261,8 @@ def scalar_fit(U):
 
 
 def scalar_ideal_bits(U, params=None):
+    """Ideal code length (bits) of the integer symbols ``U`` under the
+    discretised-Gaussian model ``params = (sigma, K)`` (fitted when None)."""
     U = np.asarray(U, dtype=np.int64).ravel()
     sigma, K = params if params is not None else scalar_fit(U)
     tab = _gaussian_table(np.arange(-K, K + 1), 0.0, sigma)
@@ -268,6 +270,8 @@ def scalar_ideal_bits(U, params=None):
 
 
 def scalar_encode(U, params):
+    """rANS stream (uint32 words) of the integer symbols ``U`` under the model
+    ``params = (sigma, K)`` (:func:`scalar_decode` inverts it)."""
     import constriction
 
     sigma, K = params

@@ -53,6 +53,7 @@ class FixedCode:
 
     @property
     def k(self) -> int:
+        """Number of scales."""
         return len(self.betas)
 
 

@@ -46,6 +46,8 @@ def rtn_encode(X, bits, group_size):
 
 
 def rtn_decode(codes, scales, bits, n):
+    """Decoded vectors (a, n) of :func:`rtn_encode`'s ``bits``-bit ``codes``
+    and per-group ``scales`` (a, groups)."""
     a = codes.shape[0]
     ng = scales.shape[1]
     g = codes.shape[1] // ng

@@ -139,6 +139,7 @@ class Layout:
 
     @property
     def count(self) -> int:
+        """Number of sequences."""
         return int(self.lengths.size)
 
     def check(self, L) -> None:

@@ -78,6 +78,7 @@ class VoronoiCode:
 
     @property
     def dim(self) -> int:
+        """Dimension of the lattice."""
         return self.lattice.dim
 
     @property
@@ -92,6 +93,7 @@ class VoronoiCode:
 
     @property
     def code_dtype(self) -> np.dtype:
+        """The smallest unsigned dtype that holds a coordinate of a code."""
         return code_dtype(self.q)
 
     def __repr__(self) -> str:

@@ -13,6 +13,7 @@ from .lattices import (
 
 
 def e8_generator():
+    """A generator matrix of E8 (rows: basis vectors), built entry by entry."""
     G = np.zeros((8, 8))
     G[0, 0] = 2.0
     for k in range(1, 7):
@@ -59,6 +60,8 @@ def encode_multiscale(x, q, betas, z):
 
 
 def decode_multiscale(codes, index, q, betas, z):
+    """Oracle decode of the multi-scale Voronoi code: ``beta_i (x - q Q(x/q)
+    - z)`` with ``x = G codes`` and ``beta_i = betas[index]``."""
     G = e8_generator()
     y = lattice_point(codes, G)
     beta = np.asarray(betas, dtype=np.float64)[index][:, None]

@@ -559,6 +559,7 @@ class GpuLayout:
 
     @property
     def vectors(self) -> int:
+        """Number of coded vectors (output features)."""
         return self.shape[1]
 
     @property
