@@ -16,7 +16,16 @@ interleaved, the script times
   (the fused numba kernel on its CPU layout), float32 activations;
 * ``nq-W4A4`` -- the same layer with its inputs quantized at 4 bits per entry
   on every call (fixed-mode activations; the activation encoder is timed
-  inside the call, its cache cleared each time).
+  inside the call, its cache cleared each time);
+* ``nq-T2``, ``nq-T4`` -- :class:`nqlib.nn.QuantLinear` with a trellis-coded
+  weight (``mode="trellis"``, the default ``L`` and sequence length) at 2
+  and 4 bits per entry: the fused numba kernel of
+  :mod:`nqlib.kernels.cpu.trellis_fused` on the packed stream, float32
+  activations. The stream is drawn at random unless ``--trellis-encode``:
+  every stream is a code word of the trellis, the kernel's work does not
+  depend on its bits, and the Viterbi encode of a 4096 x 4096 layer takes
+  minutes (the rest of the file -- means, norms, scales -- is the real
+  pipeline's).
 
 Columns: ``ms`` (best of the rounds' medians), ``x_fp32`` / ``x_int4``
 (speed-up: the reference's time over this one's), ``res_MB`` (bytes the
@@ -30,7 +39,8 @@ cache can beat it) and ``x_roof`` (ms / roof_ms). Every configuration runs
 with one thread and with all threads (``torch.set_num_threads`` and
 ``numba.set_num_threads``).
 
-Usage: ``python benchmarks/cpu_linear.py [--quick] [--json PATH]``.
+Usage: ``python benchmarks/cpu_linear.py [--quick] [--json PATH]
+[--shapes NAME ...] [--batches M ...] [--threads T ...] [--trellis-encode]``.
 """
 
 from __future__ import annotations
@@ -119,7 +129,44 @@ def int4_pack(W):
     return packed, sz
 
 
-def build(n, a, rng):
+def trellis_layer(W, bias, rate, rng, encode=False):
+    """A QuantLinear with a trellis-coded weight at ``rate`` (the module's
+    default ``L`` and sequence length). Without ``encode`` the stream is
+    drawn at random instead of by the Viterbi search (see the module
+    docstring); everything else is what :func:`nqlib.quantize` makes."""
+    from nqlib.nn import QuantLinear
+    from nqlib.quantizers import trellis as tq
+    from nqlib.quantizers.matrix import quantize
+    from nqlib.quantizers.payloads import TrellisPayload
+
+    a, n = W.shape
+    real = tq.encode_matrix
+
+    def random_stream(Y, budget_bits, *, sketch, **_):
+        total, keep = tq.budget_plan(budget_bits, *Y.shape, sketch=sketch)
+        lay = tq.layout(*Y.shape, keep, total, tq.DEFAULT_SEQ_LEN)
+        L = tq.choose_L(lay, tq.DEFAULT_L)
+        lay.check(L)
+        packed = rng.integers(0, 256, -(-total // 8), dtype=np.uint8)
+        if total % 8:              # the padding bits of the stream are zero
+            packed[-1] &= np.uint8((0xFF << (8 - total % 8)) & 0xFF)
+        beta = tq.scale_grid(total / (Y.shape[0] * keep))[1]
+        payload = TrellisPayload(L=L, qbits=tq.TABLE_BITS,
+                                 seq_len=tq.DEFAULT_SEQ_LEN, keep=keep,
+                                 beta=float(beta), total_bits=total,
+                                 packed=packed)
+        return payload, tq.decode(payload, *Y.shape)
+
+    if not encode:
+        tq.encode_matrix = random_stream
+    try:
+        qm = quantize(W.double().numpy().T, rate, mode="trellis", seed=SEED)
+    finally:
+        tq.encode_matrix = real
+    return QuantLinear(n, a, qm, bias)
+
+
+def build(n, a, rng, trellis_encode=False):
     """The float layer and its quantized versions for a random weight."""
     import torch
 
@@ -145,8 +192,10 @@ def build(n, a, rng):
     w4 = QuantLinear(n, a, qm, bias)
     w4a4 = QuantLinear(n, a, qm, bias, act_rate=4.0, act_mode="fixed")
     del qm
+    t2 = trellis_layer(W, bias, 2.0, rng, trellis_encode)
+    t4 = trellis_layer(W, bias, 4.0, rng, trellis_encode)
     return dict(lin=lin, lin_bf16=lin_bf16, packed=packed, sz=sz, w8=w8, s8=s8,
-                bias=bias, w4=w4, w4a4=w4a4)
+                bias=bias, w4=w4, w4a4=w4a4, t2=t2, t4=t4)
 
 
 def weight_bytes(m, n, a):
@@ -157,6 +206,10 @@ def weight_bytes(m, n, a):
     nq_read = lay.code_nbytes + lay.tab.nbytes + 8 * a
     int4 = m["packed"].numel() + m["sz"].numel() * 2
     int8 = n * a + 2 * a
+
+    def trellis_read(ql):  # the stream, means and norms, the quantile table
+        return ql.cpu_layout.code_nbytes + 8 * a + 4 * 4096
+
     return {
         "fp32": (4 * n * a, 4 * n * a + bias, bias),
         "bf16": (2 * n * a, 2 * n * a + 2 * a, 2 * a),
@@ -164,6 +217,8 @@ def weight_bytes(m, n, a):
         "int8": (int8, int8 + bias, bias),
         "nq-W4": (nq_read, m["w4"].resident_nbytes, bias),
         "nq-W4A4": (nq_read, m["w4a4"].resident_nbytes, bias),
+        "nq-T2": (trellis_read(m["t2"]), m["t2"].resident_nbytes, bias),
+        "nq-T4": (trellis_read(m["t4"]), m["t4"].resident_nbytes, bias),
     }
 
 
@@ -187,10 +242,13 @@ def callables(m, x):
         "int8": lambda: ops._weight_int8pack_mm(xb, m["w8"], m["s8"]) + m["bias"],
         "nq-W4": lambda: m["w4"](x),
         "nq-W4A4": nq_w4a4,
+        "nq-T2": lambda: m["t2"](x),
+        "nq-T4": lambda: m["t4"](x),
     }
 
 
-def run(shapes, batches, thread_counts, rounds, calls, progress=True):
+def run(shapes, batches, thread_counts, rounds, calls, progress=True,
+        trellis_encode=False):
     import numba
     import torch
 
@@ -199,7 +257,7 @@ def run(shapes, batches, thread_counts, rounds, calls, progress=True):
     rows = []
     for name, n, a in [s for s in SHAPES if s[0] in shapes]:
         t0 = time.perf_counter()
-        m = build(n, a, rng)
+        m = build(n, a, rng, trellis_encode)
         if progress:
             print(f"# {name}: built in {time.perf_counter() - t0:.1f} s",
                   flush=True)
@@ -237,15 +295,33 @@ def main():
                         help="4096x4096 and MiniLM shapes, batches 1 and 16, "
                              "fewer repeats")
     parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="shape names (default: all, or the quick ones)")
+    parser.add_argument("--batches", nargs="+", type=int, default=None)
+    parser.add_argument("--threads", nargs="+", type=int, default=None)
+    parser.add_argument("--trellis-encode", action="store_true",
+                        help="encode the trellis layers by the Viterbi search "
+                             "(minutes per 4096 x 4096 layer) instead of "
+                             "drawing their streams")
     args = parser.parse_args()
     shapes = QUICK_SHAPES if args.quick else [s[0] for s in SHAPES]
-    batches = QUICK_BATCHES if args.quick else BATCHES
+    if args.shapes:
+        known = [s[0] for s in SHAPES]
+        bad = [s for s in args.shapes if s not in known]
+        if bad:
+            parser.error(f"unknown shapes {bad}; known: {known}")
+        shapes = args.shapes
+    batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
     most = min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS)
     thread_counts = (1,) if most == 1 else (1, most)
+    if args.threads:
+        thread_counts = tuple(args.threads)
     rounds, calls = (3, 5) if args.quick else (5, 7)
     print(f"CPU linear layers; {machine_line()}; torch {torch.__version__}, "
-          f"threads {thread_counts}")
-    rows, bw = run(shapes, batches, thread_counts, rounds, calls)
+          f"threads {thread_counts}; trellis streams "
+          f"{'encoded' if args.trellis_encode else 'drawn at random'}")
+    rows, bw = run(shapes, batches, thread_counts, rounds, calls,
+                   trellis_encode=args.trellis_encode)
     print(f"\nmemory bandwidth (one-thread array copy): {bw / 1e9:.1f} GB/s")
     print_table(rows, ["shape", "batch", "threads", "method", "ms", "x_fp32",
                        "x_int4", "res_MB", "res/fp32", "w/fp32w", "roof_ms",
@@ -272,6 +348,13 @@ def main():
             r16 = by[("4096x4096", 16, 1, "nq-W4")]
             print(f"target batch 16, one thread: x_fp32 {r16['x_fp32']:.2f} "
                   f"(>= 1: {'met' if r16['x_fp32'] >= 1 else 'NOT met'})")
+        for method in ("nq-T2", "nq-T4"):
+            parts = [f"batch {M}: x_fp32 {by[key]['x_fp32']:.3f}"
+                     for M in (1, 16)
+                     if (key := ("4096x4096", M, 1, method)) in by]
+            print(f"trellis {method}, one thread: " + ", ".join(parts)
+                  + f"; weight bytes {by[('4096x4096', 1, 1, method)]['w/fp32w']:.4f}"
+                  " of the fp32 weight")
         w = r1["w/fp32w"]
         print(f"target resident bytes (weight and all its side information, "
               f"bias apart): {w:.4f} of the fp32 weight (<= 0.16: "

@@ -27,6 +27,7 @@ from nqlib.matmul import inner_products, same_domain
 from nqlib.nn.activations import ActivationCache, check_act_mode
 from nqlib.nn.options import LDLQ_METHOD, check_keywords, weight_quantizer
 from nqlib.quantizers import cpu_layout as _cpu_layout
+from nqlib.quantizers import trellis_layout as _trellis_layout
 from nqlib.quantizers.matrix import QuantizedMatrix
 from nqlib.quantizers.rate_control import check_rate
 
@@ -64,10 +65,13 @@ class QuantLinear(torch.nn.Module):
     backend : {"auto", "numba", "torch", "triton"}
         Forward backend of this layer (an instance attribute; set it per
         layer). ``"auto"``: for CPU inputs the fused numba decode-matmul
-        (:mod:`nqlib.kernels.cpu.fused`) when the layer holds a CPU layout
-        (below), with float or quantized activations; for CUDA inputs the
-        fused Triton decode-matmul (:mod:`nqlib.kernels.gpu.matmul_triton`)
-        when the weight is a nested fixed-mode matrix without dither and
+        (:mod:`nqlib.kernels.cpu.fused`, or
+        :mod:`nqlib.kernels.cpu.trellis_fused` for a trellis weight) when the
+        layer holds a CPU layout (below), with float or quantized
+        activations; for CUDA inputs the
+        fused Triton decode-matmul (:mod:`nqlib.kernels.gpu.matmul_triton`,
+        or :mod:`nqlib.kernels.gpu.trellis_triton`) when the weight is a
+        nested fixed-mode matrix without dither or a trellis-mode matrix and
         activations stay in float; the torch path otherwise. ``"numba"``:
         always the fused CPU kernel; ``"torch"``: multiply with torch by the
         decoded weight (cached, except for a layer held as a CPU layout,
@@ -83,8 +87,13 @@ class QuantLinear(torch.nn.Module):
     (:mod:`nqlib.quantizers.cpu_layout`, about 4.9 bits per weight plus the
     file's side information): no float weight is kept, neither the file's
     bytes, which :attr:`qweight`, :attr:`quantized_weight` and the state
-    dict rebuild from it. On CPU the forward pass runs the fused kernel on
-    it for any batch shape, also with quantized activations (the decoded
+    dict rebuild from it. A trellis-mode weight is held the same way, as
+    its packed stream and side information
+    (:mod:`nqlib.quantizers.trellis_layout`: the file's stream, 8 bytes of
+    padding).
+    On CPU the forward pass runs the fused kernel on either layout
+    (:mod:`nqlib.kernels.cpu.fused`, :mod:`nqlib.kernels.cpu.trellis_fused`)
+    for any batch shape, also with quantized activations (the decoded
     activation rows meet the weight in the rotated domain).
     :attr:`resident_nbytes` counts what the layer keeps. Other weights are
     held as their QuantizedMatrix; on CPU the forward pass decodes them once
@@ -127,19 +136,21 @@ class QuantLinear(torch.nn.Module):
         self._set_weight(qweight)
 
     def _set_weight(self, qweight: QuantizedMatrix, data=None) -> None:
-        """Hold ``qweight``: as its CPU layout alone when the fused kernel
-        takes it (nested, fixed mode, no dither, ``q <= 16``), else as the
-        QuantizedMatrix and its bytes (``data``, a uint8 tensor, when given)."""
+        """Hold ``qweight``: as its CPU layout alone when a fused kernel
+        takes it (nested, fixed mode, no dither, ``q <= 16``; or nested,
+        trellis mode), else as the QuantizedMatrix and its bytes (``data``,
+        a uint8 tensor, when given)."""
         self._w_cache = None
         self._triton_layout = None
         self._rot_cache = None
         self._qw_ref = None
         self._file_nbytes = qweight.nbytes
-        if _cpu_layout.supports(qweight) is None:
+        layout = _host_layout(qweight)
+        if layout is not None:
             # the packed layout and the file's side information only: the
             # codes are not kept twice and no float weight is kept at all;
             # the file's bytes are rebuilt from the layout when asked for
-            self._layout = _cpu_layout.cpu_layout(qweight)
+            self._layout = layout
             lay = self._layout
             self._header = QuantizedMatrix(
                 shape=qweight.shape, rate=qweight.rate, method=qweight.method,
@@ -263,8 +274,10 @@ class QuantLinear(torch.nn.Module):
 
     @property
     def cpu_layout(self):
-        """The :class:`~nqlib.quantizers.cpu_layout.CpuLayout` the fused CPU
-        kernel reads, or None when the weight is held as a QuantizedMatrix
+        """The layout the fused CPU kernel reads -- a
+        :class:`~nqlib.quantizers.cpu_layout.CpuLayout` (fixed mode) or a
+        :class:`~nqlib.quantizers.trellis_layout.TrellisLayout` (trellis
+        mode) --, or None when the weight is held as a QuantizedMatrix
         (other methods and modes, dither, ``q > 16``)."""
         return self._layout
 
@@ -299,7 +312,8 @@ class QuantLinear(torch.nn.Module):
             out["rotated_weight_cache"] = self._rot_cache[1]
         if self._triton_layout is not None:
             gl = self._triton_layout[2]
-            for name in ("words", "meta", "tab", "row_scale", "row_offset"):
+            for name in ("words", "meta", "tab", "row_scale", "row_offset",
+                         "data", "table", "scale", "means"):
                 t = getattr(gl, name, None)
                 if t is not None:
                     out[f"gpu_layout.{name}"] = t
@@ -379,7 +393,8 @@ class QuantLinear(torch.nn.Module):
                              f"'triton' or 'numba', got {self.backend!r}")
         q = self._header
         supported = (self.act_rate is None and q.method == "nested"
-                     and q.mode == "fixed" and not q.dither)
+                     and ((q.mode == "fixed" and not q.dither)
+                          or q.mode == "trellis"))
         if self.backend == "auto":
             return (supported and x.device.type == "cuda"
                     and _backend.triton_usable())
@@ -388,22 +403,30 @@ class QuantLinear(torch.nn.Module):
         _backend.resolve("triton", tensor_input=True, device=x.device.type)
         if not supported:
             raise ValueError("backend='triton' needs float activations and a "
-                             "nested fixed-mode weight without dither, got "
+                             "nested fixed-mode weight without dither or a "
+                             "trellis-mode weight, got "
                              f"method={q.method!r}, mode={q.mode!r}, "
                              f"dither={q.dither}, act_rate={self.act_rate}")
         return True
 
     def _forward_triton(self, x2):
-        """``x2 @ W_hat.T + bias`` by the fused kernel; the device layout of
-        the weight is built on first use per device and cached."""
-        from nqlib.kernels.gpu import matmul_triton
+        """``x2 @ W_hat.T + bias`` by the fused kernel
+        (:mod:`nqlib.kernels.gpu.matmul_triton`, or
+        :mod:`nqlib.kernels.gpu.trellis_triton` for a trellis weight); the
+        device layout of the weight is built on first use per device and
+        cached."""
+        from nqlib.kernels.gpu import matmul_triton, trellis_triton
         from nqlib.quantizers.fixed_layout import gpu_layout
 
+        trellis = self._header.mode == "trellis"
         cache = self._triton_layout
         if cache is None or cache[0] is not self._header or cache[1] != x2.device:
             # device tensors only: the rebuilt QuantizedMatrix is not kept
-            layout = gpu_layout(self.quantized_weight, x2.device)
+            layout = (self._layout.gpu_layout(x2.device) if trellis
+                      else gpu_layout(self.quantized_weight, x2.device))
             cache = self._triton_layout = (self._header, x2.device, layout)
+        if trellis:
+            return trellis_triton.quant_linear(x2, cache[2], self.bias)
         return matmul_triton.quant_linear(x2, cache[2], self.bias)
 
     def _use_numba(self, x) -> bool:
@@ -413,7 +436,9 @@ class QuantLinear(torch.nn.Module):
         run."""
         ok = self._layout is not None and x.device.type == "cpu"
         if self.backend == "numba" and not ok:
-            why = (_cpu_layout.supports(self._header) if self._layout is None
+            why = (f"{_cpu_layout.supports(self._header)}; "
+                   f"{_trellis_layout.supports(self._header)}"
+                   if self._layout is None
                    else f"it runs on CPU tensors, got device {x.device}")
             raise ValueError(f"backend='numba' cannot run: {why}")
         return ok and self.backend in ("auto", "numba")
@@ -561,6 +586,18 @@ class QuantLinear(torch.nn.Module):
         # the exact bytes of the QuantizedMatrix file (rebuilt from the layout
         # when the layer holds one)
         destination[prefix + "qweight"] = self.qweight
+
+
+def _host_layout(qweight):
+    """The layout a fused CPU kernel reads for ``qweight`` (a fixed-mode
+    :class:`~nqlib.quantizers.cpu_layout.CpuLayout` or a trellis-mode
+    :class:`~nqlib.quantizers.trellis_layout.TrellisLayout`), or None when
+    neither holds it."""
+    if _cpu_layout.supports(qweight) is None:
+        return _cpu_layout.cpu_layout(qweight)
+    if _trellis_layout.supports(qweight) is None:
+        return _trellis_layout.trellis_layout(qweight)
+    return None
 
 
 class QuantEmbedding(torch.nn.Module):

@@ -720,6 +720,17 @@ def _tile(mr, buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last):
 
 
 @njit(cache=True)
+def tile_product(mr, buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last):
+    """The register tile of the batched kernel, for any decoder that fills
+    the same buffer: ``C[m0 + r, n0 : n0 + 16] (+)= sum_kk buf[16 kk + l]
+    x[m0 + r, k0 + kk]`` for ``r < mr <= MR``, ``kk < nk`` (``x[m, k]`` the
+    float at flat index ``m sm + k sk``); ``first``: store instead of add;
+    ``last``: then ``C = ep[0] C + ep[1] xsum[m] + ep[2]`` per column (see
+    :func:`_tile_codegen`). Used by :mod:`nqlib.kernels.cpu.trellis_fused`."""
+    _tile(mr, buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last)
+
+
+@njit(cache=True)
 def decode_tile(words, nib, kpl, tab, q_hi, q_lo, h, t, kb0, kb1, buf):
     """Decode rows ``16 t .. 16 t + 15``, blocks ``[kb0, kb1)`` into ``buf``
     (``16 * 8 * (kb1 - kb0)`` float32, coordinate-major: ``buf[16 c + r]``

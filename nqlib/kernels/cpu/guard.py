@@ -53,7 +53,12 @@ def threadsafe() -> bool:
 
 
 def guarded(kernel):
-    """``kernel`` wrapped so that each call holds :data:`KERNEL_LOCK`."""
+    """``kernel`` wrapped so that each call holds :data:`KERNEL_LOCK`.
+
+    Compiled code that names the wrapper (a driver that calls a parallel
+    kernel, compiled after :func:`guard_module` replaced it) sees the
+    kernel itself: the wrapper carries the kernel's numba type. The driver
+    is guarded too, so the lock is held around the whole call."""
 
     @functools.wraps(kernel)
     def call(*args, **kwargs):
@@ -61,6 +66,12 @@ def guarded(kernel):
             return kernel(*args, **kwargs)
 
     call.kernel = kernel
+    from numba.core.registry import CPUDispatcher
+
+    if isinstance(kernel, CPUDispatcher):
+        from numba.core import types
+
+        call._numba_type_ = types.Dispatcher(kernel)
     return call
 
 

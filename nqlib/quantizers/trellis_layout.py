@@ -1,0 +1,350 @@
+"""The CPU layout of a trellis-mode weight: the packed stream as the fused
+CPU kernel reads it.
+
+A ``mode="trellis"`` :class:`~nqlib.QuantizedMatrix` is already in the form
+its fused kernel (:mod:`nqlib.kernels.cpu.trellis_fused`) reads: one bit
+stream, whose layout (the sequences, their stream offsets and bits) the
+kernel recomputes from ``a``, ``keep``, ``seq_len`` and the stream's
+length. So the layout is the stream itself (with a few zero bytes after
+it, for the kernel's 64-bit reads) and the file's side information: the
+column means and norms, ``alpha``, the code's parameters (``L``, the
+table's index bits, ``beta``) and the rotation's signs and odd factor --
+no decoded weight, no per-sequence table. The quantile table the states
+index is the code's own constant (:func:`nqlib.quantizers.trellis.
+quantile_table`, 16 KiB shared by every layer). :meth:`TrellisLayout.
+to_quantized` rebuilds the file, byte for byte.
+
+The products follow the fixed-mode layout (:mod:`nqlib.quantizers.
+cpu_layout`): the activations are centred, padded and rotated in float32
+(:func:`nqlib.kernels.cpu.fused.rotate_rows`), meet the raw decoded vectors
+in the coded domain, and ``<x, W_hat_i> = alpha s_i <x_rot, raw_i> + mu_i
+sum(x)``: the decoder's projections (padding, the mean direction) are
+invisible to a centred, zero-padded ``x_rot``.
+
+Book: chapter "Beyond E8: trellis codes", label ``ch-trellis``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nqlib.quantizers import trellis
+from nqlib.quantizers.payloads import TrellisPayload
+
+__all__ = ["TrellisLayout", "trellis_layout", "supports", "GEMV_ROWS"]
+
+#: batches up to this many rows run the batch-1 kernel (rows of the weight
+#: decoded in registers, at most 4 rows of activations at a time); larger
+#: ones decode each tile once for all rows
+GEMV_ROWS = 4
+
+
+@dataclass(eq=False)
+class TrellisLayout:
+    """A trellis-mode weight as the fused CPU kernel reads it.
+
+    Build with :func:`trellis_layout`. ``shape = (n, a)`` is the matrix's
+    shape (``a`` coded vectors -- rows of the weight -- of ``n_pad``
+    coordinates, the first ``keep`` of them coded).
+
+    It keeps only what the file keeps: the stream (``data``: the payload's
+    bytes and ``STREAM_PAD`` zero bytes), the code's parameters, the
+    float32 column means and norms, ``alpha`` and the header fields, plus
+    the rotation's signs (int8) and odd factor (float32) -- enough to
+    rebuild the file (:meth:`to_quantized`) and to compute ``x @ W_hat.T``
+    (:meth:`linear`). :attr:`nbytes` counts every array it holds.
+    """
+
+    shape: tuple
+    n_pad: int
+    L: int
+    qbits: int
+    seq_len: int
+    keep: int
+    beta: float                # a float32 value
+    total_bits: int
+    data: np.ndarray           # uint8: the stream, then STREAM_PAD zero bytes
+    means: np.ndarray | None   # (a,) float32
+    norms: np.ndarray | None   # (a,) float32
+    alpha: float
+    flags: int
+    seed: int
+    rate: float
+    version: int
+    signs: np.ndarray | None   # (n_pad,) int8: the rotation's signs
+    orth: np.ndarray           # (m, m) float32: its odd factor
+    power_of_two: int
+
+    @property
+    def vectors(self) -> int:
+        """Number of coded vectors (output features)."""
+        return self.shape[1]
+
+    @property
+    def stream_nbytes(self) -> int:
+        """Bytes of the packed stream (the file's payload array)."""
+        return -(-self.total_bits // 8)
+
+    def arrays(self) -> dict:
+        """Every array the layout holds, by name."""
+        out = dict(data=self.data, orth=self.orth)
+        for name in ("means", "norms", "signs"):
+            arr = getattr(self, name)
+            if arr is not None:
+                out[name] = arr
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all the arrays the layout holds."""
+        return int(sum(arr.nbytes for arr in self.arrays().values()))
+
+    @property
+    def code_nbytes(self) -> int:
+        """Bytes of the codes alone (the stream and its padding)."""
+        return int(self.data.nbytes)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``8 * nbytes / (n * a)``: compare with the file's
+        ``bits_per_entry``."""
+        n, a = self.shape
+        return 8.0 * self.nbytes / (n * a)
+
+    @property
+    def center(self) -> bool:
+        """Whether the vectors were centred (their means are stored)."""
+        return self.means is not None
+
+    def row_scales(self) -> np.ndarray:
+        """``alpha |a_i| / sqrt(n_pad)`` per vector (``alpha`` when not
+        normalised), float32, computed on each call (not kept)."""
+        if self.norms is None:
+            return np.full(self.vectors, self.alpha, dtype=np.float32)
+        s = self.alpha * self.norms.astype(np.float64) / np.sqrt(self.n_pad)
+        return s.astype(np.float32)
+
+    # ------------------------------------------------------------ kernels
+    def _code(self):
+        """The kernels' arguments that describe the code."""
+        return (self.data, self.keep, self.seq_len, self.total_bits, self.L,
+                trellis.hash_multiplier(), trellis.HASH_SHIFT, self.qbits,
+                trellis.quantile_table(self.qbits), np.float32(self.beta))
+
+    def _rows(self, x, name, width):
+        """``x`` as C-contiguous float32 rows of length ``width``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != width:
+            raise ValueError(f"{name} must have shape (M, {width}), got "
+                             f"{x.shape}")
+        return x
+
+    def _side(self, bias):
+        if bias is not None and np.shape(bias) != (self.vectors,):
+            raise ValueError(f"bias must have shape ({self.vectors},), got "
+                             f"{np.shape(bias)}")
+        empty = np.zeros(0, dtype=np.float32)
+        norms = self.norms if self.norms is not None else empty
+        means = self.means if self.means is not None else empty
+        b = (np.ascontiguousarray(bias, dtype=np.float32) if bias is not None
+             else empty)
+        return norms, means, b
+
+    def _signs(self):
+        return self.signs if self.signs is not None else np.zeros(0, np.int8)
+
+    def rotate(self, x):
+        """``(x_rot, xsum)`` for float32 rows ``x`` (M, n): the centred (when
+        the matrix is), zero-padded, rotated rows (M, n_pad) and the row sums
+        of ``x``, in float32."""
+        from nqlib.kernels.cpu import fused
+
+        x = self._rows(x, "x", self.shape[0])
+        M = x.shape[0]
+        x_rot = np.empty((M, self.n_pad), dtype=np.float32)
+        xsum = np.empty(M, dtype=np.float32)
+        fused.rotate_rows(x, self._signs(), self.orth, self.power_of_two,
+                          self.center, x_rot, xsum)
+        return x_rot, xsum
+
+    def raw_rows(self) -> np.ndarray:
+        """The raw decoded vectors (a, n_pad) float32, decoded by the fused
+        kernels' own decoder (:func:`nqlib.kernels.cpu.trellis_fused.
+        decode_rows`; entries past ``keep`` are 0): the file decoder's values
+        bit for bit. Not kept."""
+        from nqlib.kernels.cpu import trellis_fused
+
+        out = np.zeros((self.vectors, self.n_pad), dtype=np.float32)
+        body = np.empty((self.vectors, self.keep), dtype=np.float32)
+        data, *rest = self._code()
+        trellis_fused.decode_rows(data, self.vectors, *rest, body)
+        out[:, :self.keep] = body
+        return out
+
+    def raw_products(self, x_rot):
+        """``x_rot @ raw.T`` (M, a) float32 for rows ``x_rot`` (M, n_pad) in
+        the coded domain, ``raw`` the vectors as the file decodes them
+        (before projections and shrinkage); never decodes the whole
+        weight."""
+        from nqlib.kernels.cpu import trellis_fused
+
+        x_rot = self._rows(x_rot, "x_rot", self.n_pad)
+        M = x_rot.shape[0]
+        out = np.empty((M, self.vectors), dtype=np.float32)
+        empty = np.zeros(0, dtype=np.float32)
+        trellis_fused.products(x_rot, np.zeros(M, np.float32), *self._code(),
+                               1.0, self.n_pad, empty, empty, empty, GEMV_ROWS,
+                               _threads(), out)
+        return out
+
+    def linear_rotated(self, x_rot, xsum, bias=None) -> np.ndarray:
+        """``scale_i <x_rot, raw_i> + mean_i xsum + bias_i`` (M, a) float32,
+        for activations already in the coded domain (e.g. the decoded rows of
+        quantized activations, with ``xsum = n * their means``)."""
+        from nqlib.kernels.cpu import trellis_fused
+
+        x_rot = self._rows(x_rot, "x_rot", self.n_pad)
+        xsum = np.ascontiguousarray(xsum, dtype=np.float32)
+        if xsum.shape != (x_rot.shape[0],):
+            raise ValueError(f"xsum must have shape ({x_rot.shape[0]},), got "
+                             f"{xsum.shape}")
+        out = np.empty((x_rot.shape[0], self.vectors), dtype=np.float32)
+        trellis_fused.products(x_rot, xsum, *self._code(), self.alpha,
+                               self.n_pad, *self._side(bias), GEMV_ROWS,
+                               _threads(), out)
+        return out
+
+    def linear(self, x, bias=None) -> np.ndarray:
+        """``x @ W_hat.T + bias`` (float32, (M, a)) for float32 rows ``x``
+        (M, n), ``W_hat.T`` the dequantized matrix (``qm.dequantize()``).
+
+        ``x_rot = P [x - mean(x); 0]`` (the mean removed when the matrix is
+        centred) meets the raw decoded vectors in the coded domain, so
+        ``<x, W_hat_i> = alpha s_i <x_rot, raw_i> + mu_i sum(x)``. One
+        compiled call (:func:`nqlib.kernels.cpu.trellis_fused.linear`):
+        rotation, product, scales, means and bias.
+        """
+        from nqlib.kernels.cpu import trellis_fused
+
+        x = self._rows(x, "x", self.shape[0])
+        out = np.empty((x.shape[0], self.vectors), dtype=np.float32)
+        trellis_fused.linear(x, self.n_pad, self._signs(), self.orth,
+                             self.power_of_two, self.center, *self._code(),
+                             self.alpha, *self._side(bias), GEMV_ROWS,
+                             _threads(), out)
+        return out
+
+    def gpu_layout(self, device):
+        """The weight on ``device`` for the fused Triton kernel
+        (:class:`nqlib.kernels.gpu.trellis_triton.TrellisGpuLayout`: the
+        stream, the quantile table, the per-vector scales and means, the
+        rotation)."""
+        import torch
+
+        from nqlib.kernels.gpu import trellis_triton
+
+        def dev(arr, dtype):
+            return torch.from_numpy(np.array(arr, dtype=dtype)).to(device)
+
+        rotation = None
+        if self.signs is not None:
+            rotation = (dev(self.signs, np.float32), dev(self.orth, np.float32),
+                        int(self.power_of_two))
+        return trellis_triton.TrellisGpuLayout(
+            shape=self.shape, n_pad=self.n_pad, keep=self.keep,
+            seq_len=self.seq_len, total_bits=self.total_bits, L=self.L,
+            qbits=self.qbits, beta=self.beta, mult=trellis.hash_multiplier(),
+            shift=trellis.HASH_SHIFT,
+            data=dev(self.data[:self.stream_nbytes], np.uint8),
+            table=dev(trellis.quantile_table(self.qbits), np.float32),
+            scale=dev(self.row_scales(), np.float32),
+            means=None if self.means is None else dev(self.means, np.float32),
+            rotation=rotation)
+
+    # --------------------------------------------------------- the file back
+    def to_quantized(self):
+        """The :class:`~nqlib.QuantizedMatrix` this layout was built from:
+        the same bytes (:meth:`to_bytes`)."""
+        from nqlib.quantizers.matrix import QuantizedMatrix
+
+        payload = TrellisPayload(
+            L=self.L, qbits=self.qbits, seq_len=self.seq_len, keep=self.keep,
+            beta=self.beta, total_bits=self.total_bits,
+            packed=self.data[:self.stream_nbytes].copy())
+        return QuantizedMatrix(
+            shape=self.shape, rate=self.rate, method="nested", mode="trellis",
+            flags=self.flags, seed=self.seed, alpha=self.alpha,
+            means=None if self.means is None else self.means.copy(),
+            norms=None if self.norms is None else self.norms.copy(),
+            payload=payload, version=self.version)
+
+    def to_bytes(self) -> bytes:
+        """The file's bytes (``to_quantized().to_bytes()``)."""
+        return self.to_quantized().to_bytes()
+
+
+def _threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def supports(qm) -> str | None:
+    """None when :func:`trellis_layout` can hold ``qm``, else why not."""
+    from nqlib.quantizers.matrix import QuantizedMatrix
+
+    if not isinstance(qm, QuantizedMatrix):
+        return f"expected a QuantizedMatrix, got {type(qm).__name__}"
+    if qm.method != "nested" or qm.mode != "trellis":
+        return ("the trellis layout needs a nested-lattice matrix in trellis "
+                f"mode, got method={qm.method!r}, mode={qm.mode!r}")
+    return None
+
+
+def trellis_layout(qm) -> TrellisLayout:
+    """The CPU layout of a trellis-mode QuantizedMatrix.
+
+    Parameters
+    ----------
+    qm : QuantizedMatrix
+        ``method="nested"``, ``mode="trellis"`` (any rate, sketched or not).
+
+    Returns
+    -------
+    TrellisLayout
+
+    Raises
+    ------
+    ValueError
+        For a matrix the layout cannot hold (:func:`supports` says why).
+    """
+    from nqlib.kernels.cpu.trellis_fused import MAX_STATE_BITS, STREAM_PAD
+
+    why = supports(qm)
+    if why is not None:
+        raise ValueError(why)
+    p = qm.payload
+    if not 1 <= p.L <= MAX_STATE_BITS:  # the file reader allows at most 20
+        raise ValueError(f"the trellis layout reads at most {MAX_STATE_BITS} "
+                         f"state bits, got L = {p.L}")
+    n, a = qm.shape
+    data = np.zeros(p.packed.size + STREAM_PAD, dtype=np.uint8)
+    data[:p.packed.size] = p.packed
+    P = qm.rotation()
+    if P is not None:
+        signs = P.signs.astype(np.int8)
+        orth = P.orthogonal.astype(np.float32)
+        p2 = P.power_of_two
+    else:
+        signs, orth, p2 = None, np.ones((1, 1), dtype=np.float32), 1
+    return TrellisLayout(
+        shape=(n, a), n_pad=int(qm.n_pad), L=int(p.L), qbits=int(p.qbits),
+        seq_len=int(p.seq_len), keep=int(p.keep), beta=float(np.float32(p.beta)),
+        total_bits=int(p.total_bits), data=data,
+        means=None if qm.means is None else np.array(qm.means, dtype=np.float32),
+        norms=None if qm.norms is None else np.array(qm.norms, dtype=np.float32),
+        alpha=float(qm.alpha), flags=int(qm.flags), seed=int(qm.seed),
+        rate=float(qm.rate), version=int(qm.version), signs=signs, orth=orth,
+        power_of_two=int(p2))
