@@ -29,9 +29,10 @@ profile of where a generated token's time goes (torch profiler by operator,
 and the share spent inside the quantized layers).
 
 Usage: ``python benchmarks/smollm2.py [--scale ci|full] [--json PATH]
-[--skip-ppl]``. ``full``: 40 evaluation windows (20480 tokens), 16
-calibration windows; ``ci``: 4 and 4. Set ``NQLIB_LM_CACHE`` to a directory
-to keep the quantized models between runs (about 0.2 GB each).
+[--skip-ppl] [--trellis] [--threads N]``. ``full``: 40 evaluation windows
+(20480 tokens), 16 calibration windows; ``ci``: 4 and 4. Set
+``NQLIB_LM_CACHE`` to a directory to keep the quantized models between runs
+(about 0.2 GB each).
 """
 
 from __future__ import annotations
@@ -242,9 +243,12 @@ def main():
     parser.add_argument("--skip-ppl", action="store_true")
     parser.add_argument("--trellis", action="store_true",
                         help="add mode='trellis' rows (slow Viterbi encoder)")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch threads for the perplexity part (1 on a "
+                             "machine shared with other jobs)")
     args = parser.parse_args()
     cache = os.environ.get("NQLIB_LM_CACHE")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     print(machine_line())
     fp32, tok = lm.load_smollm2()
     result = dict(scale=args.scale, context=CONTEXT)

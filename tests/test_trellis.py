@@ -100,19 +100,116 @@ def test_viterbi_ties_go_to_the_smallest_predecessor():
         np.testing.assert_array_equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 5])
-def test_group_min_equals_argmin(k):
-    rng = np.random.default_rng(k)
-    L = 8
-    cost = rng.integers(0, 4, 1 << L).astype(np.float32)  # many ties
-    cost[rng.integers(0, 1 << L, 20)] = np.inf
-    gmin = np.empty(1 << (L - 1), np.float32)
-    arg = np.empty(1 << (L - 1), np.uint8)
-    kern.group_min(cost, k, gmin, arg)
-    G = 1 << (L - k)
-    cand = cost.reshape(1 << k, G)  # cand[h, g] = cost[h G + g]
-    np.testing.assert_array_equal(gmin[:G], cand.min(axis=0))
+@pytest.mark.parametrize("L, k", [(8, 1), (8, 2), (8, 3), (8, 5), (12, 1), (12, 2),
+                                  (12, 3), (12, 4), (12, 5), (12, 6), (12, 7),
+                                  (12, 8), (9, 7), (11, 8)])
+def test_step_equals_argmin(L, k):
+    """One step of the search against numpy: the group minima over the
+    strided predecessors, the smallest minimising h on a tie, and the new
+    costs in the padded layout (L = 12 pads; 9, 7 and 11, 8 leave fewer than
+    8 groups: the scalar path)."""
+    rng = np.random.default_rng(10 * L + k)
+    S, K = 1 << L, 1 << k
+    G = S >> k
+    cost = rng.integers(0, 4, S).astype(np.float32)  # many ties
+    cost[rng.integers(0, S, S // 16)] = np.inf
+    values = rng.standard_normal(S).astype(np.float32)
+    xt = np.float32(rng.standard_normal())
+    slots = np.array([kern.slot(s) for s in range(S)])
+    n = kern.cost_size(L)
+    assert n == slots[-1] + 1 and np.unique(slots).size == S
+    old = np.full(n, np.nan, np.float32)  # the padding is never read
+    old[slots] = cost
+    new = np.full(n, np.nan, np.float32)
+    arg = np.full(S >> 1, 255, np.uint8)
+    kern.viterbi_step(old, new, values, xt, arg, k, S)
+    cand = cost.reshape(K, G)  # cand[h, g] = cost[h G + g]
+    m = cand.min(axis=0)
     np.testing.assert_array_equal(arg[:G], np.argmin(cand, axis=0))
+    assert (arg[G:] == 255).all()
+    d = (xt - values).astype(np.float32)
+    want = (np.repeat(m, K) + d * d).astype(np.float32)
+    np.testing.assert_array_equal(new[slots], want)
+    assert np.isnan(np.delete(new, slots)).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_viterbi_equals_oracle_padded(seed):
+    """Trellises of 2^11 .. 2^12 states (cost arrays with padding, every
+    vector step kernel, k = 1 .. 8), with ties, against the numpy oracle;
+    the scratch of 2^L entries is too small for the padding and is
+    replaced."""
+    rng = np.random.default_rng(400 + seed)
+    L = int(rng.integers(11, 13))
+    T = int(rng.integers(6, 24))
+    Bs = int(rng.integers(T, 8 * T + 1))
+    ks = ref.schedule(T, Bs)
+    if seed % 2:
+        values = rng.integers(-2, 3, 1 << L).astype(np.float32)
+        x = rng.integers(-2, 3, T).astype(np.float32)
+    else:
+        values, x = random_case(rng, L, T, Bs)
+    mb = L - int(ks[0])
+    mem = int(rng.integers(0, 1 << mb))
+    for c in [(-1, 0, -1, 0), (mem, mb, mem, mb)]:
+        want = ref.viterbi(x, ks, values, L, *c)
+        got = kernel_viterbi(x, ks, values, L, *c)
+        assert got[0] == want[0]
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_encode_sequences_shares_equal_the_oracle():
+    """Sequences of different lengths and rates, split into 1, 2, 3 or 7
+    shares (one scratch per share), give the oracle's paths and costs."""
+    rng = np.random.default_rng(17)
+    L = 11
+    lengths = np.array([40, 33, 57, 40, 21, 64, 35])
+    per = np.array([1.0, 2.0, 1.5, 3.0, 4.0, 2.3, 7.9])
+    bits = np.maximum(lengths, (per * lengths).astype(np.int64))
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    x = rng.standard_normal(int(lengths.sum())).astype(np.float32)
+    values = rng.standard_normal(1 << L).astype(np.float32)
+    want_in = np.zeros(x.size, np.uint8)
+    want_c = np.zeros(lengths.size)
+    for j, (a, T, Bs) in enumerate(zip(starts, lengths, bits)):
+        c, i = ref.encode_tailbiting(x[a:a + T], int(Bs), values, L, 4)
+        want_in[a:a + T] = i
+        want_c[j] = np.float32(c)
+    for shares in (1, 2, 3, 7):
+        inputs = np.zeros(x.size, np.uint8)
+        costs = np.zeros(lengths.size)
+        kern._encode_shares(x, starts, lengths, bits, values, L, 4, inputs, costs,
+                            shares)
+        np.testing.assert_array_equal(inputs, want_in)
+        np.testing.assert_array_equal(costs, want_c)
+    inputs = np.zeros(x.size, np.uint8)
+    costs = np.zeros(lengths.size)
+    kern.encode_sequences(x, starts, lengths, bits, values, L, 4, inputs, costs)
+    np.testing.assert_array_equal(inputs, want_in)
+
+
+def test_search_refuses_what_it_cannot_hold():
+    L, T = 6, 8
+    S = 1 << L
+    x = np.zeros(T, np.float32)
+    values = np.zeros(S, np.float32)
+
+    def run(ks, values=values, width=S >> 1):
+        return kern.viterbi(x, ks, values, L, -1, 0, -1, 0, np.empty(S, np.float32),
+                            np.empty(S, np.float32), np.empty((T, width), np.uint8),
+                            np.zeros(T, np.uint8), np.zeros(T, np.int64))
+
+    for k in (0, L, 9):
+        with pytest.raises(ValueError, match="new bits"):
+            run(np.full(T, k))
+    with pytest.raises(ValueError, match="values"):
+        run(np.full(T, 2), values=values[:S // 2])
+    with pytest.raises(ValueError, match="bp"):
+        run(np.full(T, 1), width=S >> 2)
+    with pytest.raises(ValueError, match="bits per weight"):
+        kern.encode_sequences(x, np.array([0]), np.array([T]), np.array([T * L]),
+                              values, L, 4, np.zeros(T, np.uint8), np.zeros(1))
 
 
 @pytest.mark.parametrize("seed", range(10))
