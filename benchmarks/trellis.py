@@ -93,14 +93,13 @@ def decode_speed(n, a, repeat) -> dict:
     A = np.random.default_rng(5).standard_normal((n, a))
     Q = {m: nqlib.quantize(A, 2.0, seed=SEED, mode=m) for m in MODES}
     p = Q["trellis"].payload
-    lay = tq.layout(a, Q["trellis"].n_pad, p["keep"], p["total_bits"],
-                    p["seq_len"])
-    data = np.zeros(p["packed"].size + 8, dtype=np.uint8)
-    data[:p["packed"].size] = p["packed"]
+    lay = tq.layout(a, Q["trellis"].n_pad, p.keep, p.total_bits, p.seq_len)
+    data = np.zeros(p.packed.size + 8, dtype=np.uint8)
+    data[:p.packed.size] = p.packed
     out = np.zeros(a * Q["trellis"].n_pad, dtype=np.float32)
-    args = (data, lay.starts, lay.lengths, lay.bits, lay.offsets, p["L"],
-            tq.hash_multiplier(), tq.HASH_SHIFT, p["qbits"],
-            tq.quantile_table(p["qbits"]), np.float32(p["beta"]), out)
+    args = (data, lay.starts, lay.lengths, lay.bits, lay.offsets, p.L,
+            tq.hash_multiplier(), tq.HASH_SHIFT, p.qbits,
+            tq.quantile_table(p.qbits), np.float32(p.beta), out)
     t_kernel = best_time(kern.decode_sequences, *args, repeat=repeat)
     # on a shared machine the wall time counts other processes' turns: the
     # CPU time of this (one-thread) process is the kernel's own

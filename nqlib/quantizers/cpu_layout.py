@@ -45,6 +45,12 @@ import numpy as np
 
 from nqlib.quantizers.coded_domain import padded
 from nqlib.quantizers.fixed_mode import fixed_part_codes
+from nqlib.quantizers.layout_common import (
+    RotatedLayout,
+    check_matrix,
+    side_fields,
+    threads,
+)
 from nqlib.quantizers.payloads import FixedPart, FixedPayload
 
 __all__ = ["CpuLayout", "cpu_layout", "decisions", "stored_fields",
@@ -168,7 +174,7 @@ def stored_fields(codes, q):
 
 # ------------------------------------------------------------- CPU layout
 @dataclass(eq=False)
-class CpuLayout:
+class CpuLayout(RotatedLayout):
     """A fixed-mode weight as the fused CPU kernels read it.
 
     Build with :func:`cpu_layout`. ``shape = (n, a)`` is the matrix's shape
@@ -180,15 +186,14 @@ class CpuLayout:
 
     Besides the packed codes (``words``, ``nib``, ``kpl``; see
     :mod:`nqlib.kernels.cpu.fused`), it keeps only what the file keeps: the
-    scales of the two parts, the float32 column means and norms, ``alpha``
-    and the header fields, plus the rotation's signs (int8) and odd factor
-    (float32) -- enough to rebuild the file (:meth:`to_quantized`) and to
+    scales of the two parts and the side information every layout holds
+    (:class:`~nqlib.quantizers.layout_common.RotatedLayout`: the float32
+    column means and norms, ``alpha``, the header fields, the rotation's
+    signs and odd factor) -- enough to rebuild the file (:meth:`to_quantized`) and to
     compute ``x @ W_hat.T`` (:meth:`linear`). :attr:`nbytes` counts every
     array it holds.
     """
 
-    shape: tuple
-    n_pad: int
     h: int
     coded: int
     q: tuple                   # (q_hi, q_lo); 0 for an absent part
@@ -198,85 +203,21 @@ class CpuLayout:
     words: np.ndarray          # (G, coded, 8) int32
     nib: np.ndarray            # (G, coded) uint32
     kpl: np.ndarray            # (3 G coded + 1,) uint8
-    means: np.ndarray | None   # (a,) float32
-    norms: np.ndarray | None   # (a,) float32
-    alpha: float
-    flags: int
-    seed: int
-    rate: float
-    version: int
-    signs: np.ndarray | None   # (n_pad,) int8: the rotation's signs
-    orth: np.ndarray           # (m, m) float32: its odd factor
-    power_of_two: int
-
-    @property
-    def vectors(self) -> int:
-        """Number of coded vectors (output features)."""
-        return self.shape[1]
 
     @property
     def groups(self) -> int:
         """Number of groups of 8 vectors."""
         return self.words.shape[0]
 
-    def arrays(self) -> dict:
-        """Every array the layout holds, by name."""
-        out = dict(words=self.words, nib=self.nib, kpl=self.kpl, tab=self.tab,
-                   orth=self.orth)
-        for name in ("means", "norms", "signs"):
-            arr = getattr(self, name)
-            if arr is not None:
-                out[name] = arr
-        return out
+    def code_arrays(self) -> dict:
+        """The packed codes: ``words``, ``nib``, ``kpl``."""
+        return dict(words=self.words, nib=self.nib, kpl=self.kpl)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all the arrays the layout holds (padding rows
-        included)."""
-        return int(sum(arr.nbytes for arr in self.arrays().values()))
-
-    @property
-    def code_nbytes(self) -> int:
-        """Bytes of the packed codes alone (``words``, ``nib``, ``kpl``)."""
-        return int(self.words.nbytes + self.nib.nbytes + self.kpl.nbytes)
-
-    @property
-    def bits_per_weight(self) -> float:
-        """``8 * nbytes / (n * a)``: compare with the file's
-        ``bits_per_entry``."""
-        n, a = self.shape
-        return 8.0 * self.nbytes / (n * a)
-
-    @property
-    def center(self) -> bool:
-        """Whether the vectors were centred (their means are stored)."""
-        return self.means is not None
-
-    def row_scales(self) -> np.ndarray:
-        """``alpha |a_i| / sqrt(n_pad)`` per vector (``alpha`` when not
-        normalised), float32, computed on each call (not kept)."""
-        a = self.vectors
-        if self.norms is None:
-            return np.full(a, self.alpha, dtype=np.float32)
-        s = self.alpha * self.norms.astype(np.float64) / np.sqrt(self.n_pad)
-        return s.astype(np.float32)
+    def code_tables(self) -> dict:
+        """The scales of the two parts (``tab``)."""
+        return dict(tab=self.tab)
 
     # ------------------------------------------------------------ products
-    def rotate(self, x):
-        """``(x_rot, xsum)`` for float32 rows ``x`` (M, n): the centred (when
-        the matrix is), zero-padded, rotated rows (M, n_pad) and the row sums
-        of ``x``, in float32."""
-        from nqlib.kernels.cpu import fused
-
-        x = self._rows(x, "x", self.shape[0])
-        M = x.shape[0]
-        x_rot = np.empty((M, self.n_pad), dtype=np.float32)
-        xsum = np.empty(M, dtype=np.float32)
-        signs = self.signs if self.signs is not None else np.zeros(0, np.int8)
-        fused.rotate_rows(x, signs, self.orth, self.power_of_two, self.center,
-                          x_rot, xsum)
-        return x_rot, xsum
-
     def raw_products(self, x_rot):
         """``x_rot @ raw.T`` (M, 8 G) float32 for rows ``x_rot`` (M, n_pad)
         in the coded domain, ``raw`` the vectors as the file decodes them
@@ -291,27 +232,8 @@ class CpuLayout:
         fused.products(x_rot, np.zeros(M, np.float32), self.words, self.nib,
                        self.kpl, self.tab, self.q[0], self.q[1], self.h, 1.0,
                        self.n_pad, empty, empty, empty, GEMV_ROWS,
-                       _threads(), out)
+                       threads(), out)
         return out
-
-    def _rows(self, x, name, width):
-        """``x`` as C-contiguous float32 rows of length ``width``."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != width:
-            raise ValueError(f"{name} must have shape (M, {width}), got "
-                             f"{x.shape}")
-        return x
-
-    def _side(self, bias):
-        if bias is not None and np.shape(bias) != (self.vectors,):
-            raise ValueError(f"bias must have shape ({self.vectors},), got "
-                             f"{np.shape(bias)}")
-        empty = np.zeros(0, dtype=np.float32)
-        norms = self.norms if self.norms is not None else empty
-        means = self.means if self.means is not None else empty
-        b = (np.ascontiguousarray(bias, dtype=np.float32) if bias is not None
-             else empty)
-        return norms, means, b
 
     def linear_rotated(self, x_rot, xsum, bias=None) -> np.ndarray:
         """``scale_i <x_rot, raw_i> + mean_i xsum + bias_i`` (M, a) float32,
@@ -320,15 +242,12 @@ class CpuLayout:
         from nqlib.kernels.cpu import fused
 
         x_rot = self._rows(x_rot, "x_rot", self.n_pad)
-        xsum = np.ascontiguousarray(xsum, dtype=np.float32)
-        if xsum.shape != (x_rot.shape[0],):
-            raise ValueError(f"xsum must have shape ({x_rot.shape[0]},), got "
-                             f"{xsum.shape}")
+        xsum = self._xsum(x_rot, xsum)
         out = np.empty((x_rot.shape[0], self.vectors), dtype=np.float32)
         fused.products(x_rot, xsum,
                        self.words, self.nib, self.kpl, self.tab, self.q[0],
                        self.q[1], self.h, self.alpha, self.n_pad,
-                       *self._side(bias), GEMV_ROWS, _threads(), out)
+                       *self._side(bias), GEMV_ROWS, threads(), out)
         return out
 
     def linear(self, x, bias=None) -> np.ndarray:
@@ -346,11 +265,10 @@ class CpuLayout:
 
         x = self._rows(x, "x", self.shape[0])
         out = np.empty((x.shape[0], self.vectors), dtype=np.float32)
-        signs = self.signs if self.signs is not None else np.zeros(0, np.int8)
-        fused.linear(x, self.n_pad, signs, self.orth, self.power_of_two,
+        fused.linear(x, self.n_pad, self._signs(), self.orth, self.power_of_two,
                      self.center, self.words, self.nib, self.kpl, self.tab,
                      self.q[0], self.q[1], self.h, self.alpha, *self._side(bias),
-                     GEMV_ROWS, _threads(), out)
+                     GEMV_ROWS, threads(), out)
         return out
 
     # --------------------------------------------------------- the file back
@@ -432,33 +350,16 @@ class CpuLayout:
                 packed[start:start + len(chunk)] |= chunk
             parts[name] = FixedPart(L=L, q=q, betas=self.tab[
                 slot, :self.nscales[slot]].copy(), packed=packed)
-        return QuantizedMatrix(
-            shape=(n, a), rate=self.rate, method="nested", mode="fixed",
-            flags=self.flags, seed=self.seed, alpha=self.alpha,
-            means=None if self.means is None else self.means.copy(),
-            norms=None if self.norms is None else self.norms.copy(),
-            payload=FixedPayload(h=self.h, **parts), version=self.version)
-
-    def to_bytes(self) -> bytes:
-        """The file's bytes (``to_quantized().to_bytes()``)."""
-        return self.to_quantized().to_bytes()
-
-
-def _threads() -> int:
-    import numba
-
-    return numba.get_num_threads()
+        return QuantizedMatrix(method="nested", mode="fixed",
+                               payload=FixedPayload(h=self.h, **parts),
+                               **self.header_fields())
 
 
 def supports(qm) -> str | None:
     """None when :func:`cpu_layout` can hold ``qm``, else why not."""
-    from nqlib.quantizers.matrix import QuantizedMatrix
-
-    if not isinstance(qm, QuantizedMatrix):
-        return f"expected a QuantizedMatrix, got {type(qm).__name__}"
-    if qm.method != "nested" or qm.mode != "fixed":
-        return ("the CPU layout needs a nested-lattice matrix in fixed mode, got "
-                f"method={qm.method!r}, mode={qm.mode!r}")
+    why = check_matrix(qm, "fixed", "CPU layout")
+    if why is not None:
+        return why
     if qm.dither:
         return ("the CPU layout does not hold dithered matrices (the dither is "
                 "a dense matrix of its own)")
@@ -547,21 +448,10 @@ def cpu_layout(qm) -> CpuLayout:
         axis=1, dtype=np.uint32)
     kpl = np.zeros(3 * G * coded + 1, dtype=np.uint8)
     kpl[:-1] = kw.reshape(-1, 1).view(np.uint8).reshape(-1, 4)[:, :3].reshape(-1)
-    P = qm.rotation()
-    if P is not None:
-        signs = P.signs.astype(np.int8)
-        orth = P.orthogonal.astype(np.float32)
-        p2 = P.power_of_two
-    else:
-        signs, orth, p2 = None, np.ones((1, 1), dtype=np.float32), 1
     return CpuLayout(
-        shape=(n, a), n_pad=n_pad, h=h, coded=coded,
+        h=h, coded=coded,
         q=tuple(int(part.q) if part.L else 0 for part in (p.hi, p.lo)),
         L=tuple(int(part.L) for part in (p.hi, p.lo)),
         nscales=tuple(len(part.betas) for part in (p.hi, p.lo)),
         tab=tab, words=words, nib=np.ascontiguousarray(nib), kpl=kpl,
-        means=None if qm.means is None else np.array(qm.means, dtype=np.float32),
-        norms=None if qm.norms is None else np.array(qm.norms, dtype=np.float32),
-        alpha=float(qm.alpha), flags=int(qm.flags), seed=int(qm.seed),
-        rate=float(qm.rate), version=int(qm.version), signs=signs, orth=orth,
-        power_of_two=int(p2))
+        **side_fields(qm))

@@ -47,10 +47,14 @@ __all__ = ["DEFAULT_L", "DEFAULT_SEQ_LEN", "DEFAULT_WINDOW", "TABLE_BITS",
            "decode", "decode_tensor", "budget_plan", "encode_matrix"]
 
 #: state bits L of the default code. The Viterbi search costs O(2^L) per
-#: entry and each bit buys 0.01-0.02 bit of gap: 15 is the largest L whose
-#: 4096 x 4096 encode was measured to fit the 5-minute budget on two cores
-#: (``benchmarks/trellis.py --sweep`` and ``--layer``; chapter ``ch-trellis``)
-DEFAULT_L = 15
+#: entry and each bit buys up to 0.03 bit of gap (n = 4096, a = b = 256, R =
+#: 1..6: L = 16 gives .065 .088 .094 .119 .135 .169, L = 15 .071 .090 .117
+#: .135 .165 .201). 16 is the largest L whose 4096 x 4096 encode fits the
+#: 5-minute budget on two cores: 129, 136 and 167 s at R = 2, 3, 4 on an
+#: idle machine (250-304 s of CPU time over 2 threads); L = 17 doubles the
+#: search (``benchmarks/trellis.py --rows``, ``--layer``, ``--sweep``,
+#: ``--compare``; chapter ``ch-trellis``)
+DEFAULT_L = 16
 #: entries per sequence (longer sequences amortise the tail-biting seam)
 DEFAULT_SEQ_LEN = 1024
 #: steps on each side of the seam that the encoder's second pass re-solves

@@ -31,6 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from nqlib.quantizers import trellis
+from nqlib.quantizers.layout_common import (
+    RotatedLayout,
+    check_matrix,
+    side_fields,
+    threads,
+)
 from nqlib.quantizers.payloads import TrellisPayload
 
 __all__ = ["TrellisLayout", "trellis_layout", "supports", "GEMV_ROWS"]
@@ -42,7 +48,7 @@ GEMV_ROWS = 4
 
 
 @dataclass(eq=False)
-class TrellisLayout:
+class TrellisLayout(RotatedLayout):
     """A trellis-mode weight as the fused CPU kernel reads it.
 
     Build with :func:`trellis_layout`. ``shape = (n, a)`` is the matrix's
@@ -50,15 +56,14 @@ class TrellisLayout:
     coordinates, the first ``keep`` of them coded).
 
     It keeps only what the file keeps: the stream (``data``: the payload's
-    bytes and ``STREAM_PAD`` zero bytes), the code's parameters, the
-    float32 column means and norms, ``alpha`` and the header fields, plus
-    the rotation's signs (int8) and odd factor (float32) -- enough to
-    rebuild the file (:meth:`to_quantized`) and to compute ``x @ W_hat.T``
-    (:meth:`linear`). :attr:`nbytes` counts every array it holds.
+    bytes and ``STREAM_PAD`` zero bytes), the code's parameters, and the
+    side information every layout holds (:class:`~nqlib.quantizers.
+    layout_common.RotatedLayout`: the float32 column means and norms,
+    ``alpha``, the header fields, the rotation's signs and odd factor) --
+    enough to rebuild the file (:meth:`to_quantized`) and to compute ``x @
+    W_hat.T`` (:meth:`linear`). :attr:`nbytes` counts every array it holds.
     """
 
-    shape: tuple
-    n_pad: int
     L: int
     qbits: int
     seq_len: int
@@ -66,65 +71,15 @@ class TrellisLayout:
     beta: float                # a float32 value
     total_bits: int
     data: np.ndarray           # uint8: the stream, then STREAM_PAD zero bytes
-    means: np.ndarray | None   # (a,) float32
-    norms: np.ndarray | None   # (a,) float32
-    alpha: float
-    flags: int
-    seed: int
-    rate: float
-    version: int
-    signs: np.ndarray | None   # (n_pad,) int8: the rotation's signs
-    orth: np.ndarray           # (m, m) float32: its odd factor
-    power_of_two: int
-
-    @property
-    def vectors(self) -> int:
-        """Number of coded vectors (output features)."""
-        return self.shape[1]
 
     @property
     def stream_nbytes(self) -> int:
         """Bytes of the packed stream (the file's payload array)."""
         return -(-self.total_bits // 8)
 
-    def arrays(self) -> dict:
-        """Every array the layout holds, by name."""
-        out = dict(data=self.data, orth=self.orth)
-        for name in ("means", "norms", "signs"):
-            arr = getattr(self, name)
-            if arr is not None:
-                out[name] = arr
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all the arrays the layout holds."""
-        return int(sum(arr.nbytes for arr in self.arrays().values()))
-
-    @property
-    def code_nbytes(self) -> int:
-        """Bytes of the codes alone (the stream and its padding)."""
-        return int(self.data.nbytes)
-
-    @property
-    def bits_per_weight(self) -> float:
-        """``8 * nbytes / (n * a)``: compare with the file's
-        ``bits_per_entry``."""
-        n, a = self.shape
-        return 8.0 * self.nbytes / (n * a)
-
-    @property
-    def center(self) -> bool:
-        """Whether the vectors were centred (their means are stored)."""
-        return self.means is not None
-
-    def row_scales(self) -> np.ndarray:
-        """``alpha |a_i| / sqrt(n_pad)`` per vector (``alpha`` when not
-        normalised), float32, computed on each call (not kept)."""
-        if self.norms is None:
-            return np.full(self.vectors, self.alpha, dtype=np.float32)
-        s = self.alpha * self.norms.astype(np.float64) / np.sqrt(self.n_pad)
-        return s.astype(np.float32)
+    def code_arrays(self) -> dict:
+        """The codes: the stream and its padding."""
+        return dict(data=self.data)
 
     # ------------------------------------------------------------ kernels
     def _code(self):
@@ -132,42 +87,6 @@ class TrellisLayout:
         return (self.data, self.keep, self.seq_len, self.total_bits, self.L,
                 trellis.hash_multiplier(), trellis.HASH_SHIFT, self.qbits,
                 trellis.quantile_table(self.qbits), np.float32(self.beta))
-
-    def _rows(self, x, name, width):
-        """``x`` as C-contiguous float32 rows of length ``width``."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != width:
-            raise ValueError(f"{name} must have shape (M, {width}), got "
-                             f"{x.shape}")
-        return x
-
-    def _side(self, bias):
-        if bias is not None and np.shape(bias) != (self.vectors,):
-            raise ValueError(f"bias must have shape ({self.vectors},), got "
-                             f"{np.shape(bias)}")
-        empty = np.zeros(0, dtype=np.float32)
-        norms = self.norms if self.norms is not None else empty
-        means = self.means if self.means is not None else empty
-        b = (np.ascontiguousarray(bias, dtype=np.float32) if bias is not None
-             else empty)
-        return norms, means, b
-
-    def _signs(self):
-        return self.signs if self.signs is not None else np.zeros(0, np.int8)
-
-    def rotate(self, x):
-        """``(x_rot, xsum)`` for float32 rows ``x`` (M, n): the centred (when
-        the matrix is), zero-padded, rotated rows (M, n_pad) and the row sums
-        of ``x``, in float32."""
-        from nqlib.kernels.cpu import fused
-
-        x = self._rows(x, "x", self.shape[0])
-        M = x.shape[0]
-        x_rot = np.empty((M, self.n_pad), dtype=np.float32)
-        xsum = np.empty(M, dtype=np.float32)
-        fused.rotate_rows(x, self._signs(), self.orth, self.power_of_two,
-                          self.center, x_rot, xsum)
-        return x_rot, xsum
 
     def raw_rows(self) -> np.ndarray:
         """The raw decoded vectors (a, n_pad) float32, decoded by the fused
@@ -196,7 +115,7 @@ class TrellisLayout:
         empty = np.zeros(0, dtype=np.float32)
         trellis_fused.products(x_rot, np.zeros(M, np.float32), *self._code(),
                                1.0, self.n_pad, empty, empty, empty, GEMV_ROWS,
-                               _threads(), out)
+                               threads(), out)
         return out
 
     def linear_rotated(self, x_rot, xsum, bias=None) -> np.ndarray:
@@ -206,14 +125,11 @@ class TrellisLayout:
         from nqlib.kernels.cpu import trellis_fused
 
         x_rot = self._rows(x_rot, "x_rot", self.n_pad)
-        xsum = np.ascontiguousarray(xsum, dtype=np.float32)
-        if xsum.shape != (x_rot.shape[0],):
-            raise ValueError(f"xsum must have shape ({x_rot.shape[0]},), got "
-                             f"{xsum.shape}")
+        xsum = self._xsum(x_rot, xsum)
         out = np.empty((x_rot.shape[0], self.vectors), dtype=np.float32)
         trellis_fused.products(x_rot, xsum, *self._code(), self.alpha,
                                self.n_pad, *self._side(bias), GEMV_ROWS,
-                               _threads(), out)
+                               threads(), out)
         return out
 
     def linear(self, x, bias=None) -> np.ndarray:
@@ -233,7 +149,7 @@ class TrellisLayout:
         trellis_fused.linear(x, self.n_pad, self._signs(), self.orth,
                              self.power_of_two, self.center, *self._code(),
                              self.alpha, *self._side(bias), GEMV_ROWS,
-                             _threads(), out)
+                             threads(), out)
         return out
 
     def gpu_layout(self, device):
@@ -273,34 +189,13 @@ class TrellisLayout:
             L=self.L, qbits=self.qbits, seq_len=self.seq_len, keep=self.keep,
             beta=self.beta, total_bits=self.total_bits,
             packed=self.data[:self.stream_nbytes].copy())
-        return QuantizedMatrix(
-            shape=self.shape, rate=self.rate, method="nested", mode="trellis",
-            flags=self.flags, seed=self.seed, alpha=self.alpha,
-            means=None if self.means is None else self.means.copy(),
-            norms=None if self.norms is None else self.norms.copy(),
-            payload=payload, version=self.version)
-
-    def to_bytes(self) -> bytes:
-        """The file's bytes (``to_quantized().to_bytes()``)."""
-        return self.to_quantized().to_bytes()
-
-
-def _threads() -> int:
-    import numba
-
-    return numba.get_num_threads()
+        return QuantizedMatrix(method="nested", mode="trellis",
+                               payload=payload, **self.header_fields())
 
 
 def supports(qm) -> str | None:
     """None when :func:`trellis_layout` can hold ``qm``, else why not."""
-    from nqlib.quantizers.matrix import QuantizedMatrix
-
-    if not isinstance(qm, QuantizedMatrix):
-        return f"expected a QuantizedMatrix, got {type(qm).__name__}"
-    if qm.method != "nested" or qm.mode != "trellis":
-        return ("the trellis layout needs a nested-lattice matrix in trellis "
-                f"mode, got method={qm.method!r}, mode={qm.mode!r}")
-    return None
+    return check_matrix(qm, "trellis", "trellis layout")
 
 
 def trellis_layout(qm) -> TrellisLayout:
@@ -329,22 +224,9 @@ def trellis_layout(qm) -> TrellisLayout:
     if not 1 <= p.L <= MAX_STATE_BITS:  # the file reader allows at most 20
         raise ValueError(f"the trellis layout reads at most {MAX_STATE_BITS} "
                          f"state bits, got L = {p.L}")
-    n, a = qm.shape
     data = np.zeros(p.packed.size + STREAM_PAD, dtype=np.uint8)
     data[:p.packed.size] = p.packed
-    P = qm.rotation()
-    if P is not None:
-        signs = P.signs.astype(np.int8)
-        orth = P.orthogonal.astype(np.float32)
-        p2 = P.power_of_two
-    else:
-        signs, orth, p2 = None, np.ones((1, 1), dtype=np.float32), 1
     return TrellisLayout(
-        shape=(n, a), n_pad=int(qm.n_pad), L=int(p.L), qbits=int(p.qbits),
-        seq_len=int(p.seq_len), keep=int(p.keep), beta=float(np.float32(p.beta)),
-        total_bits=int(p.total_bits), data=data,
-        means=None if qm.means is None else np.array(qm.means, dtype=np.float32),
-        norms=None if qm.norms is None else np.array(qm.norms, dtype=np.float32),
-        alpha=float(qm.alpha), flags=int(qm.flags), seed=int(qm.seed),
-        rate=float(qm.rate), version=int(qm.version), signs=signs, orth=orth,
-        power_of_two=int(p2))
+        L=int(p.L), qbits=int(p.qbits), seq_len=int(p.seq_len), keep=int(p.keep),
+        beta=float(np.float32(p.beta)), total_bits=int(p.total_bits), data=data,
+        **side_fields(qm))

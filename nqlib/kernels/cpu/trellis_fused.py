@@ -39,8 +39,8 @@ window wraps); every later step by 8 lanes at once.
 The 8 lanes are 8 rows (vectors ``8 g .. 8 g + 7``) at the same coordinate:
 their sequences have the same length and the same ``x`` entry (broadcast);
 only their stream offsets and bit counts differ. The steps run in blocks of
-``S = (57 - L) // (q_max + 1) + 1`` (9 at 4 bits per entry, 15 at 2, for
-``L = 15``): at the start of a block each lane loads the 64 stream bits
+``S = (57 - L) // (q_max + 1) + 1`` (9 at 4 bits per entry, 14 at 2, for
+``L = 16``): at the start of a block each lane loads the 64 stream bits
 from the byte where its window starts (one 64-bit gather and a byte swap),
 which hold the windows of the whole block. Per step and lane: two 64-bit
 shifts cut the state out, the hash (two 32-bit multiplications, a shift and

@@ -1,0 +1,209 @@
+"""What every CPU weight layout shares: the file's side information, the
+rotation, and the activations' way into the coded domain.
+
+A fused CPU layout (:class:`nqlib.quantizers.cpu_layout.CpuLayout` for the
+fixed mode, :class:`nqlib.quantizers.trellis_layout.TrellisLayout` for the
+trellis mode) holds a mode's packed codes plus the same side information:
+the float32 column means and norms, ``alpha``, the header fields and the
+rotation's signs (int8) and odd factor (float32). Its products all follow
+one identity: the activations are centred, zero-padded and rotated in
+float32 (:func:`nqlib.kernels.cpu.fused.rotate_rows`) and meet the raw
+decoded vectors in the coded domain, where the decoder's projections
+(padding, the mean direction) are invisible, so ``<x, W_hat_i> = alpha s_i
+<x_rot, raw_i> + mu_i sum(x)`` with ``s_i = |a_i| / sqrt(n_pad)``.
+
+:class:`RotatedLayout` holds those fields and the methods built on them
+only; each mode adds its codes and kernels.
+
+Book: chapter "Kernels: CPU and GPU", label ``ch-kernels``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["RotatedLayout", "side_fields", "check_matrix", "threads"]
+
+
+@dataclass(eq=False)
+class RotatedLayout:
+    """The side information of a fused CPU layout (a base class).
+
+    ``shape = (n, a)`` is the matrix's shape: ``a`` coded vectors -- rows of
+    the weight -- of ``n_pad`` coordinates. Subclasses add the codes
+    (:meth:`code_arrays`) and the kernels.
+    """
+
+    shape: tuple
+    n_pad: int
+    means: np.ndarray | None   # (a,) float32
+    norms: np.ndarray | None   # (a,) float32
+    alpha: float
+    flags: int
+    seed: int
+    rate: float
+    version: int
+    signs: np.ndarray | None   # (n_pad,) int8: the rotation's signs
+    orth: np.ndarray           # (m, m) float32: its odd factor
+    power_of_two: int
+
+    @property
+    def vectors(self) -> int:
+        """Number of coded vectors (output features)."""
+        return self.shape[1]
+
+    def code_arrays(self) -> dict:
+        """The arrays of the codes, by name (each mode's own)."""
+        raise NotImplementedError
+
+    def code_tables(self) -> dict:
+        """The mode's small tables that are not codes (e.g. scales), by
+        name; none by default."""
+        return {}
+
+    def arrays(self) -> dict:
+        """Every array the layout holds, by name."""
+        out = dict(self.code_arrays(), **self.code_tables(), orth=self.orth)
+        for name in ("means", "norms", "signs"):
+            arr = getattr(self, name)
+            if arr is not None:
+                out[name] = arr
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all the arrays the layout holds (padding included)."""
+        return int(sum(arr.nbytes for arr in self.arrays().values()))
+
+    @property
+    def code_nbytes(self) -> int:
+        """Bytes of the codes alone (:meth:`code_arrays`)."""
+        return int(sum(arr.nbytes for arr in self.code_arrays().values()))
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``8 * nbytes / (n * a)``: compare with the file's
+        ``bits_per_entry``."""
+        n, a = self.shape
+        return 8.0 * self.nbytes / (n * a)
+
+    @property
+    def center(self) -> bool:
+        """Whether the vectors were centred (their means are stored)."""
+        return self.means is not None
+
+    def row_scales(self) -> np.ndarray:
+        """``alpha |a_i| / sqrt(n_pad)`` per vector (``alpha`` when not
+        normalised), float32, computed on each call (not kept)."""
+        if self.norms is None:
+            return np.full(self.vectors, self.alpha, dtype=np.float32)
+        s = self.alpha * self.norms.astype(np.float64) / np.sqrt(self.n_pad)
+        return s.astype(np.float32)
+
+    # ------------------------------------------------- arguments of kernels
+    def _rows(self, x, name, width):
+        """``x`` as C-contiguous float32 rows of length ``width``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != width:
+            raise ValueError(f"{name} must have shape (M, {width}), got "
+                             f"{x.shape}")
+        return x
+
+    def _side(self, bias):
+        """``(norms, means, bias)`` as the kernels take them (empty float32
+        arrays for what is absent)."""
+        if bias is not None and np.shape(bias) != (self.vectors,):
+            raise ValueError(f"bias must have shape ({self.vectors},), got "
+                             f"{np.shape(bias)}")
+        empty = np.zeros(0, dtype=np.float32)
+        norms = self.norms if self.norms is not None else empty
+        means = self.means if self.means is not None else empty
+        b = (np.ascontiguousarray(bias, dtype=np.float32) if bias is not None
+             else empty)
+        return norms, means, b
+
+    def _signs(self):
+        """The rotation's signs (an empty int8 array without rotation)."""
+        return self.signs if self.signs is not None else np.zeros(0, np.int8)
+
+    def _xsum(self, x_rot, xsum):
+        """``xsum`` as a float32 vector, one entry per row of ``x_rot``."""
+        xsum = np.ascontiguousarray(xsum, dtype=np.float32)
+        if xsum.shape != (x_rot.shape[0],):
+            raise ValueError(f"xsum must have shape ({x_rot.shape[0]},), got "
+                             f"{xsum.shape}")
+        return xsum
+
+    def rotate(self, x):
+        """``(x_rot, xsum)`` for float32 rows ``x`` (M, n): the centred (when
+        the matrix is), zero-padded, rotated rows (M, n_pad) and the row sums
+        of ``x``, in float32."""
+        from nqlib.kernels.cpu import fused
+
+        x = self._rows(x, "x", self.shape[0])
+        M = x.shape[0]
+        x_rot = np.empty((M, self.n_pad), dtype=np.float32)
+        xsum = np.empty(M, dtype=np.float32)
+        fused.rotate_rows(x, self._signs(), self.orth, self.power_of_two,
+                          self.center, x_rot, xsum)
+        return x_rot, xsum
+
+    # --------------------------------------------------------- the file back
+    def to_quantized(self):
+        """The :class:`~nqlib.QuantizedMatrix` this layout was built from."""
+        raise NotImplementedError
+
+    def header_fields(self) -> dict:
+        """The container's fields other than the payload, as
+        :class:`~nqlib.QuantizedMatrix` takes them (copies of the arrays)."""
+        return dict(shape=tuple(self.shape), rate=self.rate, flags=self.flags,
+                    seed=self.seed, alpha=self.alpha,
+                    means=None if self.means is None else self.means.copy(),
+                    norms=None if self.norms is None else self.norms.copy(),
+                    version=self.version)
+
+    def to_bytes(self) -> bytes:
+        """The file's bytes (``to_quantized().to_bytes()``)."""
+        return self.to_quantized().to_bytes()
+
+
+def side_fields(qm) -> dict:
+    """The :class:`RotatedLayout` fields of a QuantizedMatrix ``qm``: its
+    shape, padded length, float32 means and norms, header fields and
+    rotation (signs as int8, odd factor as float32)."""
+    P = qm.rotation()
+    if P is not None:
+        signs = P.signs.astype(np.int8)
+        orth = P.orthogonal.astype(np.float32)
+        p2 = P.power_of_two
+    else:
+        signs, orth, p2 = None, np.ones((1, 1), dtype=np.float32), 1
+    return dict(
+        shape=tuple(qm.shape), n_pad=int(qm.n_pad),
+        means=None if qm.means is None else np.array(qm.means, dtype=np.float32),
+        norms=None if qm.norms is None else np.array(qm.norms, dtype=np.float32),
+        alpha=float(qm.alpha), flags=int(qm.flags), seed=int(qm.seed),
+        rate=float(qm.rate), version=int(qm.version), signs=signs, orth=orth,
+        power_of_two=int(p2))
+
+
+def check_matrix(qm, mode: str, what: str) -> str | None:
+    """None when ``qm`` is a nested-lattice QuantizedMatrix in ``mode``, else
+    why not (``what`` names the layout in the message)."""
+    from nqlib.quantizers.matrix import QuantizedMatrix
+
+    if not isinstance(qm, QuantizedMatrix):
+        return f"expected a QuantizedMatrix, got {type(qm).__name__}"
+    if qm.method != "nested" or qm.mode != mode:
+        return (f"the {what} needs a nested-lattice matrix in {mode} mode, "
+                f"got method={qm.method!r}, mode={qm.mode!r}")
+    return None
+
+
+def threads() -> int:
+    """numba's current number of threads (what the kernels split over)."""
+    import numba
+
+    return numba.get_num_threads()
