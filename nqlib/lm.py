@@ -25,6 +25,7 @@ Book: chapter "Quantizing a language model", label ``ch-lm``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -91,12 +92,46 @@ def load_smollm2(dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_NAME,
-                                                 dtype=dtype)
+    with _one_gguf_reader():
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_NAME)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_NAME,
+                                                     dtype=dtype)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _one_gguf_reader():
+    """While active, ``gguf.GGUFReader(path)`` parses each file once.
+
+    ``transformers`` opens the GGUF file three times to load a model and its
+    tokenizer (tokenizer, config, weights), and each ``GGUFReader`` parses
+    every metadata field in Python -- several seconds for the 49152-token
+    vocabulary. The reader is read-only (a read-only memory map), so the
+    first one is handed out again; the original class is restored on exit.
+    """
+    import gguf
+
+    original = getattr(gguf, "GGUFReader", None)
+    if original is None:  # pragma: no cover - another gguf layout
+        yield
+        return
+    readers = {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if mode != "r":
+            return original(path, mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 # ------------------------------------------------------------- the text

@@ -11,7 +11,9 @@
 * ``relative_output_errors`` is ``tr(D H D^T) / tr(W H W^T)``, with the
   denominators given or not; ``computed_weight`` (the forward pass on the
   unit vectors) is the decoded weight;
-* ``quantize_cached`` gives the same model from the cache as from quantizing.
+* ``quantize_cached`` gives the same model from the cache as from quantizing;
+* while ``load_smollm2`` loads, a GGUF file is parsed once (one reader per
+  file, the original class restored afterwards).
 
 No language model is loaded here (the chapter loads SmolLM2).
 """
@@ -276,3 +278,29 @@ def test_quantize_cached_hits_give_the_same_model(tmp_path):
     e = make()
     quantize_(e, cfg)
     assert lm.model_report(e).bytes_after == rep.bytes_after
+
+
+# ------------------------------------------------------------ GGUF reader
+def test_one_gguf_reader_parses_each_file_once(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    paths = []
+    for k in range(2):
+        path = tmp_path / f"m{k}.gguf"
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_uint32("nqlib.test", 7 + k)
+        w.add_tensor("t", np.arange(4, dtype=np.float32) + k)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        paths.append(path)
+    original = gguf.GGUFReader
+    with lm._one_gguf_reader():
+        first = gguf.GGUFReader(paths[0])
+        assert gguf.GGUFReader(str(paths[0])) is first  # same file, once
+        other = gguf.GGUFReader(paths[1])
+        assert other is not first
+        assert int(other.fields["nqlib.test"].contents()) == 8
+        np.testing.assert_array_equal(first.tensors[0].data, np.arange(4))
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(paths[0]) is not first

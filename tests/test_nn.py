@@ -313,6 +313,35 @@ def test_calibration_hessians_are_input_second_moments():
         calibration_hessians(model, [])
 
 
+def test_calibration_hessians_of_layers_sharing_an_input():
+    """Layers fed the same tensor share one product; a tensor changed in
+    place in between is measured again."""
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(IN, 4) for _ in range(3))
+
+        def forward(self, x):
+            x = x.clone()
+            out = self.q(x) + self.k(x)
+            x.mul_(2.0)  # same tensor object, new values
+            return out + self.v(x)
+
+    batches = [inputs(rows=12, seed=s) for s in range(2)]
+    H = calibration_hessians(Shared(), batches)
+    X = torch.cat(batches).double()
+    expected = (X.T @ X / len(X)).numpy()
+    np.testing.assert_allclose(H["q"], expected, rtol=1e-12)
+    np.testing.assert_array_equal(H["k"], H["q"])
+    np.testing.assert_allclose(H["v"], 4 * expected, rtol=1e-12)
+    # inference tensors keep no version counter: measured layer by layer
+    with torch.inference_mode():
+        Hi = calibration_hessians(Shared(), batches)
+    for name in ("q", "k", "v"):
+        np.testing.assert_allclose(Hi[name], H[name], rtol=1e-12)
+
+
 # -------------------------------------------------------------------- LDLQ
 def output_error(X, W, Q):
     """Relative output error ||X W^T - X W_hat^T||_F / ||X W^T||_F."""
@@ -368,6 +397,48 @@ def test_ldlq_file_is_a_standard_fixed_mode_file(shape):
     QB = nqlib.quantize(B, 4.5, seed=1)
     np.testing.assert_allclose(nqlib.inner_products(Q, QB),
                                Q.dequantize().T @ QB.dequantize(), atol=1e-9)
+
+
+def test_ldlq_lazy_feedback_chooses_the_words_of_the_per_block_update(
+        monkeypatch):
+    """The error feedback applied once per group of blocks picks the same
+    words as the update after every block (the same sums, in another
+    order), here over several groups and both parts of the plan."""
+    import nqlib.quantizers.ldlq as ldlq_module
+
+    n, a = 520, 48  # n_pad 528: 66 blocks, several lazy groups
+    rng = np.random.default_rng(11)
+    A = rng.standard_normal((n, a))
+    X = correlated_inputs(1500, n, seed=12)
+    H = X.T @ X / len(X)
+    lazy = [quantize_ldlq(A, r, H, seed=3).to_bytes() for r in (2.3, 3.0)]
+    assert ldlq_module.LAZY_BLOCKS < 66 // 2
+    monkeypatch.setattr(ldlq_module, "LAZY_BLOCKS", 1)
+    assert lazy == [quantize_ldlq(A, r, H, seed=3).to_bytes() for r in (2.3, 3.0)]
+
+
+def test_plan_without_words_is_the_plain_quantizers_header():
+    """LDLQ starts from quantize_columns(code_words=False): the plain
+    quantizer's side information and plan, no word coded."""
+    from nqlib.quantizers.matrix import quantize_columns
+
+    A = np.random.default_rng(9).standard_normal((200, 30))
+    for rate, dither in ((3.0, False), (4.5, True), (1.0, False)):
+        full = nqlib.quantize(A, rate, mode="fixed", seed=2, dither=dither)
+        plan = quantize_columns(A, rate, mode="fixed", seed=2, dither=dither,
+                                code_words=False)
+        assert plan.alpha == 1.0 and plan.nbytes == full.nbytes
+        assert (plan.flags, plan.dither_key) == (full.flags, full.dither_key)
+        np.testing.assert_array_equal(plan.means, full.means)
+        np.testing.assert_array_equal(plan.norms, full.norms)
+        assert plan.payload.h == full.payload.h
+        for name in ("hi", "lo"):
+            p, f = getattr(plan.payload, name), getattr(full.payload, name)
+            assert (p.L, p.q) == (f.L, f.q)
+            np.testing.assert_array_equal(p.betas, f.betas)
+            assert p.packed.shape == f.packed.shape and not p.packed.any()
+    with pytest.raises(ValueError, match="code_words=False"):
+        quantize_columns(A, 3.0, mode="variable", code_words=False)
 
 
 def test_ldlq_errors():

@@ -278,6 +278,36 @@ def test_save_load_round_trip_into_float_and_meta_skeletons(tmp_path, head):
     assert torch.equal(skeleton.gain, model.gain)  # non-persistent buffer
 
 
+def test_save_rebuilds_each_layout_once_and_load_never(tmp_path, monkeypatch):
+    """A layer held as a CPU layout rebuilds its QuantizedMatrix on request
+    (a full decode of the layout): save_quantized asks once per layer,
+    load_quantized not at all."""
+    from nqlib.quantizers import cpu_layout
+
+    model = TinyLM()
+    quantize_(model, QuantConfig(weight_rate=3.0, seed=2))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.cpu_layout is not None for m in layers)
+    out = logits(model)
+    calls = []
+    original = cpu_layout.CpuLayout.to_quantized
+
+    def counting(self):
+        calls.append(self)
+        return original(self)
+
+    monkeypatch.setattr(cpu_layout.CpuLayout, "to_quantized", counting)
+    save_quantized(model, tmp_path)
+    assert len(calls) == len(layers)
+    assert {id(c) for c in calls} == {id(m.cpu_layout) for m in layers}
+    calls.clear()
+    with torch.device("meta"):
+        skeleton = TinyLM()
+    load_quantized(skeleton, tmp_path)
+    assert calls == []
+    assert torch.equal(logits(skeleton), out)
+
+
 CHILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])

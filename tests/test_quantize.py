@@ -420,8 +420,10 @@ def test_private_quantize_has_the_public_defaults():
 
     pub = inspect.signature(nqlib.quantize).parameters
     priv = inspect.signature(matrix.quantize_columns).parameters
+    extra = {"keep_decoded": False, "code_words": True}   # its own options
     assert {k: v.default for k, v in pub.items()} == {
-        k: v.default for k, v in priv.items() if k != "keep_decoded"}
+        k: v.default for k, v in priv.items() if k not in extra}
+    assert {k: priv[k].default for k in extra} == extra
 
 
 @pytest.mark.parametrize("method,mode", CODED, ids=ids(CODED))

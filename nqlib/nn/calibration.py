@@ -24,7 +24,9 @@ def calibration_hessians(model: torch.nn.Module, calibration,
 
     Forward pre-hooks on the layers accumulate ``sum x x^T`` (float64) over
     every input row (token) while ``calibration`` runs the model without
-    gradients; they are removed afterwards.
+    gradients; they are removed afterwards. Layers called one after the
+    other on the same input tensor (query, key and value projections) share
+    one product.
 
     Parameters
     ----------
@@ -56,14 +58,24 @@ def calibration_hessians(model: torch.nn.Module, calibration,
             raise ValueError(f"{name!r} is not an nn.Linear of the model")
     sums = {name: None for name in names}
     rows = dict.fromkeys(names, 0)
+    # layers fed the same tensor (an attention block's query, key and value;
+    # a gated feed-forward's gate and up projections) share one x^T x: the
+    # last input and its product are kept until a different tensor arrives
+    last = {"input": None, "version": None, "xtx": None, "rows": 0}
 
     def hook_for(name):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, module.in_features).to(
-                "cpu", torch.float64)
-            xtx = x.T @ x
+            inp = args[0]
+            version = _version(inp)
+            if (version is None or last["input"] is not inp
+                    or last["version"] != version):
+                x = inp.detach().reshape(-1, module.in_features).to(
+                    "cpu", torch.float64)
+                last.update(input=inp, version=version, xtx=x.T @ x,
+                            rows=x.shape[0])
+            xtx = last["xtx"]
             sums[name] = xtx if sums[name] is None else sums[name] + xtx
-            rows[name] += x.shape[0]
+            rows[name] += last["rows"]
         return hook
 
     handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
@@ -77,8 +89,18 @@ def calibration_hessians(model: torch.nn.Module, calibration,
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
     missing = [n for n in names if rows[n] == 0]
     if missing:
         raise ValueError(f"the calibration never ran layer(s) {missing[:3]}"
                          f"{' ...' if len(missing) > 3 else ''}")
     return {n: (sums[n] / rows[n]).numpy() for n in names}
+
+
+def _version(tensor):
+    """The tensor's in-place version counter, or None where torch keeps none
+    (inference tensors): such an input is never shared."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None

@@ -50,9 +50,9 @@ def _quantized_layers(model):
             if isinstance(m, QuantLinear)}
 
 
-def _layer_entry(ql) -> dict:
+def _layer_entry(ql, q) -> dict:
+    """The JSON entry of layer ``ql`` whose QuantizedMatrix is ``q``."""
     cfg = getattr(ql, "quant_config", None)
-    q = ql.quantized_weight
     return dict(in_features=ql.in_features, out_features=ql.out_features,
                 bias=ql.bias is not None, act_rate=ql.act_rate,
                 act_mode=ql.act_mode,
@@ -112,10 +112,15 @@ def save_quantized(model: torch.nn.Module, directory) -> dict:
                          "nqlib.nn.quantize_ first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, quantized_bytes = {}, 0
+    tensors, quantized_bytes, entries = {}, 0, {}
+    # each layer's QuantizedMatrix is rebuilt once (a layer held as a CPU
+    # layout rebuilds it on request) and held until the state dict below has
+    # been walked, whose qweight entries then serialise it without a rebuild
+    held = {fqn: ql.quantized_weight for fqn, ql in layers.items()}
     for fqn, ql in layers.items():
-        data = np.frombuffer(ql.quantized_weight.to_bytes(), dtype=np.uint8)
+        data = np.frombuffer(held[fqn].to_bytes(), dtype=np.uint8)
         tensors[f"{fqn}.qweight"] = torch.from_numpy(data.copy())
+        entries[fqn] = _layer_entry(ql, held[fqn])
         quantized_bytes += data.size
         if ql.bias is not None:
             tensors[f"{fqn}.bias"] = ql.bias.detach().cpu().contiguous()
@@ -125,7 +130,9 @@ def save_quantized(model: torch.nn.Module, directory) -> dict:
                       padding_idx=m.padding_idx)
             for fqn, m in model.named_modules() if isinstance(m, QuantEmbedding)}
     aliases, seen, other_bytes = {}, {}, 0
-    for key, t in model.state_dict(keep_vars=True).items():
+    state = model.state_dict(keep_vars=True)
+    del held
+    for key, t in state.items():
         if key.startswith(prefixes):
             continue
         ident = (t.data_ptr(), tuple(t.shape), t.dtype, t.device)
@@ -135,12 +142,12 @@ def save_quantized(model: torch.nn.Module, directory) -> dict:
         seen[ident] = key
         tensors[key] = t.detach().cpu().contiguous()
         other_bytes += t.numel() * t.element_size()
-    persistent = set(model.state_dict())
+    persistent = set(state)
     buffers = {name: b.detach().cpu().contiguous()
                for name, b in model.named_buffers()
                if name not in persistent and not name.startswith(prefixes)}
     meta = dict(format=FORMAT, version=FORMAT_VERSION,
-                layers={fqn: _layer_entry(ql) for fqn, ql in layers.items()},
+                layers=entries,
                 tied_embeddings=ties, aliases=aliases,
                 buffers=sorted(buffers))
     save_file(tensors, str(directory / WEIGHTS_NAME),
@@ -311,6 +318,13 @@ def load_quantized(model: torch.nn.Module, directory) -> torch.nn.Module:
     meta = read_meta(directory)
     tensors = load_file(str(directory / WEIGHTS_NAME))
     modules = dict(model.named_modules())
+    # the tensors the model takes from the file: listed before the quantized
+    # layers and tied embeddings are swapped in (their own entries are not
+    # among them, and a QuantLinear held as a CPU layout would rebuild its
+    # bytes just to list its qweight)
+    prefixes = tuple(f"{fqn}." for fqn in meta["layers"])
+    skip = prefixes + tuple(f"{fqn}." for fqn in meta["tied_embeddings"])
+    expected = {k for k in model.state_dict() if not k.startswith(skip)}
     for fqn, entry in meta["layers"].items():
         old = modules.get(fqn)
         if not isinstance(old, (torch.nn.Linear, QuantLinear)):
@@ -327,9 +341,7 @@ def load_quantized(model: torch.nn.Module, directory) -> torch.nn.Module:
         if not isinstance(emb, (torch.nn.Embedding, QuantEmbedding)):
             raise ValueError(f"the model has no embedding {fqn!r} to tie")
         set_module(model, fqn, tied_embedding(model, fqn, tie, meta))
-    prefixes = tuple(f"{fqn}." for fqn in meta["layers"])
     rest = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
-    expected = {k for k in model.state_dict() if not k.startswith(prefixes)}
     aliases = meta["aliases"]
     missing = sorted(expected - set(rest) - set(aliases))
     unexpected = sorted(set(rest) - expected)

@@ -266,11 +266,14 @@ class QuantLinear(torch.nn.Module):
     def qweight(self) -> torch.Tensor:
         """The bytes of the weight's QuantizedMatrix (uint8), the state
         dict's ``qweight`` entry; rebuilt from the layout on each access when
-        the layer holds one."""
+        the layer holds one (serialised from the rebuilt matrix that
+        :attr:`quantized_weight` gave while a caller still holds it: the same
+        bytes, without decoding the layout again)."""
         if self._qbytes is not None:
             return self._qbytes
-        return torch.from_numpy(np.frombuffer(self._layout.to_bytes(),
-                                              dtype=np.uint8).copy())
+        held = self._qw_ref() if self._qw_ref is not None else None
+        data = (held if held is not None else self._layout).to_bytes()
+        return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
 
     @property
     def cpu_layout(self):

@@ -21,6 +21,7 @@ Book: chapter "The practical quantizer", label ``ch-practical``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Callable
@@ -116,10 +117,20 @@ def dither_key(A: np.ndarray) -> int:
 
 def unit_mean_direction(P: RandomHadamard | None, n: int, n_pad: int) -> np.ndarray:
     """The unit all-ones direction of length ``n``, zero-padded to ``n_pad``,
-    in the coded domain (rotated by ``P`` when there is one)."""
+    in the coded domain (rotated by ``P`` when there is one); read-only,
+    cached per rotation (every quantized activation needs it)."""
+    key = None if P is None else (P.n, P.seed, P.version)
+    return _unit_mean_direction(key, int(n), int(n_pad))
+
+
+@functools.lru_cache(maxsize=32)
+def _unit_mean_direction(rotation, n: int, n_pad: int) -> np.ndarray:
     e = np.zeros(n_pad)
     e[:n] = 1.0 / np.sqrt(n)
-    return P.apply(e) if P is not None else e
+    if rotation is not None:
+        e = RandomHadamard(rotation[0], rotation[1], version=rotation[2]).apply(e)
+    e.setflags(write=False)
+    return e
 
 
 def scaled_padded_rotated(Xc: np.ndarray, n_pad: int, norms, P) -> np.ndarray:

@@ -46,12 +46,12 @@ def encode_part(blocks, z, L, backend, packed=None, dec=None) -> FixedPart:
         codes, index, _ = encode_multiscale(blocks, code.q, b64, z)
         if dec is not None:
             kern.decode_multiscale_rows(codes, index, code.q, b64, z, dec)
-    else:
-        codes = np.empty((nb, 8), dtype=np.int64)
-        index = np.empty(nb, dtype=np.int64)
-        se = np.empty(nb)
-        kern.encode_multiscale_rows(blocks, code.q, b64, z, codes, index, se,
-                                    np.empty((0, 8)) if dec is None else dec)
+    else:  # encode, words and packing in one compiled call
+        if packed is None:
+            packed = np.zeros(-(-nb * L // 8), dtype=np.uint8)
+        kern.encode_pack_rows(blocks, code.q, b64, z, L, packed,
+                              np.empty((0, 8)) if dec is None else dec)
+        return FixedPart(L=L, q=code.q, betas=betas, packed=packed)
     words = np.empty(nb, dtype=np.uint64)
     kern.mixed_radix_words(codes, index, code.q, words)
     if packed is None:

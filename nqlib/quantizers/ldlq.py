@@ -45,7 +45,10 @@ block diagonal: the loss is ``sum_b eta_b D_b eta_b^T`` with
 later blocks), so ``D_b <= H'_bb``. If the lattice errors are white with
 variance ``m`` per entry, the expected loss falls from ``m tr H'`` (plain
 rounding) to ``m sum_b tr D_b``. In code: after coding block ``c``, add
-``eta_c R_cc^{-1} R_{c,>c}`` to the not yet coded coordinates of every row.
+``eta_c R_cc^{-1} R_{c,>c}`` to the not yet coded coordinates of every row
+(lazily: at once to the rest of a group of :data:`LAZY_BLOCKS` blocks, and to
+the coordinates after the group once the whole group is coded -- the same
+sums, in another order).
 ``H'`` is damped, ``H' + lambda I`` with ``lambda`` a fraction ``damp`` of
 its mean diagonal, so that the factorisation exists for rank-deficient
 calibration statistics (and the padding and mean directions, which ``Pi``
@@ -73,7 +76,7 @@ from nqlib.quantizers.coded_domain import (
     unit_mean_direction,
 )
 from nqlib.quantizers.format import TRELLIS_PAYLOAD_BYTES
-from nqlib.quantizers.matrix import QuantizedMatrix, quantize
+from nqlib.quantizers.matrix import QuantizedMatrix, quantize, quantize_columns
 from nqlib.quantizers.payloads import FixedPart, FixedPayload, TrellisPayload
 from nqlib.quantizers.rate_control import code_budget_bits
 
@@ -82,6 +85,9 @@ __all__ = ["quantize_ldlq", "quantize_ldlq_trellis", "check_hessian_inputs",
 
 #: damping of H' as a fraction of its mean diagonal (the GPTQ default)
 DEFAULT_DAMP = 0.01
+#: 8-blocks per group of the lazy error feedback of :func:`quantize_ldlq`
+#: (the coordinates after a group are updated once per group)
+LAZY_BLOCKS = 16
 
 
 def check_hessian_inputs(A, H, damp):
@@ -164,32 +170,32 @@ def _feedback(Hc, damp, cuts=None) -> np.ndarray:
     return np.matmul(np.linalg.inv(diag), R.reshape(B, 8, N)).reshape(N, N)
 
 
-def _block_coders(backend):
-    """(encode, decode) of rows of 8 with the multi-scale E8 code."""
+def _block_coder(backend):
+    """``enc(x, q, betas, z) -> (codes, index, decoded)``: rows of 8 coded
+    with the multi-scale E8 code, and their reconstructions (the decoder's
+    bits), in one call."""
     if backend == "numpy":
         from nqlib.reference.nested import decode_multiscale, encode_multiscale
 
         def enc(x, q, betas, z):
             codes, index, _ = encode_multiscale(x, q, betas, z)
-            return codes, index
+            return codes, index, decode_multiscale(codes, index, q, betas, z)
 
-        return enc, decode_multiscale
+        return enc
     from nqlib.kernels.cpu import nested as kern
 
     def enc(x, q, betas, z):
         m = x.shape[0]
         codes = np.empty((m, 8), dtype=np.int64)
         index = np.empty(m, dtype=np.int64)
+        out = np.empty((m, 8))
+        # the encoder writes the reconstructions too: the same bits as
+        # decode_multiscale_rows
         kern.encode_multiscale_rows(x, q, betas, z, codes, index, np.empty(m),
-                                    np.empty((0, 8)))
-        return codes, index
+                                    out)
+        return codes, index, out
 
-    def dec(codes, index, q, betas, z):
-        out = np.empty((codes.shape[0], 8))
-        kern.decode_multiscale_rows(codes, index, q, betas, z, out)
-        return out
-
-    return enc, dec
+    return enc
 
 
 def _pack_part(codes, index, part: FixedPart) -> FixedPart:
@@ -260,11 +266,14 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
     n, a = A.shape
     backend = _backend.resolve(backend, tensor_input=False)
     # The plain fixed-mode quantizer fixes the side information and the plan
-    # (which word length codes which blocks); only the words are redone.
-    template = quantize(A, rate, seed=seed, mode="fixed", method="nested",
-                        estimator=estimator, dither=dither, center=center,
-                        normalize=normalize, rotate=rotate, sketch=sketch,
-                        backend=backend)
+    # (which word length codes which blocks); only the words are chosen here,
+    # so it stops before coding any.
+    template = quantize_columns(A, rate, seed=seed, mode="fixed",
+                                method="nested", estimator=estimator,
+                                dither=dither, center=center,
+                                normalize=normalize, rotate=rotate,
+                                sketch=sketch, backend=backend,
+                                code_words=False)
     Y = _coded_domain(A, template)
     Hc = _coded_hessian(0.5 * (H + H.T), template)
     V = _feedback(Hc, float(damp))
@@ -276,22 +285,33 @@ def quantize_ldlq(A, rate, H, *, seed=0, damp=DEFAULT_DAMP, estimator="mmse",
     if template.dither:
         zb = coded_domain.dither(seed, n_pad, a, a * B, template.dither_key,
                      template.version).reshape(a, B, 8)
-    enc, dec = _block_coders(backend)
+    enc = _block_coder(backend)
     codes = np.zeros((a, B, 8), dtype=np.int64)
     index = np.zeros((a, B), dtype=np.int64)
     U = Y.copy()
     C = np.zeros_like(Y)  # decoded blocks (before projection and shrinkage)
-    for b in range(B):
-        part = p.hi if b < h else p.lo
-        cols = slice(8 * b, 8 * b + 8)
-        u = np.ascontiguousarray(U[:, cols])
-        if part.L:
-            betas = part.betas.astype(np.float64)
-            z = np.ascontiguousarray(zb[:, b]) if zb is not None else np.zeros((1, 8))
-            codes[:, b], index[:, b] = enc(u, part.q, betas, z)
-            C[:, cols] = dec(codes[:, b], index[:, b], part.q, betas, z)
-        if b + 1 < B:  # u_{>b} += eta_b R_bb^{-1} R_{b,>b}
-            U[:, 8 * b + 8:] += (C[:, cols] - u) @ V[cols, 8 * b + 8:]
+    E = np.empty_like(Y)  # their errors eta_b = C_b - u_b
+    # u_{>b} += eta_b R_bb^{-1} R_{b,>b}, applied lazily: within a group of
+    # LAZY_BLOCKS blocks at once, to the coordinates after the group once per
+    # group (one matrix product instead of one rank-8 update per block; the
+    # same sums, in another order)
+    for g0 in range(0, B, LAZY_BLOCKS):
+        g1 = min(B, g0 + LAZY_BLOCKS)
+        end = 8 * g1
+        for b in range(g0, g1):
+            part = p.hi if b < h else p.lo
+            cols = slice(8 * b, 8 * b + 8)
+            u = np.ascontiguousarray(U[:, cols])
+            if part.L:
+                betas = part.betas.astype(np.float64)
+                z = (np.ascontiguousarray(zb[:, b]) if zb is not None
+                     else np.zeros((1, 8)))
+                codes[:, b], index[:, b], C[:, cols] = enc(u, part.q, betas, z)
+            E[:, cols] = C[:, cols] - u
+            if 8 * b + 8 < end:
+                U[:, 8 * b + 8:end] += E[:, cols] @ V[cols, 8 * b + 8:end]
+        if end < n_pad:
+            U[:, end:] += E[:, 8 * g0:end] @ V[8 * g0:end, end:]
     parts = {}
     for name, part, sl in p.part_ranges(B):
         if part.L == 0 or sl.stop == sl.start:

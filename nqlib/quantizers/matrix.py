@@ -465,8 +465,8 @@ def quantize(A, rate, *, seed=0, mode=None, method="nested", estimator=None,
 def quantize_columns(A, rate, *, seed=0, mode=None, method="nested",
                      estimator=None, dither=False, center=None, normalize=None,
                      rotate=None, sketch=None, group_size=None, backend="auto",
-                     keep_decoded=False) -> QuantizedMatrix:
-    """:func:`quantize`, with one more option.
+                     keep_decoded=False, code_words=True) -> QuantizedMatrix:
+    """:func:`quantize`, with two more options.
 
     Parameters
     ----------
@@ -478,6 +478,14 @@ rotate, sketch, group_size, backend
         :meth:`QuantizedMatrix.coded_rows` cache (for activations quantized
         on the fly and multiplied at once). The bytes are those of
         :func:`quantize`.
+    code_words : bool
+        False (nested method, fixed mode only): stop before coding any word
+        and return the header, the side information (means, norms) and the
+        payload plan (which word length codes which blocks) with every word
+        zero and ``alpha = 1`` -- everything :func:`quantize` would store
+        except the words and the shrinkage, for
+        :func:`nqlib.quantizers.ldlq.quantize_ldlq`, which chooses the
+        words itself.
 
     Returns
     -------
@@ -490,6 +498,10 @@ rotate, sketch, group_size, backend
     mode, estimator, dither, center, normalize, rotate, sketch, group_size = (
         opts[k] for k in ("mode", "estimator", "dither", "center", "normalize",
                           "rotate", "sketch", "group_size"))
+    if not code_words and (method, mode) != ("nested", "fixed"):
+        raise ValueError("code_words=False applies to method='nested', "
+                         f"mode='fixed' only, got method={method!r}, "
+                         f"mode={mode!r}")
     rate = check_rate(rate, method)
     seed = _checks.check_int(seed, "seed", minimum=0)
     if seed >= 2**64:
@@ -538,6 +550,8 @@ rotate, sketch, group_size, backend
     else:
         enc = baselines.encode_ecsq(qm, Xp)
     qm.payload = enc.payload
+    if not code_words:  # the plan only (fixed mode codes lazily: nothing coded)
+        return qm
     # MMSE shrinkage: alpha = <y, y_hat> / <y_hat, y_hat> after the
     # projections, computed by the encoder (which sees y) and stored.
     if estimator == "mmse":

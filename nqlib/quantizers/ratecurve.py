@@ -108,6 +108,15 @@ def fixed_points() -> tuple:
     return tuple(pts)
 
 
+@functools.cache
+def _fixed_envelope_lengths(sketch: bool) -> tuple:
+    """Word lengths of the vertices of the lower envelope of
+    :func:`fixed_points` (without the zero-rate point unless ``sketch``);
+    cached: :func:`fixed_plan` runs on every activation quantized."""
+    pts = [p for p in fixed_points() if sketch or p[0] > 0]
+    return tuple(int(round(r)) for r, _ in lower_envelope(pts))
+
+
 def fixed_plan(bits_per_block: float, *, sketch: bool = True):
     """Time-sharing plan for a fixed-mode budget of ``bits_per_block``.
 
@@ -115,9 +124,7 @@ def fixed_plan(bits_per_block: float, *, sketch: bool = True):
     the ``L_hi``-bit code and the rest the ``L_lo``-bit code (``L_lo = 0``:
     those blocks are dropped). ``L_lo <= bits_per_block <= L_hi``.
     """
-    pts = [p for p in fixed_points() if sketch or p[0] > 0]
-    hull = lower_envelope(pts)
-    Ls = [int(round(r)) for r, _ in hull]
+    Ls = _fixed_envelope_lengths(bool(sketch))
     if bits_per_block >= Ls[-1]:
         return Ls[-1], Ls[-1], 1.0
     if bits_per_block < Ls[0]:

@@ -7,7 +7,7 @@ Arrays in, arrays out. Arithmetic follows :mod:`nqlib.kernels.cpu.lattice`.
 import numpy as np
 from numba import njit, prange
 
-from nqlib.kernels.cpu.guard import guard_module
+from nqlib.kernels.cpu.guard import guard_module, guarded, threadsafe
 from nqlib.kernels.cpu.lattice import (
     CHUNK,
     decode_e8_into,
@@ -90,22 +90,77 @@ def e8_points_rows(x, inv_beta, z, out2):
                 out2[i, j] = np.int32(2.0 * t[j])
 
 
-@njit(cache=True, parallel=True)
-def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr, dec):
-    """Voronoi-encode rows of ``x`` (m, 8) with the E8 code at the scales
-    ``betas`` and keep, per row, the scale with the smallest granular error
-    ``||beta (Q(x / beta + z) - z) - x||^2`` among those without overload
-    (lowest index among equals); when every scale overloads, the scale whose
-    actual decoded output is nearest.
+@njit(cache=True)
+def _encode_block(x, i, q, betas, z, iz, want_dec, codes, index, sqerr, dec,
+                  v, T, g, done, t, w, tmp, u, y, r, crow, kk, uk):
+    """Row ``i`` of :func:`encode_multiscale_rows`, one block at a time (the
+    scalar path; the arguments after ``dec`` are scratch). Compiled once,
+    not inlined: the kernels that call it compile in a fraction of the time
+    (it holds the whole E8 decoder several times over)."""
+    k = betas.shape[0]
+    for s in range(k):
+        beta = betas[s]
+        for j in range(8):
+            v[j] = x[i, j] / beta + z[iz, j]
+        Ts = T[s]                  # the fine point, written in place
+        e8_into(v, Ts, tmp)
+        e = 0.0
+        for j in range(8):
+            d = beta * (Ts[j] - z[iz, j]) - x[i, j]
+            e += d * d
+        g[s] = e
+        done[s] = False
+    found = -1
+    for _ in range(k):
+        s_min = -1
+        for s in range(k):
+            if not done[s] and (s_min < 0 or g[s] < g[s_min]):
+                s_min = s
+        done[s_min] = True
+        if not _wrap_e8_fast(T[s_min], q, crow, kk, uk, w, tmp, u):
+            found = s_min
+            break
+    if found >= 0:
+        # crow already holds the codes of the last wrapped, i.e. the
+        # kept, candidate
+        best_err = g[found]
+        if want_dec:
+            beta = betas[found]
+            for j in range(8):
+                dec[i, j] = beta * (T[found, j] - z[iz, j])
+    else:
+        # every scale overloads: keep the nearest actual output
+        best_err = np.inf
+        for s in range(k):
+            for j in range(8):
+                t[j] = T[s, j]
+            wrap_e8_into(t, q, crow, kk, uk, w, tmp, u)
+            decode_e8_into(crow, q, betas[s], z[iz], r, y, w, tmp)
+            e = 0.0
+            for j in range(8):
+                d = r[j] - x[i, j]
+                e += d * d
+            if e < best_err:
+                best_err = e
+                found = s
+        for j in range(8):
+            t[j] = T[found, j]
+        wrap_e8_into(t, q, crow, kk, uk, w, tmp, u)
+        if want_dec:
+            decode_e8_into(crow, q, betas[found], z[iz], r, y, w, tmp)
+            for j in range(8):
+                dec[i, j] = r[j]
+    index[i] = found
+    sqerr[i] = best_err
+    for j in range(8):
+        codes[i, j] = crow[j]
 
-    The fine points are cheap and the overload test is not, so candidates
-    are tested for overload in order of increasing error and the first one
-    without overload is kept. Writes ``codes`` (m, 8), ``index`` (m,) and
-    ``sqerr`` (m,), the squared error of the kept reconstruction, and, when
-    ``dec`` has m rows (pass shape (0, 8) to skip it), the reconstruction
-    itself: the same bits as :func:`decode_multiscale_rows` (without
-    overload the decoder's ``y - q Q(y / q)`` is exactly the fine point).
-    """
+
+@njit(cache=True, parallel=True)
+def encode_multiscale_rows_scalar(x, q, betas, z, codes, index, sqerr, dec):
+    """:func:`encode_multiscale_rows` one block at a time: the same contract
+    and the same bits (the reference the vectorised kernel is tested
+    against, and its path for the blocks it does not decide)."""
     m = x.shape[0]
     if dec.shape[0] != 0 and dec.shape[0] != m:
         raise ValueError("dec must have 0 or as many rows as x")
@@ -129,62 +184,804 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr, dec):
         uk = np.empty(8, dtype=np.int64)
         for i in range(c * CHUNK, min(m, (c + 1) * CHUNK)):
             iz = i if zm > 1 else 0
-            for s in range(k):
-                beta = betas[s]
+            _encode_block(x, i, q, betas, z, iz, want_dec, codes, index, sqerr,
+                          dec, v, T, g, done, t, w, tmp, u, y, r, crow, kk, uk)
+
+
+# ---------------------------------------------------------------------------
+# The multiscale encoder vectorised over blocks: ``LANES`` blocks at a time,
+# coordinate-major, one SIMD lane per block (:func:`_scale_lanes`). Each step
+# is the arithmetic of the scalar helpers above, operation for operation (the
+# same roundings, the same tie rules, sums in index order), hence the same
+# bits. The full overload test of a candidate on the boundary of q V runs on
+# the lanes too (:func:`_wrap_lanes`); the rare blocks that need more (two
+# boundary candidates, every scale overloading) go through the scalar path.
+# ---------------------------------------------------------------------------
+
+#: blocks per vector step of :func:`encode_multiscale_rows`
+LANES = 32
+#: inputs with ``|x| / min(beta) + |z|`` at most this take the vector path:
+#: its coset parity is a float sum of the rounded coordinates, exact far
+#: below 2^53 (the scalar path sums them as int64)
+LANE_LIMIT = 2.0 ** 40
+
+
+@njit(cache=True, error_model="numpy")
+def _scale_lanes(XZ, beta, nw, OUT):
+    """One scale for lanes ``0 .. nw - 1``: ``XZ`` holds the blocks
+    (coordinate ``j`` of lane ``w`` at ``j LANES + w``) and then their dither
+    (at ``(8 + j) LANES + w``); writes the fine point ``Q(x / beta + z)``
+    (coordinate ``j`` at ``j LANES + w``), the granular error (row 8) and
+    ``max <t, r>`` over the roots (row 9) into ``OUT``. Flat arrays with
+    constant row offsets: LLVM then checks their overlap once. Written out
+    coordinate by coordinate (no inner loop, no branch) so that LLVM runs
+    the loop over the lanes on SIMD registers: the operations of
+    :func:`~nqlib.kernels.cpu.lattice.e8_into` and :func:`_root_max`, in
+    their order."""
+    for w in range(nw):
+        x0 = XZ[w]
+        x1 = XZ[1 * LANES + w]
+        x2 = XZ[2 * LANES + w]
+        x3 = XZ[3 * LANES + w]
+        x4 = XZ[4 * LANES + w]
+        x5 = XZ[5 * LANES + w]
+        x6 = XZ[6 * LANES + w]
+        x7 = XZ[7 * LANES + w]
+        z0 = XZ[8 * LANES + w]
+        z1 = XZ[9 * LANES + w]
+        z2 = XZ[10 * LANES + w]
+        z3 = XZ[11 * LANES + w]
+        z4 = XZ[12 * LANES + w]
+        z5 = XZ[13 * LANES + w]
+        z6 = XZ[14 * LANES + w]
+        z7 = XZ[15 * LANES + w]
+        v0 = x0 / beta + z0
+        v1 = x1 / beta + z1
+        v2 = x2 / beta + z2
+        v3 = x3 / beta + z3
+        v4 = x4 / beta + z4
+        v5 = x5 / beta + z5
+        v6 = x6 / beta + z6
+        v7 = x7 / beta + z7
+        # D8 + 0.0: nearest point, parity fix on the worst coordinate
+        u00 = v0 - 0.0
+        f00 = np.floor(u00 + 0.5)
+        u01 = v1 - 0.0
+        f01 = np.floor(u01 + 0.5)
+        u02 = v2 - 0.0
+        f02 = np.floor(u02 + 0.5)
+        u03 = v3 - 0.0
+        f03 = np.floor(u03 + 0.5)
+        u04 = v4 - 0.0
+        f04 = np.floor(u04 + 0.5)
+        u05 = v5 - 0.0
+        f05 = np.floor(u05 + 0.5)
+        u06 = v6 - 0.0
+        f06 = np.floor(u06 + 0.5)
+        u07 = v7 - 0.0
+        f07 = np.floor(u07 + 0.5)
+        par = f00 + f01 + f02 + f03 + f04 + f05 + f06 + f07
+        we = -1.0
+        wj = 0.0
+        wu = 0.0
+        wf = 0.0
+        e = abs(u00 - f00)
+        b = e > we
+        we = e if b else we
+        wj = 0.0 if b else wj
+        wu = u00 if b else wu
+        wf = f00 if b else wf
+        e = abs(u01 - f01)
+        b = e > we
+        we = e if b else we
+        wj = 1.0 if b else wj
+        wu = u01 if b else wu
+        wf = f01 if b else wf
+        e = abs(u02 - f02)
+        b = e > we
+        we = e if b else we
+        wj = 2.0 if b else wj
+        wu = u02 if b else wu
+        wf = f02 if b else wf
+        e = abs(u03 - f03)
+        b = e > we
+        we = e if b else we
+        wj = 3.0 if b else wj
+        wu = u03 if b else wu
+        wf = f03 if b else wf
+        e = abs(u04 - f04)
+        b = e > we
+        we = e if b else we
+        wj = 4.0 if b else wj
+        wu = u04 if b else wu
+        wf = f04 if b else wf
+        e = abs(u05 - f05)
+        b = e > we
+        we = e if b else we
+        wj = 5.0 if b else wj
+        wu = u05 if b else wu
+        wf = f05 if b else wf
+        e = abs(u06 - f06)
+        b = e > we
+        we = e if b else we
+        wj = 6.0 if b else wj
+        wu = u06 if b else wu
+        wf = f06 if b else wf
+        e = abs(u07 - f07)
+        b = e > we
+        we = e if b else we
+        wj = 7.0 if b else wj
+        wu = u07 if b else wu
+        wf = f07 if b else wf
+        fix = (par - 2.0 * np.floor(par * 0.5)) * (1.0 if wu >= wf else -1.0)
+        d0 = 0.0
+        o00 = (f00 + fix if wj == 0.0 else f00) + 0.0
+        e = v0 - o00
+        d0 += e * e
+        o01 = (f01 + fix if wj == 1.0 else f01) + 0.0
+        e = v1 - o01
+        d0 += e * e
+        o02 = (f02 + fix if wj == 2.0 else f02) + 0.0
+        e = v2 - o02
+        d0 += e * e
+        o03 = (f03 + fix if wj == 3.0 else f03) + 0.0
+        e = v3 - o03
+        d0 += e * e
+        o04 = (f04 + fix if wj == 4.0 else f04) + 0.0
+        e = v4 - o04
+        d0 += e * e
+        o05 = (f05 + fix if wj == 5.0 else f05) + 0.0
+        e = v5 - o05
+        d0 += e * e
+        o06 = (f06 + fix if wj == 6.0 else f06) + 0.0
+        e = v6 - o06
+        d0 += e * e
+        o07 = (f07 + fix if wj == 7.0 else f07) + 0.0
+        e = v7 - o07
+        d0 += e * e
+        # D8 + 0.5: nearest point, parity fix on the worst coordinate
+        u10 = v0 - 0.5
+        f10 = np.floor(u10 + 0.5)
+        u11 = v1 - 0.5
+        f11 = np.floor(u11 + 0.5)
+        u12 = v2 - 0.5
+        f12 = np.floor(u12 + 0.5)
+        u13 = v3 - 0.5
+        f13 = np.floor(u13 + 0.5)
+        u14 = v4 - 0.5
+        f14 = np.floor(u14 + 0.5)
+        u15 = v5 - 0.5
+        f15 = np.floor(u15 + 0.5)
+        u16 = v6 - 0.5
+        f16 = np.floor(u16 + 0.5)
+        u17 = v7 - 0.5
+        f17 = np.floor(u17 + 0.5)
+        par = f10 + f11 + f12 + f13 + f14 + f15 + f16 + f17
+        we = -1.0
+        wj = 0.0
+        wu = 0.0
+        wf = 0.0
+        e = abs(u10 - f10)
+        b = e > we
+        we = e if b else we
+        wj = 0.0 if b else wj
+        wu = u10 if b else wu
+        wf = f10 if b else wf
+        e = abs(u11 - f11)
+        b = e > we
+        we = e if b else we
+        wj = 1.0 if b else wj
+        wu = u11 if b else wu
+        wf = f11 if b else wf
+        e = abs(u12 - f12)
+        b = e > we
+        we = e if b else we
+        wj = 2.0 if b else wj
+        wu = u12 if b else wu
+        wf = f12 if b else wf
+        e = abs(u13 - f13)
+        b = e > we
+        we = e if b else we
+        wj = 3.0 if b else wj
+        wu = u13 if b else wu
+        wf = f13 if b else wf
+        e = abs(u14 - f14)
+        b = e > we
+        we = e if b else we
+        wj = 4.0 if b else wj
+        wu = u14 if b else wu
+        wf = f14 if b else wf
+        e = abs(u15 - f15)
+        b = e > we
+        we = e if b else we
+        wj = 5.0 if b else wj
+        wu = u15 if b else wu
+        wf = f15 if b else wf
+        e = abs(u16 - f16)
+        b = e > we
+        we = e if b else we
+        wj = 6.0 if b else wj
+        wu = u16 if b else wu
+        wf = f16 if b else wf
+        e = abs(u17 - f17)
+        b = e > we
+        we = e if b else we
+        wj = 7.0 if b else wj
+        wu = u17 if b else wu
+        wf = f17 if b else wf
+        fix = (par - 2.0 * np.floor(par * 0.5)) * (1.0 if wu >= wf else -1.0)
+        d1 = 0.0
+        o10 = (f10 + fix if wj == 0.0 else f10) + 0.5
+        e = v0 - o10
+        d1 += e * e
+        o11 = (f11 + fix if wj == 1.0 else f11) + 0.5
+        e = v1 - o11
+        d1 += e * e
+        o12 = (f12 + fix if wj == 2.0 else f12) + 0.5
+        e = v2 - o12
+        d1 += e * e
+        o13 = (f13 + fix if wj == 3.0 else f13) + 0.5
+        e = v3 - o13
+        d1 += e * e
+        o14 = (f14 + fix if wj == 4.0 else f14) + 0.5
+        e = v4 - o14
+        d1 += e * e
+        o15 = (f15 + fix if wj == 5.0 else f15) + 0.5
+        e = v5 - o15
+        d1 += e * e
+        o16 = (f16 + fix if wj == 6.0 else f16) + 0.5
+        e = v6 - o16
+        d1 += e * e
+        o17 = (f17 + fix if wj == 7.0 else f17) + 0.5
+        e = v7 - o17
+        d1 += e * e
+        pick = d1 < d0
+        g = 0.0
+        s = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        amin = np.inf
+        neg = 0.0
+        t = o10 if pick else o00
+        OUT[w] = t
+        e = beta * (t - z0) - x0
+        g += e * e
+        a = abs(t)
+        s += a
+        neg += 1.0 if t < 0.0 else 0.0
+        amin = min(amin, a)
+        up1 = a > a1
+        a2 = a1 if up1 else (a if a > a2 else a2)
+        a1 = a if up1 else a1
+        t = o11 if pick else o01
+        OUT[1 * LANES + w] = t
+        e = beta * (t - z1) - x1
+        g += e * e
+        a = abs(t)
+        s += a
+        neg += 1.0 if t < 0.0 else 0.0
+        amin = min(amin, a)
+        up1 = a > a1
+        a2 = a1 if up1 else (a if a > a2 else a2)
+        a1 = a if up1 else a1
+        t = o12 if pick else o02
+        OUT[2 * LANES + w] = t
+        e = beta * (t - z2) - x2
+        g += e * e
+        a = abs(t)
+        s += a
+        neg += 1.0 if t < 0.0 else 0.0
+        amin = min(amin, a)
+        up1 = a > a1
+        a2 = a1 if up1 else (a if a > a2 else a2)
+        a1 = a if up1 else a1
+        t = o13 if pick else o03
+        OUT[3 * LANES + w] = t
+        e = beta * (t - z3) - x3
+        g += e * e
+        a = abs(t)
+        s += a
+        neg += 1.0 if t < 0.0 else 0.0
+        amin = min(amin, a)
+        up1 = a > a1
+        a2 = a1 if up1 else (a if a > a2 else a2)
+        a1 = a if up1 else a1
+        t = o14 if pick else o04
+        OUT[4 * LANES + w] = t
+        e = beta * (t - z4) - x4
+        g += e * e
+        a = abs(t)
+        s += a
+        neg += 1.0 if t < 0.0 else 0.0
+        amin = min(amin, a)
+        up1 = a > a1
+        a2 = a1 if up1 else (a if a > a2 else a2)
+        a1 = a if up1 else a1
+        t = o15 if pick else o05
+        OUT[5 * LANES + w] = t
+        e = beta * (t - z5) - x5
+        g += e * e
+        a = abs(t)
+        s += a
+        neg += 1.0 if t < 0.0 else 0.0
+        amin = min(amin, a)
+        up1 = a > a1
+        a2 = a1 if up1 else (a if a > a2 else a2)
+        a1 = a if up1 else a1
+        t = o16 if pick else o06
+        OUT[6 * LANES + w] = t
+        e = beta * (t - z6) - x6
+        g += e * e
+        a = abs(t)
+        s += a
+        neg += 1.0 if t < 0.0 else 0.0
+        amin = min(amin, a)
+        up1 = a > a1
+        a2 = a1 if up1 else (a if a > a2 else a2)
+        a1 = a if up1 else a1
+        t = o17 if pick else o07
+        OUT[7 * LANES + w] = t
+        e = beta * (t - z7) - x7
+        g += e * e
+        a = abs(t)
+        s += a
+        neg += 1.0 if t < 0.0 else 0.0
+        amin = min(amin, a)
+        up1 = a > a1
+        a2 = a1 if up1 else (a if a > a2 else a2)
+        a1 = a if up1 else a1
+        half = (0.5 * (s - 2.0 * amin) if neg - 2.0 * np.floor(neg * 0.5) > 0.0
+                else 0.5 * s)
+        OUT[8 * LANES + w] = g
+        OUT[9 * LANES + w] = max(a1 + a2, half)
+
+
+@njit(cache=True, error_model="numpy")
+def _wrap_lanes(T, nw, q, OUT):
+    """:func:`~nqlib.kernels.cpu.lattice.wrap_e8_into` for lanes ``0 .. nw -
+    1`` of the E8 points ``T`` (coordinate ``j`` of lane ``w`` at ``j LANES
+    + w``): the codes ``k mod q`` (``k = G^-1 t``) into ``OUT`` (row ``j``,
+    as floats) and the overload flag into row 8 (1.0: the decoder, which
+    sees ``y = G c``, would not return ``t``). The same operations as the
+    scalar helpers, written out coordinate by coordinate (see
+    :func:`_scale_lanes`); integers are exact in float64 here."""
+    qf = np.float64(q)
+    for w in range(nw):
+        t0 = T[w]
+        t1 = T[1 * LANES + w]
+        t2 = T[2 * LANES + w]
+        t3 = T[3 * LANES + w]
+        t4 = T[4 * LANES + w]
+        t5 = T[5 * LANES + w]
+        t6 = T[6 * LANES + w]
+        t7 = T[7 * LANES + w]
+        s = 0.0
+        s += t6
+        k6 = np.floor((s - 1.0 * t7) + 0.5)
+        s += t5
+        k5 = np.floor((s - 2.0 * t7) + 0.5)
+        s += t4
+        k4 = np.floor((s - 3.0 * t7) + 0.5)
+        s += t3
+        k3 = np.floor((s - 4.0 * t7) + 0.5)
+        s += t2
+        k2 = np.floor((s - 5.0 * t7) + 0.5)
+        s += t1
+        k1 = np.floor((s - 6.0 * t7) + 0.5)
+        k0 = np.floor(((s + t0 - 7.0 * t7) * 0.5) + 0.5)
+        k7 = np.floor(2.0 * t7 + 0.5)
+        c0 = k0 - qf * np.floor(k0 / qf)
+        c1 = k1 - qf * np.floor(k1 / qf)
+        c2 = k2 - qf * np.floor(k2 / qf)
+        c3 = k3 - qf * np.floor(k3 / qf)
+        c4 = k4 - qf * np.floor(k4 / qf)
+        c5 = k5 - qf * np.floor(k5 / qf)
+        c6 = k6 - qf * np.floor(k6 / qf)
+        c7 = k7 - qf * np.floor(k7 / qf)
+        h = 0.5 * c7
+        y0 = (2.0 * c0 - c1) + h
+        y1 = (c1 - c2) + h
+        y2 = (c2 - c3) + h
+        y3 = (c3 - c4) + h
+        y4 = (c4 - c5) + h
+        y5 = (c5 - c6) + h
+        y6 = c6 + h
+        y7 = h
+        v0 = y0 / qf
+        v1 = y1 / qf
+        v2 = y2 / qf
+        v3 = y3 / qf
+        v4 = y4 / qf
+        v5 = y5 / qf
+        v6 = y6 / qf
+        v7 = y7 / qf
+        u00 = v0 - 0.0
+        f00 = np.floor(u00 + 0.5)
+        u01 = v1 - 0.0
+        f01 = np.floor(u01 + 0.5)
+        u02 = v2 - 0.0
+        f02 = np.floor(u02 + 0.5)
+        u03 = v3 - 0.0
+        f03 = np.floor(u03 + 0.5)
+        u04 = v4 - 0.0
+        f04 = np.floor(u04 + 0.5)
+        u05 = v5 - 0.0
+        f05 = np.floor(u05 + 0.5)
+        u06 = v6 - 0.0
+        f06 = np.floor(u06 + 0.5)
+        u07 = v7 - 0.0
+        f07 = np.floor(u07 + 0.5)
+        par = f00 + f01 + f02 + f03 + f04 + f05 + f06 + f07
+        we = -1.0
+        wj = 0.0
+        wu = 0.0
+        wf = 0.0
+        e = abs(u00 - f00)
+        b = e > we
+        we = e if b else we
+        wj = 0.0 if b else wj
+        wu = u00 if b else wu
+        wf = f00 if b else wf
+        e = abs(u01 - f01)
+        b = e > we
+        we = e if b else we
+        wj = 1.0 if b else wj
+        wu = u01 if b else wu
+        wf = f01 if b else wf
+        e = abs(u02 - f02)
+        b = e > we
+        we = e if b else we
+        wj = 2.0 if b else wj
+        wu = u02 if b else wu
+        wf = f02 if b else wf
+        e = abs(u03 - f03)
+        b = e > we
+        we = e if b else we
+        wj = 3.0 if b else wj
+        wu = u03 if b else wu
+        wf = f03 if b else wf
+        e = abs(u04 - f04)
+        b = e > we
+        we = e if b else we
+        wj = 4.0 if b else wj
+        wu = u04 if b else wu
+        wf = f04 if b else wf
+        e = abs(u05 - f05)
+        b = e > we
+        we = e if b else we
+        wj = 5.0 if b else wj
+        wu = u05 if b else wu
+        wf = f05 if b else wf
+        e = abs(u06 - f06)
+        b = e > we
+        we = e if b else we
+        wj = 6.0 if b else wj
+        wu = u06 if b else wu
+        wf = f06 if b else wf
+        e = abs(u07 - f07)
+        b = e > we
+        we = e if b else we
+        wj = 7.0 if b else wj
+        wu = u07 if b else wu
+        wf = f07 if b else wf
+        fix = (par - 2.0 * np.floor(par * 0.5)) * (1.0 if wu >= wf else -1.0)
+        d0 = 0.0
+        o00 = (f00 + fix if wj == 0.0 else f00) + 0.0
+        e = v0 - o00
+        d0 += e * e
+        o01 = (f01 + fix if wj == 1.0 else f01) + 0.0
+        e = v1 - o01
+        d0 += e * e
+        o02 = (f02 + fix if wj == 2.0 else f02) + 0.0
+        e = v2 - o02
+        d0 += e * e
+        o03 = (f03 + fix if wj == 3.0 else f03) + 0.0
+        e = v3 - o03
+        d0 += e * e
+        o04 = (f04 + fix if wj == 4.0 else f04) + 0.0
+        e = v4 - o04
+        d0 += e * e
+        o05 = (f05 + fix if wj == 5.0 else f05) + 0.0
+        e = v5 - o05
+        d0 += e * e
+        o06 = (f06 + fix if wj == 6.0 else f06) + 0.0
+        e = v6 - o06
+        d0 += e * e
+        o07 = (f07 + fix if wj == 7.0 else f07) + 0.0
+        e = v7 - o07
+        d0 += e * e
+        u10 = v0 - 0.5
+        f10 = np.floor(u10 + 0.5)
+        u11 = v1 - 0.5
+        f11 = np.floor(u11 + 0.5)
+        u12 = v2 - 0.5
+        f12 = np.floor(u12 + 0.5)
+        u13 = v3 - 0.5
+        f13 = np.floor(u13 + 0.5)
+        u14 = v4 - 0.5
+        f14 = np.floor(u14 + 0.5)
+        u15 = v5 - 0.5
+        f15 = np.floor(u15 + 0.5)
+        u16 = v6 - 0.5
+        f16 = np.floor(u16 + 0.5)
+        u17 = v7 - 0.5
+        f17 = np.floor(u17 + 0.5)
+        par = f10 + f11 + f12 + f13 + f14 + f15 + f16 + f17
+        we = -1.0
+        wj = 0.0
+        wu = 0.0
+        wf = 0.0
+        e = abs(u10 - f10)
+        b = e > we
+        we = e if b else we
+        wj = 0.0 if b else wj
+        wu = u10 if b else wu
+        wf = f10 if b else wf
+        e = abs(u11 - f11)
+        b = e > we
+        we = e if b else we
+        wj = 1.0 if b else wj
+        wu = u11 if b else wu
+        wf = f11 if b else wf
+        e = abs(u12 - f12)
+        b = e > we
+        we = e if b else we
+        wj = 2.0 if b else wj
+        wu = u12 if b else wu
+        wf = f12 if b else wf
+        e = abs(u13 - f13)
+        b = e > we
+        we = e if b else we
+        wj = 3.0 if b else wj
+        wu = u13 if b else wu
+        wf = f13 if b else wf
+        e = abs(u14 - f14)
+        b = e > we
+        we = e if b else we
+        wj = 4.0 if b else wj
+        wu = u14 if b else wu
+        wf = f14 if b else wf
+        e = abs(u15 - f15)
+        b = e > we
+        we = e if b else we
+        wj = 5.0 if b else wj
+        wu = u15 if b else wu
+        wf = f15 if b else wf
+        e = abs(u16 - f16)
+        b = e > we
+        we = e if b else we
+        wj = 6.0 if b else wj
+        wu = u16 if b else wu
+        wf = f16 if b else wf
+        e = abs(u17 - f17)
+        b = e > we
+        we = e if b else we
+        wj = 7.0 if b else wj
+        wu = u17 if b else wu
+        wf = f17 if b else wf
+        fix = (par - 2.0 * np.floor(par * 0.5)) * (1.0 if wu >= wf else -1.0)
+        d1 = 0.0
+        o10 = (f10 + fix if wj == 0.0 else f10) + 0.5
+        e = v0 - o10
+        d1 += e * e
+        o11 = (f11 + fix if wj == 1.0 else f11) + 0.5
+        e = v1 - o11
+        d1 += e * e
+        o12 = (f12 + fix if wj == 2.0 else f12) + 0.5
+        e = v2 - o12
+        d1 += e * e
+        o13 = (f13 + fix if wj == 3.0 else f13) + 0.5
+        e = v3 - o13
+        d1 += e * e
+        o14 = (f14 + fix if wj == 4.0 else f14) + 0.5
+        e = v4 - o14
+        d1 += e * e
+        o15 = (f15 + fix if wj == 5.0 else f15) + 0.5
+        e = v5 - o15
+        d1 += e * e
+        o16 = (f16 + fix if wj == 6.0 else f16) + 0.5
+        e = v6 - o16
+        d1 += e * e
+        o17 = (f17 + fix if wj == 7.0 else f17) + 0.5
+        e = v7 - o17
+        d1 += e * e
+        pick = d1 < d0
+        p0 = o10 if pick else o00
+        p1 = o11 if pick else o01
+        p2 = o12 if pick else o02
+        p3 = o13 if pick else o03
+        p4 = o14 if pick else o04
+        p5 = o15 if pick else o05
+        p6 = o16 if pick else o06
+        p7 = o17 if pick else o07
+        s = 0.0
+        s += p6
+        m6 = np.floor((s - 1.0 * p7) + 0.5)
+        s += p5
+        m5 = np.floor((s - 2.0 * p7) + 0.5)
+        s += p4
+        m4 = np.floor((s - 3.0 * p7) + 0.5)
+        s += p3
+        m3 = np.floor((s - 4.0 * p7) + 0.5)
+        s += p2
+        m2 = np.floor((s - 5.0 * p7) + 0.5)
+        s += p1
+        m1 = np.floor((s - 6.0 * p7) + 0.5)
+        m0 = np.floor(((s + p0 - 7.0 * p7) * 0.5) + 0.5)
+        m7 = np.floor(2.0 * p7 + 0.5)
+        bad = 0.0
+        bad += 1.0 if m0 * qf != c0 - k0 else 0.0
+        bad += 1.0 if m1 * qf != c1 - k1 else 0.0
+        bad += 1.0 if m2 * qf != c2 - k2 else 0.0
+        bad += 1.0 if m3 * qf != c3 - k3 else 0.0
+        bad += 1.0 if m4 * qf != c4 - k4 else 0.0
+        bad += 1.0 if m5 * qf != c5 - k5 else 0.0
+        bad += 1.0 if m6 * qf != c6 - k6 else 0.0
+        bad += 1.0 if m7 * qf != c7 - k7 else 0.0
+        OUT[w] = c0
+        OUT[1 * LANES + w] = c1
+        OUT[2 * LANES + w] = c2
+        OUT[3 * LANES + w] = c3
+        OUT[4 * LANES + w] = c4
+        OUT[5 * LANES + w] = c5
+        OUT[6 * LANES + w] = c6
+        OUT[7 * LANES + w] = c7
+        OUT[8 * LANES + w] = bad
+
+
+@njit(cache=True, error_model="numpy")
+def _first_step(row, fs, nw, q, CAND, GB, T):
+    """One scale (index ``fs``, its lanes ``row``: see :func:`_scale_lanes`)
+    of the search, per lane, for the first candidate in the order (error,
+    index) with ``max <t, r> <= q``: when this scale precedes the one in
+    ``CAND`` (-1.0: none yet; error ``GB``), it replaces it, and its fine
+    point replaces ``T``'s. Scales are visited in increasing index, so the
+    strict comparison keeps the lowest index among equal errors."""
+    for w in range(nw):
+        g = row[8 * LANES + w]
+        take = (row[9 * LANES + w] <= q) & (g < GB[w])
+        CAND[w] = fs if take else CAND[w]
+        GB[w] = g if take else GB[w]
+        for j in range(8):
+            T[j * LANES + w] = row[j * LANES + w] if take else T[j * LANES + w]
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr, dec):
+    """Voronoi-encode rows of ``x`` (m, 8) with the E8 code at the scales
+    ``betas`` and keep, per row, the scale with the smallest granular error
+    ``||beta (Q(x / beta + z) - z) - x||^2`` among those without overload
+    (lowest index among equals); when every scale overloads, the scale whose
+    actual decoded output is nearest.
+
+    The fine points are cheap and the overload test is not, so candidates
+    are tested for overload in order of increasing error and the first one
+    without overload is kept. Writes ``codes`` (m, 8), ``index`` (m,) and
+    ``sqerr`` (m,), the squared error of the kept reconstruction, and, when
+    ``dec`` has m rows (pass shape (0, 8) to skip it), the reconstruction
+    itself: the same bits as :func:`decode_multiscale_rows` (without
+    overload the decoder's ``y - q Q(y / q)`` is exactly the fine point).
+
+    Every scale's fine point, error and facet bound ``max <t, r>`` (see
+    :func:`_wrap_e8_fast`) are computed for ``LANES`` blocks at once
+    (:func:`_scale_lanes`). In the order (error, index) the candidates
+    outside ``q V`` (bound ``> q``) overload and are skipped; the first one
+    left (:func:`_first_step`) is kept when it is inside (``< q``) or, on
+    the boundary (``= q``), when the full overload test of all lanes at once
+    (:func:`_wrap_lanes`) passes it. When it fails, the next candidate is
+    the least error inside ``q V`` unless another boundary one comes first;
+    that case, blocks with no candidate left and inputs too large for the
+    lanes go through :func:`_encode_block`, as every block does in
+    :func:`encode_multiscale_rows_scalar`. The same bits as that kernel.
+    """
+    m = x.shape[0]
+    if dec.shape[0] != 0 and dec.shape[0] != m:
+        raise ValueError("dec must have 0 or as many rows as x")
+    want_dec = dec.shape[0] > 0
+    k = betas.shape[0]
+    zm = z.shape[0]
+    bmin = np.inf
+    for s in range(k):
+        bmin = min(bmin, abs(betas[s]))
+    zmax = 0.0
+    for i in range(zm):
+        for j in range(8):
+            zmax = max(zmax, abs(z[i, j]))
+    nchunks = (m + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        v = np.empty(8)
+        T = np.empty((k, 8))
+        g = np.empty(k)
+        done = np.empty(k, dtype=np.bool_)
+        t = np.empty(8)
+        w8 = np.empty(8)
+        tmp = np.empty(8)
+        u = np.empty(8)
+        y = np.empty(8)
+        r = np.empty(8)
+        crow = np.empty(8, dtype=np.int64)
+        kk = np.empty(8, dtype=np.int64)
+        uk = np.empty(8, dtype=np.int64)
+        XZ = np.empty(16 * LANES)
+        OUT = np.empty((k, 10 * LANES))
+        CAND = np.empty(LANES)
+        GB = np.empty(LANES)
+        TC = np.zeros(8 * LANES)
+        WR = np.empty(9 * LANES)
+        c1 = min(m, (c + 1) * CHUNK)
+        for i0 in range(c * CHUNK, c1, LANES):
+            nw = min(LANES, c1 - i0)
+            xmax = 0.0
+            for lane in range(nw):
+                iz = i0 + lane if zm > 1 else 0
                 for j in range(8):
-                    v[j] = x[i, j] / beta + z[iz, j]
-                Ts = T[s]                  # the fine point, written in place
-                e8_into(v, Ts, tmp)
-                e = 0.0
-                for j in range(8):
-                    d = beta * (Ts[j] - z[iz, j]) - x[i, j]
-                    e += d * d
-                g[s] = e
-                done[s] = False
-            found = -1
-            for _ in range(k):
-                s_min = -1
+                    xmax = max(xmax, abs(x[i0 + lane, j]))
+                    XZ[j * LANES + lane] = x[i0 + lane, j]
+                    XZ[(8 + j) * LANES + lane] = z[iz, j]
+            vector = xmax / bmin + zmax <= LANE_LIMIT      # False for NaN
+            if vector:
                 for s in range(k):
-                    if not done[s] and (s_min < 0 or g[s] < g[s_min]):
-                        s_min = s
-                done[s_min] = True
-                if not _wrap_e8_fast(T[s_min], q, crow, kk, uk, w, tmp, u):
-                    found = s_min
-                    break
-            if found >= 0:
-                # crow already holds the codes of the last wrapped, i.e. the
-                # kept, candidate
-                best_err = g[found]
+                    _scale_lanes(XZ, betas[s], nw, OUT[s])
+            if vector:
+                for w in range(nw):
+                    CAND[w] = -1.0
+                    GB[w] = np.inf
+                for s in range(k):
+                    _first_step(OUT[s], np.float64(s), nw, q, CAND, GB, TC)
+                _wrap_lanes(TC, nw, q, WR)
+            for lane in range(nw):
+                i = i0 + lane
+                iz = i if zm > 1 else 0
+                found = -1
+                codes_from = 0           # 1: WR (vector), 2: crow (scalar)
+                if vector and CAND[lane] >= 0.0:
+                    c0 = np.int64(CAND[lane])
+                    if OUT[c0, 9 * LANES + lane] < q or WR[8 * LANES + lane] == 0.0:
+                        # inside q V, or on its boundary without overload
+                        found = c0
+                        codes_from = 1
+                    else:
+                        # on the boundary and overloading: the next candidate
+                        # is the least error inside q V, unless another
+                        # boundary one comes first (then the scalar path)
+                        for s in range(k):
+                            gs = OUT[s, 8 * LANES + lane]
+                            if OUT[s, 9 * LANES + lane] < q and (
+                                    found < 0 or gs < OUT[found, 8 * LANES + lane]):
+                                found = s
+                        if found >= 0:
+                            gb = OUT[found, 8 * LANES + lane]
+                            for s in range(k):
+                                gs = OUT[s, 8 * LANES + lane]
+                                if s != c0 and OUT[s, 9 * LANES + lane] == q and (
+                                        gs < gb or (gs == gb and s < found)):
+                                    found = -1
+                                    break
+                        if found >= 0:
+                            for j in range(8):
+                                t[j] = OUT[found, j * LANES + lane]
+                            e8_coordinates(t, kk)
+                            for j in range(8):
+                                crow[j] = np.int64(mod_floor(kk[j], q))
+                            codes_from = 2
+                if found < 0:     # every scale overloads, or huge inputs
+                    _encode_block(x, i, q, betas, z, iz, want_dec, codes, index,
+                                  sqerr, dec, v, T, g, done, t, w8, tmp, u, y, r,
+                                  crow, kk, uk)
+                    continue
+                if codes_from == 1:
+                    for j in range(8):
+                        codes[i, j] = np.int64(WR[j * LANES + lane])
+                else:
+                    for j in range(8):
+                        codes[i, j] = crow[j]
+                index[i] = found
+                sqerr[i] = OUT[found, 8 * LANES + lane]
                 if want_dec:
                     beta = betas[found]
                     for j in range(8):
-                        dec[i, j] = beta * (T[found, j] - z[iz, j])
-            else:
-                # every scale overloads: keep the nearest actual output
-                best_err = np.inf
-                for s in range(k):
-                    for j in range(8):
-                        t[j] = T[s, j]
-                    wrap_e8_into(t, q, crow, kk, uk, w, tmp, u)
-                    decode_e8_into(crow, q, betas[s], z[iz], r, y, w, tmp)
-                    e = 0.0
-                    for j in range(8):
-                        d = r[j] - x[i, j]
-                        e += d * d
-                    if e < best_err:
-                        best_err = e
-                        found = s
-                for j in range(8):
-                    t[j] = T[found, j]
-                wrap_e8_into(t, q, crow, kk, uk, w, tmp, u)
-                if want_dec:
-                    decode_e8_into(crow, q, betas[found], z[iz], r, y, w, tmp)
-                    for j in range(8):
-                        dec[i, j] = r[j]
-            index[i] = found
-            sqerr[i] = best_err
-            for j in range(8):
-                codes[i, j] = crow[j]
+                        dec[i, j] = beta * (OUT[found, j * LANES + lane]
+                                            - z[iz, j])
 
 
 @njit(cache=True, parallel=True)
@@ -359,5 +1156,27 @@ def e8_stream_symbols(T2, stream, coset, parity, offset, out):
     return k
 
 
-# serialised when numba's threading layer is not thread-safe
+@njit(cache=True)
+def encode_pack_rows(x, q, betas, z, nbits, out, dec):
+    """:func:`encode_multiscale_rows`, :func:`mixed_radix_words` and
+    :func:`pack_words` in one call: the ``nbits``-bit words of the rows of
+    ``x`` OR-ed into the zeroed bytes ``out``; ``dec`` as in
+    :func:`encode_multiscale_rows`."""
+    m = x.shape[0]
+    codes = np.empty((m, 8), dtype=np.int64)
+    index = np.empty(m, dtype=np.int64)
+    encode_multiscale_rows(x, q, betas, z, codes, index, np.empty(m), dec)
+    words = np.empty(m, dtype=np.uint64)
+    for i in range(m):
+        w = np.uint64(index[i])
+        for j in range(7, -1, -1):
+            w = w * np.uint64(q) + np.uint64(codes[i, j])
+        words[i] = w
+    pack_words(words, nbits, out)
+
+
+# serialised when numba's threading layer is not thread-safe; the driver
+# runs a parallel kernel inside, so it is serialised too
 guard_module(globals())
+if not threadsafe():
+    encode_pack_rows = guarded(encode_pack_rows)

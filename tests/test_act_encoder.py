@@ -1,0 +1,170 @@
+"""The vectorised multiscale E8 encoder and the fast activation quantizer.
+
+:func:`nqlib.kernels.cpu.nested.encode_multiscale_rows` decides ``LANES``
+blocks at a time with SIMD arithmetic and hands the blocks it cannot decide
+alone (a candidate on the boundary of ``q V``, every scale overloading,
+huge inputs) to the scalar path. Its codes, scale indices, errors and
+reconstructions must be those of the scalar kernel
+(:func:`~nqlib.kernels.cpu.nested.encode_multiscale_rows_scalar`) and of the
+numpy oracle (:func:`nqlib.reference.nested.encode_multiscale`), bit for
+bit, ties included.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nqlib.kernels.cpu import nested
+from nqlib.reference.nested import encode_multiscale
+
+
+def _run(kernel, x, q, betas, z, want_dec=True):
+    m = x.shape[0]
+    codes = np.full((m, 8), -7, np.int64)
+    index = np.full(m, -7, np.int64)
+    err = np.full(m, np.nan)
+    dec = np.full((m, 8), np.nan) if want_dec else np.empty((0, 8))
+    kernel(x, q, betas, z, codes, index, err, dec)
+    return codes, index, err, dec
+
+
+def _assert_same(x, q, betas, z, oracle=True):
+    """Vectorised == scalar (== oracle); returns the scale indices."""
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    betas = np.asarray(betas, dtype=np.float64)
+    fast = _run(nested.encode_multiscale_rows, x, q, betas, z)
+    slow = _run(nested.encode_multiscale_rows_scalar, x, q, betas, z)
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+    # the same bits with the reconstruction skipped
+    skip = _run(nested.encode_multiscale_rows, x, q, betas, z, want_dec=False)
+    for a, b in zip(skip[:3], slow[:3]):
+        np.testing.assert_array_equal(a, b)
+    if oracle:
+        rc, ri, re = encode_multiscale(x, q, betas, z)
+        np.testing.assert_array_equal(fast[1], ri)
+        np.testing.assert_array_equal(fast[0], rc)
+        np.testing.assert_array_equal(fast[2], re)
+    # the reconstruction is the decoder's
+    out = np.empty((x.shape[0], 8))
+    nested.decode_multiscale_rows(fast[0], fast[1], q, betas, z, out)
+    np.testing.assert_array_equal(fast[3], out)
+    return fast[1]
+
+
+@pytest.mark.parametrize("q", [2, 3, 6, 7, 13, 14, 16, 255])
+@pytest.mark.parametrize("m", [1, 31, 33, 257, 1000])
+def test_vectorised_encoder_equals_scalar_and_oracle(q, m):
+    """Gaussian and dyadic rows (many ties between cosets, between D8
+    roundings and on Voronoi boundaries), counts that are not multiples of
+    the lane or chunk sizes, shared and per-row dither."""
+    rng = np.random.default_rng(1000 * q + m)
+    x = np.vstack([rng.standard_normal((m, 8)) * 2.0,
+                   rng.integers(-8, 9, (m, 8)) * 0.25])
+    betas = np.array([0.3, 0.9, 2.5, 5.5, 12.0]) / q
+    used = set()
+    for z in (np.zeros((1, 8)), rng.uniform(-0.5, 0.5, (x.shape[0], 8))):
+        used |= set(_assert_same(x, q, betas, z).tolist())
+    if m >= 257:
+        assert len(used) >= 3          # several scales: every path runs
+
+
+@pytest.mark.parametrize("q", [2, 3, 4, 6, 7, 8, 14])
+def test_vectorised_encoder_on_the_boundary_of_qV(q):
+    """Fine points exactly on the boundary of ``q V`` (``max <t, r> = q``),
+    just inside and just outside: the blocks whose order puts a boundary
+    candidate first go to the scalar path; all must agree."""
+    rng = np.random.default_rng(200 + q)
+    d = rng.integers(-q, q + 1, (40_000, 8)).astype(np.float64)
+    d[:, 0] -= np.where(d.sum(1) % 2 == 1, np.sign(d[:, 0] + 0.5), 0)
+    h = rng.integers(-q, q, (40_000, 8)) + 0.5
+    h[:, 0] -= np.where((h - 0.5).sum(1) % 2 == 1, 1.0, 0.0)
+    t = np.vstack([d, h])
+    a = np.abs(t)
+    two = np.sort(a, axis=1)[:, -2:].sum(1)
+    neg = (t < 0).sum(1)
+    top = np.maximum(two, 0.5 * (a.sum(1) - 2 * a.min(1) * (neg % 2)))
+    assert np.sum(top == q) > 50
+    pts = np.vstack([t[top == q][:2000], t[top == q - 1][:500],
+                     t[top == q + 1][:500]])
+    pts = pts[rng.permutation(len(pts))]
+    for betas in (np.array([1.0, 1.5, 3.0]), np.array([1.0, 1.0, 0.5])):
+        for z in (np.zeros((1, 8)), np.zeros((pts.shape[0], 8))):
+            _assert_same(pts, q, betas, z)
+
+
+def test_vectorised_encoder_equal_errors_keep_the_lowest_index():
+    """Repeated scales give equal errors: the lowest index wins, as in the
+    scalar kernel and the oracle."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((500, 8))
+    index = _assert_same(x, 6, np.array([0.4, 0.4, 0.2, 0.4, 0.2]),
+                         np.zeros((1, 8)))
+    assert set(index.tolist()) <= {0, 2}
+
+
+def test_vectorised_encoder_all_scales_overload():
+    """Scales far too small: every candidate overloads and the block keeps
+    the scale of the nearest actual output (the scalar fallback)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((300, 8)) * 50.0
+    _assert_same(x, 4, np.array([0.01, 0.02, 0.05]), np.zeros((1, 8)))
+
+
+def test_vectorised_encoder_huge_inputs_take_the_scalar_path():
+    """Inputs beyond the exact range of the lanes' float parity sum are
+    coded by the scalar path (the same bits as the scalar kernel)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((100, 8))
+    x[::7] *= 1e14
+    _assert_same(x, 16, np.array([0.5, 1.0]), np.zeros((1, 8)), oracle=False)
+
+
+def test_vectorised_encoder_refuses_a_short_output():
+    x = np.zeros((10, 8))
+    args = (x, 4, np.array([0.5]), np.zeros((1, 8)), np.empty((10, 8), np.int64),
+            np.empty(10, np.int64), np.empty(10))
+    with pytest.raises(ValueError, match="dec must have 0 or as many rows"):
+        nested.encode_multiscale_rows(*args, np.empty((3, 8)))
+
+
+@settings(max_examples=60)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 80), st.integers(2, 20),
+       st.integers(1, 8), st.sampled_from([0.125, 0.25, 0.5, 1.0]),
+       st.booleans())
+def test_vectorised_encoder_property(seed, m, q, k, grid, dyadic):
+    """Random shapes, nesting ratios, scale sets and inputs on coarse dyadic
+    grids (ties everywhere) or in general position."""
+    rng = np.random.default_rng(seed)
+    if dyadic:
+        x = rng.integers(-12, 13, (m, 8)) * grid
+    else:
+        x = rng.standard_normal((m, 8)) * rng.uniform(0.2, 4.0)
+    betas = np.round(rng.uniform(0.05, 1.5, k) * 8) / 8 + 0.125
+    z = (np.zeros((1, 8)) if rng.random() < 0.5
+         else np.round(rng.uniform(-0.5, 0.5, (m, 8)) * 4) / 4)
+    _assert_same(x, q, betas, z)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 64, 4096])
+def test_fwht_rows_is_the_butterflies_in_stage_order(n):
+    """The numba transform (spans 1, 2, 4 on runs of 8 in registers, then
+    the longer spans) gives the bits of the textbook butterflies, stage by
+    stage (numpy, vectorised within each stage)."""
+    from nqlib.kernels.cpu.hadamard import fwht_rows
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((5, n)) * np.exp(rng.uniform(-20, 20, (5, 1)))
+    y = x.copy()
+    h = 1
+    while h < n:
+        v = y.reshape(5, n // (2 * h), 2, h)
+        a, b = v[:, :, 0, :].copy(), v[:, :, 1, :].copy()
+        v[:, :, 0, :] = a + b
+        v[:, :, 1, :] = a - b
+        h *= 2
+    y *= 1.0 / np.sqrt(n)
+    out = x.copy()
+    fwht_rows(out, 1.0 / np.sqrt(n))
+    np.testing.assert_array_equal(out, y)
