@@ -17,22 +17,35 @@ Systems:
   ``QuantConfig(weight_rate=R)`` (fixed-rate E8 words);
 * ``nqlib LDLQ WR`` -- ``method="nested-ldlq"``, calibrated on the other
   half of the modules;
-* ``nqlib trellis WR`` -- ``mode="trellis"``, with ``--trellis`` (its
-  Viterbi encoder takes hours for this model on two cores);
-* W4A4: the LDLQ W4 codes with 4-bit activations, against both RTN W4
-  variants with 4-bit (4.5 with side information) activations.
+* ``nqlib trellis WR`` and ``nqlib LDLQ trellis WR`` -- ``mode="trellis"``
+  with ``state_bits=12`` (``--state-bits``; 16 times faster to encode than
+  the default 16, whose Viterbi search would take about 25 minutes per
+  model on two cores), plain and with Hessian-aware rounding;
+* W4A4: the best nqlib W4 codes with 4-bit activations, against both RTN W4
+  variants with 4-bit (4.5 with side information) activations;
+* the best nqlib W4 model with the tied embedding / LM head quantized too.
 
-Then: the checkpoint sizes (``save_quantized`` of the W4 model against a
-float32 safetensors file), greedy generation tokens/s on one CPU thread for
-float32 and nqlib W4 in the same process (interleaved, best of 3), and a
-profile of where a generated token's time goes (torch profiler by operator,
-and the share spent inside the quantized layers).
+Weight-only models are evaluated through :func:`nqlib.lm.dense_equivalent`
+(the same weights in dense layers: a 512-token window is a large batch, and
+the decode-matmul kernels are made for small ones); the run checks on two
+windows that the quantized layers themselves give the same perplexity.
+Then the per-layer relative output errors (held-out calibration windows)
+of every system, which kind of layer hurts most (the best nqlib W2 model's
+layers of one kind in the float model), the checkpoint sizes
+(``save_quantized`` of the LDLQ W4 model against a float32 safetensors
+file), greedy generation tokens/s on one CPU thread for float32 and nqlib
+W4 in the same process (interleaved, best of 3), and a profile of where a
+generated token's time goes (torch profiler by operator, and the share
+spent inside the quantized layers).
 
-Usage: ``python benchmarks/smollm2.py [--scale ci|full] [--json PATH]
-[--skip-ppl] [--trellis] [--threads N]``. ``full``: 40 evaluation windows
-(20480 tokens), 16 calibration windows; ``ci``: 4 and 4. Set
-``NQLIB_LM_CACHE`` to a directory to keep the quantized models between runs
-(about 0.2 GB each).
+Usage: ``python benchmarks/smollm2.py [--scale smoke|ci|full] [--json
+PATH] [--skip-ppl] [--no-trellis] [--state-bits L] [--no-sensitivity]
+[--systems NAME ...] [--threads N]``. ``full``: 40 evaluation windows
+(20480 tokens), 16 calibration windows; ``ci``: 4 and 4; ``smoke``: 1 and
+1; 4 held-out windows in all. Set ``NQLIB_LM_CACHE`` to a directory to keep
+the quantized models between runs (about 0.2 GB each). The book's chapter
+"Quantizing a language model" reads the full run's JSON
+(``book/data/smollm2_full.json``).
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -59,15 +73,22 @@ from nqlib.nn import (  # noqa: E402
     calibration_hessians,
     save_quantized,
 )
-from nqlib.quantizers import matrix as qmatrix  # noqa: E402
 
 CONTEXT = 512
-SIZES = {"ci": (4, 4), "full": (40, 16)}
+#: evaluation and calibration (fit) windows
+SIZES = {"smoke": (1, 1), "ci": (4, 4), "full": (40, 16)}
+#: held-out calibration windows (the per-layer output errors)
+N_HOLD = 4
+#: state bits of the trellis rows: 16 times faster to encode than the default
+#: 16 (106 M weights per model), for up to 0.09 bit more gap
+TRELLIS_L = 12
+KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+         "down_proj")
 BODY = lambda module, fqn: fqn != "lm_head"
 PROMPT = "The Python standard library"
 
 
-def systems(trellis=False):
+def systems(trellis=True, state_bits=TRELLIS_L):
     out = {}
     for b in (4, 3, 2):
         out[f"RTN int{b}"] = ("rtn", dict(bits=b, hadamard=False))
@@ -78,8 +99,17 @@ def systems(trellis=False):
             weight_rate=r, method="nested-ldlq"))
         if trellis:
             out[f"nqlib trellis W{r:g}"] = ("nqlib", QuantConfig(
-                weight_rate=r, mode="trellis"))
+                weight_rate=r, mode="trellis", state_bits=state_bits))
+            out[f"nqlib LDLQ trellis W{r:g}"] = ("nqlib", QuantConfig(
+                weight_rate=r, method="nested-ldlq", mode="trellis",
+                state_bits=state_bits))
     return out
+
+
+def family(name):
+    """The name without its rate: "RTN int4 + Hadamard" -> "RTN +
+    Hadamard", "nqlib LDLQ W3" -> "nqlib LDLQ"."""
+    return re.sub(r" (int|W)\d", "", name)
 
 
 def build(fp32, kind, spec, hessians, cache, filter_fn=BODY, tag="body"):
@@ -107,42 +137,93 @@ def with_activations(model, act_rate):
     return out
 
 
-def perplexity_table(fp32, tok, n_eval, n_cal, cache, trellis=False):
+def weight_only_perplexity(model, ids):
+    """Perplexity of a weight-only quantized model, evaluated through its
+    dense equivalent (:func:`nqlib.lm.dense_equivalent`: the same weights,
+    dense products, several times faster on 512-token windows)."""
+    return lm.perplexity(lm.dense_equivalent(model), ids, CONTEXT)
+
+
+def check_dense_evaluation(model, ids):
+    """The perplexity through the quantized layers themselves and through
+    the dense equivalent, on the first two windows: they must agree to
+    float32 rounding."""
+    ids = ids[:2 * CONTEXT]
+    a = lm.perplexity(model, ids, CONTEXT)
+    b = weight_only_perplexity(model, ids)
+    print(f"perplexity on 2 windows, quantized layers {a:.6f}, dense "
+          f"equivalent {b:.6f}", flush=True)
+    assert abs(a - b) <= 1e-4 * a, (a, b)
+    return dict(quantized_layers=a, dense_equivalent=b)
+
+
+def best_of(rows, rate, prefix):
+    """The row of lowest perplexity among the systems whose name starts
+    with ``prefix`` at nominal ``rate``."""
+    cands = [r for r in rows if r["system"].startswith(prefix)
+             and r["system"].endswith(f"W{rate:g}")]
+    return min(cands, key=lambda r: r["ppl"])
+
+
+def perplexity_table(fp32, tok, n_eval, n_cal, cache, trellis=True,
+                     state_bits=TRELLIS_L, sensitivity=True, only=None):
     eval_ids, cal_ids = lm.stdlib_token_splits(tok, n_eval * CONTEXT,
-                                               n_cal * CONTEXT, seed=0)
-    cal = [w[None] for w in lm.windows(cal_ids, CONTEXT)]
+                                               (n_cal + N_HOLD) * CONTEXT,
+                                               seed=0)
+    cal_w = lm.windows(cal_ids, CONTEXT)
+    cal = [w[None] for w in cal_w[:n_cal]]
+    hold = [w[None] for w in cal_w[n_cal:]]
     t0 = time.perf_counter()
-    H = calibration_hessians(fp32, cal, layers=[
-        n for n, m in fp32.named_modules() if isinstance(m, torch.nn.Linear)])
+    all_linears = [n for n, m in fp32.named_modules()
+                   if isinstance(m, torch.nn.Linear)]
+    H = calibration_hessians(fp32, cal, layers=all_linears)
+    H_hold = calibration_hessians(fp32, hold, layers=[
+        n for n in all_linears if n != "lm_head"])
+    energies = lm.output_energies(fp32, H_hold)
     print(f"calibration second moments: {time.perf_counter() - t0:.0f} s",
           flush=True)
     ppl_float = lm.perplexity(fp32, eval_ids, CONTEXT)
-    rows = [dict(system="float", bits=32.0, MB=None, ppl=ppl_float,
-                 excess=0.0, quant_s=0.0, eval_s=0.0)]
+    rows = [dict(system="float", family="float", rate=32, bits=32.0, MB=None,
+                 ppl=ppl_float, excess=0.0, quant_s=0.0, eval_s=0.0)]
+    print(rows[-1], flush=True)
+    layer_errors = {}
     keep = {}
-    for name, (kind, spec) in systems(trellis).items():
+    for name, (kind, spec) in systems(trellis, state_bits).items():
+        if only is not None and name not in only:
+            continue
         t0 = time.perf_counter()
         model, bits, nbytes = build(fp32, kind, spec, H, cache)
         t1 = time.perf_counter()
-        ppl = lm.perplexity(model, eval_ids, CONTEXT)
-        rows.append(dict(system=name, bits=bits, MB=nbytes / 1e6, ppl=ppl,
-                         excess=ppl - ppl_float, quant_s=t1 - t0,
+        ppl = weight_only_perplexity(model, eval_ids)
+        rows.append(dict(system=name, family=family(name),
+                         rate=int(spec["bits"] if kind == "rtn"
+                                  else spec.weight_rate),
+                         bits=bits, MB=nbytes / 1e6,
+                         ppl=ppl, excess=ppl - ppl_float, quant_s=t1 - t0,
                          eval_s=time.perf_counter() - t1))
         print(rows[-1], flush=True)
-        if name in ("nqlib LDLQ W4", "nqlib E8 W4", "RTN int4",
-                    "RTN int4 + Hadamard"):
+        if name == "nqlib E8 W4":
+            dense_check = check_dense_evaluation(model, eval_ids)
+        errs = lm.relative_output_errors(fp32, model, H_hold,
+                                         energies=energies)
+        layer_errors[name] = errs
+        # held for the later sections: the W4 models (W4A4, head,
+        # checkpoint) and nqlib's 2-bit models (layer sensitivity)
+        if rows[-1]["rate"] == 4 or (name.startswith("nqlib")
+                                     and rows[-1]["rate"] == 2):
             keep[name] = model
-        else:
-            del model
-    # W4A4: the same weight codes, activations switched on
-    for name, act_label in (("nqlib LDLQ W4", "nqlib LDLQ W4A4"),
+        del model
+    # W4A4: the best nqlib W4 codes with 4-bit activations, against both RTN
+    # W4 variants with 4-bit (4.5 with side information) activations
+    nq4 = best_of(rows, 4, "nqlib")["system"]
+    for name, act_label in ((nq4, nq4 + "A4"),
                             ("RTN int4", "RTN W4A4"),
                             ("RTN int4 + Hadamard", "RTN W4A4 + Hadamard")):
         m = with_activations(keep[name], 4.0)
         t1 = time.perf_counter()
         ppl = lm.perplexity(m, eval_ids, CONTEXT)
-        row = dict(system=act_label, bits=next(r["bits"] for r in rows
-                                                if r["system"] == name),
+        row = dict(system=act_label, family="W4A4", rate=4,
+                   bits=next(r["bits"] for r in rows if r["system"] == name),
                    MB=None, ppl=ppl, excess=ppl - ppl_float, quant_s=0.0,
                    eval_s=time.perf_counter() - t1)
         qls = [x for x in m.modules() if isinstance(x, QuantLinear)]
@@ -155,16 +236,36 @@ def perplexity_table(fp32, tok, n_eval, n_cal, cache, trellis=False):
         rows.append(row)
         print(row, flush=True)
         del m
-    # the tied embedding / LM head, quantized too (LDLQ W4)
-    head, bits, nbytes = build(keep["nqlib LDLQ W4"], "nqlib",
+    # the tied embedding / LM head, quantized too (LDLQ W4) on the best W4
+    head, bits, nbytes = build(keep[nq4], "nqlib",
                                QuantConfig(weight_rate=4.0, method="nested-ldlq"),
                                H, cache, filter_fn=lambda m, fqn: fqn == "lm_head",
-                               tag="head")
-    ppl = lm.perplexity(head, eval_ids, CONTEXT)
-    rows.append(dict(system="nqlib LDLQ W4 + head W4", bits=bits,
-                     MB=nbytes / 1e6, ppl=ppl, excess=ppl - ppl_float))
+                               tag=f"head on {nq4}")
+    ppl = weight_only_perplexity(head, eval_ids)
+    rows.append(dict(system=f"{nq4} + head LDLQ W4", family="head", rate=4,
+                     bits=bits, MB=nbytes / 1e6, ppl=ppl,
+                     excess=ppl - ppl_float))
     print(rows[-1], flush=True)
-    return rows, keep
+    del head
+    extra = dict(layer_errors=layer_errors, dense_check=dense_check)
+    if sensitivity:
+        # which kind of layer hurts most: the best nqlib W2 model's layers of
+        # one kind in the float model, the rest float
+        nq2 = best_of(rows, 2, "nqlib")["system"]
+        w2 = keep[nq2]
+        sens = {}
+        for kind in KINDS:
+            m = copy.deepcopy(fp32)
+            for fqn, mod in w2.named_modules():
+                if fqn.endswith(kind) and BODY(mod, fqn):
+                    parent, _, attr = fqn.rpartition(".")
+                    setattr(m.get_submodule(parent), attr, copy.deepcopy(mod))
+            sens[kind] = weight_only_perplexity(m, eval_ids)
+            print(f"only {kind} at 2 bits ({nq2}): {sens[kind]:.2f}",
+                  flush=True)
+            del m
+        extra["sensitivity"] = dict(system=nq2, ppl=sens)
+    return rows, keep, extra
 
 
 def checkpoint_sizes(fp32, w4):
@@ -241,8 +342,17 @@ def main():
     parser.add_argument("--scale", choices=sorted(SIZES), default="full")
     parser.add_argument("--json", type=str, default=None)
     parser.add_argument("--skip-ppl", action="store_true")
-    parser.add_argument("--trellis", action="store_true",
-                        help="add mode='trellis' rows (slow Viterbi encoder)")
+    parser.add_argument("--no-trellis", action="store_true",
+                        help="leave out the mode='trellis' rows (the slowest "
+                             "to encode)")
+    parser.add_argument("--state-bits", type=int, default=TRELLIS_L,
+                        help="state bits of the trellis rows")
+    parser.add_argument("--no-sensitivity", action="store_true",
+                        help="leave out the per-kind layer sensitivity")
+    parser.add_argument("--systems", nargs="+", default=None,
+                        help="run only these rows (names as printed; the "
+                             "later sections need nqlib LDLQ W4, both RTN "
+                             "int4 rows and an nqlib W2 row)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="torch threads for the perplexity part (1 on a "
                              "machine shared with other jobs)")
@@ -251,22 +361,30 @@ def main():
     torch.set_num_threads(args.threads)
     print(machine_line())
     fp32, tok = lm.load_smollm2()
-    result = dict(scale=args.scale, context=CONTEXT)
+    result = dict(machine=machine_line(), scale=args.scale, context=CONTEXT,
+                  state_bits=args.state_bits)
     if not args.skip_ppl:
         n_eval, n_cal = SIZES[args.scale]
-        if args.trellis and "trellis" not in qmatrix.MODES:
-            parser.error("this nqlib has no mode='trellis'")
-        rows, keep = perplexity_table(fp32, tok, n_eval, n_cal, cache,
-                                      args.trellis)
+        result.update(eval_tokens=n_eval * CONTEXT, fit_tokens=n_cal * CONTEXT,
+                      hold_tokens=N_HOLD * CONTEXT)
+        rows, keep, extra = perplexity_table(
+            fp32, tok, n_eval, n_cal, cache, not args.no_trellis,
+            args.state_bits, not args.no_sensitivity, args.systems)
         print(f"\nperplexity, {n_eval * CONTEXT} tokens, context {CONTEXT}")
         print_table(rows, ["system", "bits", "MB", "ppl", "excess",
                            "act_bits", "quant_s", "eval_s"])
         result["perplexity"] = rows
-        w4 = keep["nqlib E8 W4"]
+        result.update(extra)
+        if "sensitivity" in extra:
+            print("\nlayer sensitivity:", json.dumps(extra["sensitivity"],
+                                                     indent=1))
+        w4 = keep["nqlib LDLQ W4"]
     else:
         w4 = copy.deepcopy(fp32)
         lm.quantize_cached(w4, QuantConfig(weight_rate=4.0), BODY,
                            cache_dir=cache, tag="smollm2 body True")
+    if args.json:  # the expensive part is done: keep it
+        Path(args.json).write_text(json.dumps(result, indent=1, default=float))
     sizes = checkpoint_sizes(fp32, w4)
     print("\ncheckpoint sizes (MB):", json.dumps(sizes, indent=1))
     result["checkpoint"] = sizes

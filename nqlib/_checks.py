@@ -73,13 +73,17 @@ def as_float_array(x, name: str, *, last_dim: int | None = None,
     return arr
 
 
-def check_int(value, name: str, *, minimum: int | None = None) -> int:
-    """Return ``value`` as a Python int, or raise ``ValueError``."""
+def check_int(value, name: str, *, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """Return ``value`` as a Python int, or raise ``ValueError`` (not an
+    integer, or outside ``[minimum, maximum]``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 

@@ -26,6 +26,7 @@ Book: chapter "Quantizing a language model", label ``ch-lm``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -40,7 +41,8 @@ from nqlib import _checks
 
 __all__ = ["GGUF_NAME", "smollm2_dir", "load_smollm2", "stdlib_token_splits",
            "perplexity", "RTNLinear", "rtn_baseline_", "block_hadamard",
-           "computed_weight", "output_energies", "relative_output_errors",
+           "computed_weight", "dense_equivalent", "output_energies",
+           "relative_output_errors",
            "quantize_cached", "model_report",
            "greedy_tokens_per_second", "library_hash"]
 
@@ -471,6 +473,43 @@ def computed_weight(module) -> torch.Tensor:
         if module.bias is not None:
             out = out - module.bias.detach().float()
     return out.T.contiguous()
+
+
+@torch.no_grad()
+def dense_equivalent(model):
+    """A copy of ``model`` whose weight-only quantized linear layers
+    (:class:`~nqlib.nn.QuantLinear` without ``act_rate``,
+    :class:`RTNLinear` without ``act_bits``) are plain ``nn.Linear`` layers
+    holding :func:`computed_weight`: the same function to float32 rounding,
+    evaluated by dense products. For measuring a quantized model's
+    perplexity on long texts quickly on a CPU (a 512-token window runs the
+    dense product faster than a decode-matmul kernel made for small
+    batches); the quantized model itself is what is deployed.
+
+    Raises
+    ------
+    ValueError
+        A layer quantizes its inputs (``act_rate`` / ``act_bits``): that
+        cannot be folded into a dense weight.
+    """
+    from nqlib.nn import QuantLinear
+    from nqlib.nn.model import set_module
+
+    out = copy.deepcopy(model)
+    for fqn, m in list(out.named_modules()):
+        if not isinstance(m, (QuantLinear, RTNLinear)):
+            continue
+        if (getattr(m, "act_rate", None) is not None
+                or getattr(m, "act_bits", None) is not None):
+            raise ValueError(f"layer {fqn!r} quantizes its inputs: it has no "
+                             "dense equivalent")
+        dense = torch.nn.Linear(m.in_features, m.out_features,
+                                bias=m.bias is not None)
+        dense.weight.data = computed_weight(m)
+        if m.bias is not None:
+            dense.bias.data = m.bias.detach().float().clone()
+        set_module(out, fqn, dense)
+    return out
 
 
 @torch.no_grad()

@@ -230,6 +230,28 @@ def test_computed_weight_is_the_decoded_weight(bias):
         lm.computed_weight(torch.nn.ReLU())
 
 
+def test_dense_equivalent_computes_the_same_function():
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(),
+                                torch.nn.Linear(48, 32, bias=False),
+                                torch.nn.Linear(32, 8))
+    quantize_(model, QuantConfig(weight_rate=3.0),
+              filter_fn=lambda module, fqn: fqn in ("0", "2"))
+    model[3] = lm.RTNLinear(model[3], 3, 32, hadamard=True)
+    dense = lm.dense_equivalent(model)
+    assert isinstance(model[0], QuantLinear)  # the original is untouched
+    assert all(type(dense[i]) is torch.nn.Linear for i in (0, 2, 3))
+    assert dense[2].bias is None
+    x = torch.randn(7, 64)
+    with torch.no_grad():
+        want, got = model(x), dense(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+    model[0] = QuantLinear(64, 48, model[0].quantized_weight, model[0].bias,
+                           act_rate=4.0)
+    with pytest.raises(ValueError, match="'0' quantizes its inputs"):
+        lm.dense_equivalent(model)
+
+
 def test_relative_output_errors_with_given_energies():
     torch.manual_seed(3)
     float_model = torch.nn.Sequential(torch.nn.Linear(128, 64),

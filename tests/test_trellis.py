@@ -571,3 +571,61 @@ def test_quant_linear_ldlq_with_the_trellis():
     with pytest.raises(ValueError, match="fixed or the trellis mode"):
         QuantLinear.from_linear(lin, 3.0, method="nested-ldlq",
                                 mode="variable", hessian=H)
+
+
+# ------------------------------------------------------ the state bits
+def test_state_bits_option():
+    A = gaussian((1024, 4), 31)
+    small = nqlib.quantize(A, 2.0, mode="trellis", seed=1, state_bits=8)
+    default = nqlib.quantize(A, 2.0, mode="trellis", seed=1)
+    assert small.payload.L == 8 and default.payload.L == tq.DEFAULT_L
+    # the option is the module constant, and the decoder reads it from the file
+    lay = tq.layout(4, small.n_pad, small.n_pad, small.payload.total_bits,
+                    tq.DEFAULT_SEQ_LEN)
+    assert tq.choose_L(lay, 8) == 8
+    R = nqlib.QuantizedMatrix.from_bytes(small.to_bytes())
+    np.testing.assert_array_equal(R.dequantize(), small.dequantize())
+    assert small.bits_per_entry == default.bits_per_entry
+    # fewer states, a larger error (the same budget)
+    err = {q.payload.L: float(((q.dequantize() - A) ** 2).mean())
+           for q in (small, default)}
+    assert err[8] > err[tq.DEFAULT_L], err
+    ldlq = quantize_ldlq_trellis(A, 2.0, np.eye(1024), seed=1, state_bits=9)
+    assert ldlq.payload.L == 9
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="fixed", state_bits=12), "state_bits=12 does not apply"),
+    (dict(state_bits=12), "only the trellis mode"),
+    (dict(method="ecsq", state_bits=12), "state_bits=12 does not apply"),
+    (dict(mode="trellis", state_bits=1), "state_bits must be >= 2"),
+    (dict(mode="trellis", state_bits=21), "state_bits must be <= 20"),
+    (dict(mode="trellis", state_bits=12.0), "state_bits must be an integer"),
+])
+def test_state_bits_refused_where_it_does_not_apply(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nqlib.quantize(gaussian((64, 3)), 2.0, **kwargs)
+
+
+def test_state_bits_in_the_layer_config():
+    pytest.importorskip("torch")
+    from nqlib.nn import QuantConfig, QuantLinear
+
+    cfg = QuantConfig(weight_rate=2.0, mode="trellis", state_bits=10)
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.linear_kwargs()["state_bits"] == 10
+    # a config written before the field existed still reads
+    old = {k: v for k, v in cfg.to_dict().items() if k != "state_bits"}
+    assert QuantConfig.from_dict(old).state_bits is None
+    for bad in (dict(weight_rate=2.0, state_bits=10),
+                dict(weight_rate=2.0, method="nested-ldlq", state_bits=10),
+                dict(weight_rate=2, method="rtn", state_bits=10)):
+        with pytest.raises(ValueError, match="state_bits"):
+            QuantConfig(**bad)
+    import torch
+
+    lin = torch.nn.Linear(256, 4)
+    q = QuantLinear.from_linear(lin, 2.0, mode="trellis", state_bits=10)
+    assert q.quantized_weight.payload.L == 10
+    with pytest.raises(ValueError, match="state_bits"):
+        QuantLinear.from_linear(lin, 2.0, mode="fixed", state_bits=10)

@@ -26,7 +26,7 @@ from nqlib import _checks
 from nqlib.nn.linear import QuantEmbedding, QuantLinear
 from nqlib.nn.model import QuantizationReport, quantize_model, set_module
 from nqlib.nn.options import LAYER_METHODS, LDLQ_METHOD, check_model_options
-from nqlib.quantizers.rate_control import check_choice, check_rate
+from nqlib.quantizers.rate_control import check_choice, check_rate, check_state_bits
 
 __all__ = ["QuantConfig", "quantize_"]
 
@@ -71,6 +71,11 @@ class QuantConfig:
     group_size : int or None
         rtn methods only: group length (None: :func:`nqlib.quantize`'s
         default).
+    state_bits : int or None
+        ``mode="trellis"`` only: state bits of the trellis code, as in
+        :func:`nqlib.quantize` (None: the library default,
+        :data:`nqlib.quantizers.trellis.DEFAULT_L`). Fewer bits encode
+        faster (half the time per bit) for a slightly larger error.
 
     Raises
     ------
@@ -94,6 +99,7 @@ class QuantConfig:
     seed: int = 0
     damp: float | None = None
     group_size: int | None = None
+    state_bits: int | None = None
 
     def __post_init__(self):
         check_choice(self.method, "method", LAYER_METHODS)
@@ -123,6 +129,9 @@ class QuantConfig:
                                  f"got method={self.method!r}")
             set_("group_size", _checks.check_int(self.group_size, "group_size",
                                                  minimum=1))
+        set_("state_bits", check_state_bits(
+            self.state_bits, "nested" if self.method == LDLQ_METHOD
+            else self.method, self.mode))
         # the rules of quantize_model / QuantLinear.from_linear (modes the
         # method has, act_mode only with act_rate, ...)
         kw = self.linear_kwargs()
@@ -167,6 +176,8 @@ class QuantConfig:
             kw["damp"] = self.damp
         if self.group_size is not None:
             kw["group_size"] = self.group_size
+        if self.state_bits is not None:
+            kw["state_bits"] = self.state_bits
         return kw
 
 

@@ -12,7 +12,12 @@ import inspect
 
 from nqlib.nn.activations import check_act_mode
 from nqlib.quantizers.matrix import METHODS, quantize
-from nqlib.quantizers.rate_control import OPTION_VALUES, check_rate, resolve_options
+from nqlib.quantizers.rate_control import (
+    OPTION_VALUES,
+    check_rate,
+    check_state_bits,
+    resolve_options,
+)
 
 __all__ = ["LDLQ_METHOD", "LAYER_METHODS", "weight_quantizer", "check_keywords",
            "check_model_options"]
@@ -109,6 +114,8 @@ def check_model_options(method: str, mode, act_rate, act_mode, kwargs) -> None:
     check_keywords(quantizer, kwargs, method)
     options = {k: v for k, v in kwargs.items() if k in OPTION_VALUES[base]}
     resolve_options(base, mode=mode, **options)
+    if "state_bits" in kwargs:
+        check_state_bits(kwargs["state_bits"], base, mode)
     if act_rate is not None:
         check_rate(act_rate, base)
         check_act_mode(act_mode, base)

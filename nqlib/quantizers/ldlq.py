@@ -78,7 +78,7 @@ from nqlib.quantizers.coded_domain import (
 from nqlib.quantizers.format import TRELLIS_PAYLOAD_BYTES
 from nqlib.quantizers.matrix import QuantizedMatrix, quantize, quantize_columns
 from nqlib.quantizers.payloads import FixedPart, FixedPayload, TrellisPayload
-from nqlib.quantizers.rate_control import code_budget_bits
+from nqlib.quantizers.rate_control import check_state_bits, code_budget_bits
 
 __all__ = ["quantize_ldlq", "quantize_ldlq_trellis", "check_hessian_inputs",
            "DEFAULT_DAMP", "TRELLIS_SEQ_LEN"]
@@ -341,7 +341,8 @@ TRELLIS_SEQ_LEN = 256
 
 def quantize_ldlq_trellis(A, rate, H, *, seed=0, damp=None, estimator="mmse",
                           center=True, normalize=True, rotate=True,
-                          sketch=True, seq_len=TRELLIS_SEQ_LEN):
+                          sketch=True, seq_len=TRELLIS_SEQ_LEN,
+                          state_bits=None):
     """The trellis mode with Hessian-aware rounding (block LDLQ).
 
     The block update of :func:`quantize_ldlq` with the trellis
@@ -371,6 +372,10 @@ def quantize_ldlq_trellis(A, rate, H, *, seed=0, damp=None, estimator="mmse",
         Damping fraction (default :data:`DEFAULT_DAMP`).
     seq_len : int
         Sequence length (stored in the file).
+    state_bits : int, optional
+        State bits of the trellis, as in :func:`nqlib.quantize` (None: the
+        default, :data:`nqlib.quantizers.trellis.DEFAULT_L`; stored in the
+        file).
 
     Returns
     -------
@@ -387,6 +392,7 @@ def quantize_ldlq_trellis(A, rate, H, *, seed=0, damp=None, estimator="mmse",
     from nqlib.kernels.cpu import trellis as kern
 
     damp = DEFAULT_DAMP if damp is None else damp
+    state_bits = check_state_bits(state_bits, "nested", "trellis")
     A64, H = check_hessian_inputs(A, H, damp)
     n, a = A64.shape
     base = quantize(A64, rate, seed=seed, mode="fixed",
@@ -402,7 +408,8 @@ def quantize_ldlq_trellis(A, rate, H, *, seed=0, damp=None, estimator="mmse",
                                       a, n_pad, sketch=sketch)
     Y = _coded_domain(A64, base)
     Hc = _coded_hessian(0.5 * (H + H.T), base)
-    lay, L, beta = trellis.plan(Y, total, keep=keep, L=trellis.DEFAULT_L,
+    L = trellis.DEFAULT_L if state_bits is None else state_bits
+    lay, L, beta = trellis.plan(Y, total, keep=keep, L=L,
                                 seq_len=seq_len)
     per_col = lay.count // a
     cuts = np.concatenate((lay.starts[:per_col], [keep]))

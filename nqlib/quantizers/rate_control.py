@@ -18,6 +18,7 @@ import numbers
 import numpy as np
 
 from nqlib import _checks
+from nqlib.quantizers import trellis
 from nqlib.quantizers.format import (
     ESTIMATORS,
     MAX_RATE,
@@ -26,8 +27,8 @@ from nqlib.quantizers.format import (
     side_information_bits,
 )
 
-__all__ = ["check_rate", "check_choice", "resolve_options", "OPTION_VALUES",
-           "RATE_TOLERANCE", "code_budget_bits"]
+__all__ = ["check_rate", "check_choice", "check_state_bits", "resolve_options",
+           "OPTION_VALUES", "RATE_TOLERANCE", "code_budget_bits"]
 
 #: allowed excess of the achieved rate over the target in fixed mode (bits
 #: per entry): its words have a whole number of bits per 8-block
@@ -60,6 +61,21 @@ def check_rate(rate, method) -> float:
         raise ValueError(f"rate must be in [{MIN_RATE}, {MAX_RATE}] bits per entry "
                          f"for method={method!r}, got {rate}")
     return rate
+
+
+def check_state_bits(state_bits, method, mode):
+    """The trellis state bits for ``method`` / ``mode`` (already resolved):
+    None (the default, :data:`nqlib.quantizers.trellis.DEFAULT_L` at the
+    call) or an integer in ``[MIN_L, MAX_L]`` with ``method="nested"`` and
+    ``mode="trellis"``; ValueError otherwise."""
+    if state_bits is None:
+        return None
+    if (method, mode) != ("nested", "trellis"):
+        raise ValueError(f"state_bits={state_bits!r} does not apply to method="
+                         f"{method!r}, mode={mode!r}: only the trellis mode "
+                         "has states (mode='trellis')")
+    return _checks.check_int(state_bits, "state_bits", minimum=trellis.MIN_L,
+                             maximum=trellis.MAX_L)
 
 
 _BOTH = (True, False)
