@@ -112,15 +112,21 @@ def family(name):
     return re.sub(r" (int|W)\d", "", name)
 
 
-def build(fp32, kind, spec, hessians, cache, filter_fn=BODY, tag="body"):
+def build(fp32, kind, spec, hessians, cache, filter_fn=BODY, tag="body",
+          cal_tag=""):
+    """The model quantized by one system: ``(model, bits per weight,
+    bytes)``. ``tag`` names the filter and the base model, ``cal_tag`` the
+    calibration data (the cache key of :func:`nqlib.lm.quantize_cached`
+    must tell them apart)."""
     model = copy.deepcopy(fp32)
     if kind == "rtn":
         r = lm.rtn_baseline_(model, spec["bits"], group_size=64,
                              hadamard=spec["hadamard"], filter_fn=filter_fn)
         return model, r["bits_per_entry"], r["bytes"]
     cal = hessians if spec.method == "nested-ldlq" else None
+    key = f"smollm2 {tag}" + ("" if cal is None else f" calibrated on {cal_tag}")
     rep, _ = lm.quantize_cached(model, spec, filter_fn, calibration=cal,
-                                cache_dir=cache, tag=f"smollm2 {tag} {cal is None}")
+                                cache_dir=cache, tag=key)
     return model, rep.bits_per_entry, rep.bytes_after
 
 
@@ -173,6 +179,8 @@ def perplexity_table(fp32, tok, n_eval, n_cal, cache, trellis=True,
     cal_w = lm.windows(cal_ids, CONTEXT)
     cal = [w[None] for w in cal_w[:n_cal]]
     hold = [w[None] for w in cal_w[n_cal:]]
+    # the calibration text, for the cache key of the calibrated models
+    cal_tag = f"{n_cal} windows of {CONTEXT} (stdlib split, seed 0)"
     t0 = time.perf_counter()
     all_linears = [n for n, m in fp32.named_modules()
                    if isinstance(m, torch.nn.Linear)]
@@ -192,7 +200,8 @@ def perplexity_table(fp32, tok, n_eval, n_cal, cache, trellis=True,
         if only is not None and name not in only:
             continue
         t0 = time.perf_counter()
-        model, bits, nbytes = build(fp32, kind, spec, H, cache)
+        model, bits, nbytes = build(fp32, kind, spec, H, cache,
+                                    cal_tag=cal_tag)
         t1 = time.perf_counter()
         ppl = weight_only_perplexity(model, eval_ids)
         rows.append(dict(system=name, family=family(name),
@@ -240,7 +249,7 @@ def perplexity_table(fp32, tok, n_eval, n_cal, cache, trellis=True,
     head, bits, nbytes = build(keep[nq4], "nqlib",
                                QuantConfig(weight_rate=4.0, method="nested-ldlq"),
                                H, cache, filter_fn=lambda m, fqn: fqn == "lm_head",
-                               tag=f"head on {nq4}")
+                               tag=f"head on {nq4}", cal_tag=cal_tag)
     ppl = weight_only_perplexity(head, eval_ids)
     rows.append(dict(system=f"{nq4} + head LDLQ W4", family="head", rate=4,
                      bits=bits, MB=nbytes / 1e6, ppl=ppl,
@@ -382,7 +391,7 @@ def main():
     else:
         w4 = copy.deepcopy(fp32)
         lm.quantize_cached(w4, QuantConfig(weight_rate=4.0), BODY,
-                           cache_dir=cache, tag="smollm2 body True")
+                           cache_dir=cache, tag="smollm2 body")
     if args.json:  # the expensive part is done: keep it
         Path(args.json).write_text(json.dumps(result, indent=1, default=float))
     sizes = checkpoint_sizes(fp32, w4)

@@ -501,6 +501,50 @@ def _butterflies(typingctx, arr, off_a, off_b, count):
     return sig, codegen
 
 
+def _butterflies4_intrinsic(scaled):
+    def _bf4(typingctx, arr, off, span, scale):
+        sig = types.void(arr, types.int64, types.int64, types.float32)
+
+        def codegen(context, builder, signature, args):
+            arr_v, off, span, scale = args
+            e = _Emit(builder)
+            b = builder
+            ptr = b.gep(_data(context, b, signature.args[0], arr_v), [off])
+            ps = [b.gep(ptr, [b.mul(span, ir.Constant(_I64, k))])
+                  for k in range(4)]
+            sv = e.splat(scale, _V8F)
+            nvec = b.sdiv(span, ir.Constant(_I64, 8))
+            zero = ir.Constant(_I64, 0)
+            one = ir.Constant(_I64, 1)
+            with cgutils.for_range_slice(b, zero, nvec, one, inc=True) as (i, _):
+                at = b.mul(i, ir.Constant(_I64, 8))
+                v = [e.load_vec(q, at, _V8F) for q in ps]
+                # stage of span ``span``, then of span ``2 span``: the same
+                # operations, in the same order, as two passes of
+                # _butterflies
+                t = [b.fadd(v[0], v[1]), b.fsub(v[0], v[1]),
+                     b.fadd(v[2], v[3]), b.fsub(v[2], v[3])]
+                u = [b.fadd(t[0], t[2]), b.fadd(t[1], t[3]),
+                     b.fsub(t[0], t[2]), b.fsub(t[1], t[3])]
+                for k in range(4):
+                    val = b.fmul(u[k], sv) if scaled else u[k]
+                    e.store_vec(val, ps[k], at)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(_bf4)
+
+
+#: two butterfly stages (spans ``span`` and ``2 span``, ``span`` a multiple
+#: of 8) on the four runs ``arr.flat[off + k span : off + (k + 1) span]``
+#: in one pass, optionally times ``scale`` as they are stored
+#: (``_butterflies4(arr, off, span, scale)``; the scale is ignored by the
+#: unscaled one)
+_butterflies4 = _butterflies4_intrinsic(False)
+_butterflies4_scaled = _butterflies4_intrinsic(True)
+
+
 @intrinsic
 def _hadamard8(typingctx, arr, off, count):
     """The first three butterfly stages (spans 1, 2, 4) of a Walsh-Hadamard
@@ -627,6 +671,38 @@ def _hadamard_run(y, off, p):
         for start in range(off, off + p, 2 * hh):
             _butterflies(y, start, start + hh, hh)
         hh *= 2
+
+
+@njit(cache=True, inline="always")
+def _stages_from(y, off, span, length, scale, scaled):
+    """In place on ``y[off : off + length]``, the butterfly stages of spans
+    ``span, 2 span, ... < length`` (``span`` a multiple of 8), in increasing
+    span, two per pass over the data (one alone first when their number is
+    odd); with ``scaled`` the result is multiplied by ``scale`` (as the last
+    pass stores, or in a pass of its own when no two stages are left)."""
+    k = 0
+    s = span
+    while s < length:
+        k += 1
+        s *= 2
+    s = span
+    if k % 2 == 1:
+        for start in range(off, off + length, 2 * s):
+            _butterflies(y, start, start + s, s)
+        s *= 2
+        k -= 1
+    if scaled and k == 0:
+        for i in range(off, off + length):
+            y[i] *= scale
+    while k > 0:
+        if scaled and k == 2:
+            for start in range(off, off + length, 4 * s):
+                _butterflies4_scaled(y, start, s, scale)
+        else:
+            for start in range(off, off + length, 4 * s):
+                _butterflies4(y, start, s, scale)
+        s *= 4
+        k -= 2
 
 
 # ------------------------------------------------------------- drivers
@@ -798,9 +874,10 @@ def rotate_rows(x, signs, orth, p, center, out, xsum):
     the Hadamard stages run in place (spans 1, 2, 4 in registers, the others
     on runs of 8 lanes); for ``m = 3`` (384, 1536, ...) ``O_3`` and the
     first three stages run in registers on windows of 24 floats
-    (:func:`_mix3_hadamard8`) and the others on runs of 24, 48, ... floats;
-    for other ``m`` the row is transposed to (m, p), so that both factors act
-    on contiguous runs, and back.
+    (:func:`_mix3_hadamard8`) and the others on runs of 24, 48, ... floats,
+    two stages per pass over the row (:func:`_stages_from`); for other
+    ``m`` the row is transposed to (m, p), so that both factors act on
+    contiguous runs, and back.
     """
     M, n = x.shape
     n_pad = out.shape[1]
@@ -823,19 +900,15 @@ def rotate_rows(x, signs, orth, p, center, out, xsum):
                 y[i] = (x[r, i] - mean) * np.float32(signs[i])
             for i in range(n, n_pad):
                 y[i] = np.float32(0.0)
+            # the stages of spans 1, 2, 4 in registers (with O_3 first when
+            # m = 3), then the longer ones two per pass, the scale applied
+            # as the last pass stores
             if m == 1:
-                _hadamard_run(y, 0, p)
+                _hadamard8(y, 0, p)
+                _stages_from(y, 0, 8, n_pad, scale, True)
             else:
-                # O_3 and the stages of spans 1, 2, 4 in registers, then the
-                # longer stages on runs of 24, 48, ... floats
                 _mix3_hadamard8(y, orth, 0, n_pad)
-                span = 24
-                while span < n_pad:
-                    for start in range(0, n_pad, 2 * span):
-                        _butterflies(y, start, start + span, span)
-                    span *= 2
-            for i in range(n_pad):
-                y[i] *= scale
+                _stages_from(y, 0, 24, n_pad, scale, True)
             continue
         # (p, m) -> (m, p), the signs applied on the way
         a = np.zeros((m, p), np.float32)
