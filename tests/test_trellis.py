@@ -579,7 +579,7 @@ def test_state_bits_option():
     small = nqlib.quantize(A, 2.0, mode="trellis", seed=1, state_bits=8)
     default = nqlib.quantize(A, 2.0, mode="trellis", seed=1)
     assert small.payload.L == 8 and default.payload.L == tq.DEFAULT_L
-    # the option is the module constant, and the decoder reads it from the file
+    # this shape does not lower L = 8, and the decoder reads L from the file
     lay = tq.layout(4, small.n_pad, small.n_pad, small.payload.total_bits,
                     tq.DEFAULT_SEQ_LEN)
     assert tq.choose_L(lay, 8) == 8

@@ -129,9 +129,7 @@ class QuantConfig:
                                  f"got method={self.method!r}")
             set_("group_size", _checks.check_int(self.group_size, "group_size",
                                                  minimum=1))
-        set_("state_bits", check_state_bits(
-            self.state_bits, "nested" if self.method == LDLQ_METHOD
-            else self.method, self.mode))
+        set_("state_bits", check_state_bits(self.state_bits, base, self.mode))
         # the rules of quantize_model / QuantLinear.from_linear (modes the
         # method has, act_mode only with act_rate, ...)
         kw = self.linear_kwargs()
