@@ -34,10 +34,12 @@ torch = pytest.importorskip("torch")
 EPS32 = float(np.finfo(np.float32).eps)
 
 # (n, a, rate, options): n not a multiple of 8 (padding), a not a multiple
-# of 16 (padding rows), K tiles of 32 blocks not filled, fractional rates
+# of 16 (padding rows), one K tile (up to 48 blocks) or several of 32
+# blocks, the last one not filled (520: 65 blocks), fractional rates
 # (time sharing between two word lengths, and sketching below ~1 bit)
 CASES = [
     (100, 24, 4.0, {}),
+    (520, 24, 4.0, {}),
     (256, 40, 4.0, {}),
     (300, 37, 4.2, {}),          # q = 15 / 13 (odd) and 14 (even) parts
     (384, 48, 3.0, {}),
@@ -221,6 +223,36 @@ def test_random_layout_odd_and_even_q_against_oracle():
             ref = xr.astype(np.float64) @ oracle.T
             tol = 8 * EPS32 * np.sqrt(8 * coded) * (np.abs(xr) @ np.abs(oracle).T)
             assert np.all(np.abs(got - ref) <= tol)
+
+
+@pytest.mark.parametrize("G", (1, 2, 3, 5, 9, 10))
+def test_gemv_groups_at_a_time_and_left_over(G):
+    """The batch-1 kernel decodes several groups of 8 rows per pass
+    (``GEMV_GROUPS``) and the groups left over one at a time: every group
+    count and every number of rows of activations against the oracle of the
+    bit layout, both parities of q, both parts."""
+    from nqlib.kernels.cpu import fused
+
+    rng = np.random.default_rng([6, G])
+    coded, h = 13, 5
+    words = rng.integers(0, 2**32, size=(G, coded, 8), dtype=np.uint64)
+    words = words.astype(np.uint32).view(np.int32)
+    nib = rng.integers(0, 2**32, size=(G, coded), dtype=np.uint64).astype(np.uint32)
+    kpl = rng.integers(0, 256, size=3 * G * coded + 1).astype(np.uint8)
+    tab = rng.uniform(0.1, 1.0, size=(2, 8)).astype(np.float32)
+    for q_hi, q_lo in ((13, 14), (16, 11)):
+        oracle = decode_cpu_layout(words, nib, kpl, tab, q_hi, q_lo, h, 8 * G)
+        for R in range(1, fused.GEMV_MAX_ROWS + 1):
+            xr = rng.standard_normal((R, 8 * coded)).astype(np.float32)
+            xs = np.empty((R, coded, 8), np.float32)
+            xrev = np.empty_like(xs)
+            xc = np.empty((R, coded, 2), np.float32)
+            fused.gemv_activations(xr, coded, xs, xrev, xc)
+            acc = np.full((R, 8 * G), np.nan, np.float32)
+            fused.gemv(words, nib, kpl, tab, q_hi, q_lo, h, xs, xrev, xc, acc)
+            ref = xr.astype(np.float64) @ oracle.T
+            tol = 8 * EPS32 * np.sqrt(8 * coded) * (np.abs(xr) @ np.abs(oracle).T)
+            assert np.all(np.abs(acc - ref) <= tol), (q_hi, R)
 
 
 # ---------------------------------------------------------- QuantLinear

@@ -5,7 +5,8 @@ layout built by :func:`nqlib.quantizers.cpu_layout.cpu_layout` and is never
 decoded to memory as a whole: the batch-1 kernel (:func:`gemv`) decodes every
 block in registers inside the dot products, and the batched kernel
 (:func:`gemm`) decodes a tile of 16 rows by 32 blocks (16 KiB of float32, in
-L1) at a time and multiplies it into every row of the batch (register tiles
+L1; all blocks, up to 48, when the rows are that short) at a time and
+multiplies it into every row of the batch (register tiles
 of 6 x 16 accumulators), applying the per-row scale, mean term and bias as
 it stores. :func:`rotate_rows` brings the activations to the coded domain
 (centring, zero padding, the seeded Hadamard rotation) in float32.
@@ -66,6 +67,9 @@ from nqlib.kernels.cpu.lattice import CHUNK, decode_e8_into
 #: coded blocks per K tile of the batched kernel (256 coordinates: a tile of
 #: 16 rows is 16 KiB of float32)
 KC_BLOCKS = 32
+#: up to this many coded blocks (384 coordinates, 24 KiB of float32 per tile)
+#: the whole K range is one tile, so that the output is written once
+KC_WHOLE = 48
 #: rows of activations per register tile of the batched kernel (6 x 16
 #: accumulators) and per cache block (a multiple of MR)
 MR = 6
@@ -222,12 +226,14 @@ def _load_block(e, pw, pn, pk, rb):
 
 
 # -------------------------------------------------------------- batch 1
-def _gemv_codegen(odd_q, R):
-    """``acc[r, l] += sum_b beta <x_{r,b}, r_b / 2>`` over blocks ``[b0,
-    b1)`` of group ``g`` (one part: one ``q`` and one scale table), for the
-    ``R`` rows of activations whose tiles are ``xs[r]``, ``xr[r]``,
-    ``xc[r]`` (see :func:`gemv_activations`): the block's fields and the
-    converted ``u_j`` are shared by the ``R`` rows."""
+def _gemv_codegen(odd_q, R, NG):
+    """``acc[r, 8 gi + l] += sum_b beta <x_{r,b}, r_b / 2>`` over blocks
+    ``[b0, b1)`` of the ``NG`` groups ``g .. g + NG - 1`` (one part: one
+    ``q`` and one scale table), for the ``R`` rows of activations whose
+    tiles are ``xs[r]``, ``xr[r]``, ``xc[r]`` (see
+    :func:`gemv_activations`): a block's fields and converted ``u_j`` are
+    shared by the ``R`` rows, and the broadcast activations by the ``NG``
+    groups."""
 
     def codegen(context, builder, sig, args):
         words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc = args
@@ -246,12 +252,13 @@ def _gemv_codegen(odd_q, R):
         tabv = e.load_vec(ptab, ir.Constant(_I64, 0), _V8F)
         q32 = builder.trunc(q, _I32)
         accp = builder.bitcast(pacc, _V8F.as_pointer())
-        slots = []
+        slots = {}
         for r in range(R):
-            slot = cgutils.alloca_once(builder, _V8F)
-            builder.store(builder.load(builder.gep(accp, [ir.Constant(_I32, r)]),
-                                       align=4), slot)
-            slots.append(slot)
+            for gi in range(NG):
+                slot = cgutils.alloca_once(builder, _V8F)
+                at = ir.Constant(_I32, NG * r + gi)
+                builder.store(builder.load(builder.gep(accp, [at]), align=4), slot)
+                slots[r, gi] = slot
         # per row of activations: its tiles (row strides 8 coded, 2 coded)
         c8 = builder.mul(coded, ir.Constant(_I64, 8))
         c2 = builder.mul(coded, ir.Constant(_I64, 2))
@@ -261,42 +268,52 @@ def _gemv_codegen(odd_q, R):
                for r in range(R)]
         rxc = [builder.gep(pxc, [builder.mul(c2, ir.Constant(_I64, r))])
                for r in range(R)]
-        row0 = builder.mul(g, Bc)
+        row0 = [builder.mul(builder.add(g, ir.Constant(_I64, gi)), Bc)
+                for gi in range(NG)]
         one = ir.Constant(_I64, 1)
         with cgutils.for_range_slice(builder, b0, b1, one, inc=True) as (blk, _):
             b8 = builder.mul(blk, ir.Constant(_I64, 8))
             b2 = builder.mul(blk, ir.Constant(_I64, 2))
-            W, nw, kw = _load_block(e, pw, pn, pk, builder.add(row0, blk))
-            f = _block_fields(e, W, nw, kw, odd_q, q32)
-            beta = e.perm(tabv, f["nib"])
-            pi_set = e.neg(f["pi_neg"])
-            # u_j 2^(4j) (j < 7) and u_7, shared by the rows; x_j comes
-            # pre-scaled by 2^(-4j) (exact scalings)
-            u = [builder.sitofp(builder.and_(W, e.vi(15 << (4 * j))), _V8F)
-                 for j in range(7)] + [builder.sitofp(f["u7"], _V8F)]
+            fs, betas, pis, us = [], [], [], []
+            for gi in range(NG):
+                W, nw, kw = _load_block(e, pw, pn, pk, builder.add(row0[gi], blk))
+                f = _block_fields(e, W, nw, kw, odd_q, q32)
+                fs.append(f)
+                betas.append(e.perm(tabv, f["nib"]))
+                pis.append(e.neg(f["pi_neg"]))
+                # u_j 2^(4j) (j < 7) and u_7, shared by the rows; x_j comes
+                # pre-scaled by 2^(-4j) (exact scalings)
+                us.append([builder.sitofp(builder.and_(W, e.vi(15 << (4 * j))),
+                                          _V8F) for j in range(7)]
+                          + [builder.sitofp(f["u7"], _V8F)])
             for r in range(R):
                 # c(pi) X: xc[r, b] = (C_HALF X, C_WHOLE X)
                 xa = e.splat(builder.load(builder.gep(rxc[r], [b2])), _V8F)
                 xb = e.splat(builder.load(builder.gep(rxc[r], [builder.add(b2, one)])),
                              _V8F)
                 pi1, pi0 = (xb, xa) if odd_q else (xa, xb)
-                base = builder.select(pi_set, pi1, pi0)
-                xk = e.perm(e.load_vec(rxr[r], b8, _V8F), f["kp"])   # x reversed
-                p = [base, builder.fmul(f["fix"], xk), None, None]
+                xrv = e.load_vec(rxr[r], b8, _V8F)                  # x reversed
+                # two chains per group: base + u_0 x_0 + u_2 x_2 + ... and
+                # fix x_k + u_1 x_1 + ...
+                p = []
+                for gi in range(NG):
+                    xk = e.perm(xrv, fs[gi]["kp"])
+                    p.append([builder.select(pis[gi], pi1, pi0),
+                              builder.fmul(fs[gi]["fix"], xk)])
                 for j in range(8):
                     xj = e.splat(builder.load(builder.gep(
                         rxs[r], [builder.add(b8, ir.Constant(_I64, j))])), _V8F)
-                    # four independent chains: the loop is bound by
-                    # throughput, not by the latency of one chain
-                    if j < 2:
-                        p[2 + j] = builder.fmul(u[j], xj)
-                    else:
-                        p[j % 4] = e.fma(u[j], xj, p[j % 4])
-                s_ = builder.fadd(builder.fadd(p[0], p[1]), builder.fadd(p[2], p[3]))
-                builder.store(e.fma(s_, beta, builder.load(slots[r])), slots[r])
+                    for gi in range(NG):
+                        p[gi][j % 2] = e.fma(us[gi][j], xj, p[gi][j % 2])
+                for gi in range(NG):
+                    s_ = builder.fadd(p[gi][0], p[gi][1])
+                    builder.store(e.fma(s_, betas[gi], builder.load(slots[r, gi])),
+                                  slots[r, gi])
         for r in range(R):
-            builder.store(builder.load(slots[r]),
-                          builder.gep(accp, [ir.Constant(_I32, r)]), align=4)
+            for gi in range(NG):
+                builder.store(builder.load(slots[r, gi]),
+                              builder.gep(accp, [ir.Constant(_I32, NG * r + gi)]),
+                              align=4)
         return context.get_dummy_value()
 
     return codegen
@@ -306,23 +323,35 @@ def _gemv_codegen(odd_q, R):
 GEMV_MAX_ROWS = 4
 
 
-def _gemv_intrinsic(odd_q, R):
+def _gemv_intrinsic(odd_q, R, NG=1):
     @intrinsic
     def _gemv_blocks(typingctx, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1,
                      acc):
         sig = types.void(words, nib, kpl, xs, xr, xc, tab, types.int64,
                          types.int64, types.int64, types.int64, acc)
-        return sig, _gemv_codegen(odd_q, R)
+        return sig, _gemv_codegen(odd_q, R, NG)
 
     return _gemv_blocks
 
 
+#: groups of 8 rows of the weight that one pass of the batch-1 kernel
+#: decodes together, per number of rows of activations (1, 2, 3, 4): the
+#: broadcast activations are shared by ``8 NG`` rows of the weight. Four
+#: groups at batch 1 and two at batch 2 were the fastest measured (4096 x
+#: 4096, one thread, an AVX-512 CPU: 0.92 ms against 0.99 ms for two groups
+#: and 1.11 ms for one; the same CPU compiling for AVX2 only: 1.12, 1.65 and
+#: 1.88 ms); eight groups no longer fit in the vector registers.
+GEMV_GROUPS = (4, 2, 1, 1)
 _gemv_odd1, _gemv_odd2, _gemv_odd3, _gemv_odd4 = (
-    _gemv_intrinsic(True, r) for r in range(1, 5))
+    _gemv_intrinsic(True, r, GEMV_GROUPS[r - 1]) for r in range(1, 5))
 _gemv_even1, _gemv_even2, _gemv_even3, _gemv_even4 = (
-    _gemv_intrinsic(False, r) for r in range(1, 5))
-#: the one-row GEMV over the blocks of an odd-q part (the kernels' inner
-#: loop; chapter ``ch-kernels`` compiles it to count its instructions)
+    _gemv_intrinsic(False, r, GEMV_GROUPS[r - 1]) for r in range(1, 5))
+# one group at a time, for the groups left over
+_gemv_odd1_1, _gemv_odd2_1 = (_gemv_intrinsic(True, r, 1) for r in (1, 2))
+_gemv_even1_1, _gemv_even2_1 = (_gemv_intrinsic(False, r, 1) for r in (1, 2))
+#: the one-row GEMV over the blocks of an odd-q part, ``GEMV_GROUPS[0]``
+#: groups at a time (the kernels' inner loop; chapter ``ch-kernels``
+#: compiles it to count its instructions)
 gemv_odd = _gemv_odd1
 
 
@@ -726,25 +755,44 @@ def gemv_activations(x_rot, coded, xs, xr, xc):
 
 
 @njit(cache=True)
-def _gemv_part(odd, R, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8):
+def _gemv_part(odd, R, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc):
+    """Blocks ``[b0, b1)`` of groups ``g .. g + GEMV_GROUPS[R - 1] - 1``
+    into ``acc`` (R, 8 GEMV_GROUPS[R - 1])."""
     if odd:
         if R == 1:
-            _gemv_odd1(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+            _gemv_odd1(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
         elif R == 2:
-            _gemv_odd2(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+            _gemv_odd2(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
         elif R == 3:
-            _gemv_odd3(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+            _gemv_odd3(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
         else:
-            _gemv_odd4(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+            _gemv_odd4(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
     else:
         if R == 1:
-            _gemv_even1(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+            _gemv_even1(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
         elif R == 2:
-            _gemv_even2(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+            _gemv_even2(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
         elif R == 3:
-            _gemv_even3(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+            _gemv_even3(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
         else:
-            _gemv_even4(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, a8)
+            _gemv_even4(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
+
+
+@njit(cache=True)
+def _gemv_single(odd, R, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc):
+    """Blocks ``[b0, b1)`` of group ``g`` alone into ``acc`` (R, 8)."""
+    if R >= 3:
+        _gemv_part(odd, R, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
+    elif odd:
+        if R == 1:
+            _gemv_odd1_1(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
+        else:
+            _gemv_odd2_1(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
+    else:
+        if R == 1:
+            _gemv_even1_1(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
+        else:
+            _gemv_even2_1(words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
 
 
 @njit(cache=True, parallel=True)
@@ -752,22 +800,33 @@ def gemv(words, nib, kpl, tab, q_hi, q_lo, h, xs, xr, xc, acc):
     """``acc[r, i] = <x_r, raw_i>`` for the ``R <= GEMV_MAX_ROWS`` rows of
     activations whose tiles are ``xs``, ``xr``, ``xc`` and every stored row
     ``i`` (``acc`` (R, 8 G)): blocks ``[0, h)`` with ``q_hi`` and
-    ``tab[0]``, ``[h, Bc)`` with ``q_lo`` and ``tab[1]``. One task per group
-    of 8 rows of the weight; each block is decoded once for the ``R``
-    rows."""
+    ``tab[0]``, ``[h, Bc)`` with ``q_lo`` and ``tab[1]``. Each block is
+    decoded once for the ``R`` rows; one task per ``GEMV_GROUPS[R - 1]``
+    groups of 8 rows of the weight (the broadcast activations shared by
+    their rows), the groups left over one at a time."""
     G = words.shape[0]
     Bc = words.shape[1]
     R = xs.shape[0]
-    for g in prange(G):
-        a8 = np.zeros((R, 8), np.float32)
-        if h > 0:
-            _gemv_part(q_hi & 1, R, words, nib, kpl, xs, xr, xc, tab[0], q_hi, g,
-                       0, h, a8)
-        if Bc > h:
-            _gemv_part(q_lo & 1, R, words, nib, kpl, xs, xr, xc, tab[1], q_lo, g,
-                       h, Bc, a8)
+    ng = GEMV_GROUPS[R - 1]
+    multi = G // ng
+    for t in prange(multi + G - ng * multi):
+        whole = t < multi
+        g = ng * t if whole else ng * multi + (t - multi)
+        width = ng if whole else 1
+        a8 = np.zeros((R, 8 * width), np.float32)
+        for part in range(2):
+            b0, b1 = (0, h) if part == 0 else (h, Bc)
+            if b1 <= b0:
+                continue
+            q = q_hi if part == 0 else q_lo
+            if whole:
+                _gemv_part(q & 1, R, words, nib, kpl, xs, xr, xc, tab[part], q,
+                           g, b0, b1, a8)
+            else:
+                _gemv_single(q & 1, R, words, nib, kpl, xs, xr, xc, tab[part], q,
+                             g, b0, b1, a8)
         for r in range(R):
-            for lane in range(8):
+            for lane in range(8 * width):
                 acc[r, 8 * g + lane] = a8[r, lane]
 
 
@@ -831,8 +890,9 @@ def gemm(words, nib, kpl, tab, q_hi, q_lo, h, x, C, ep, xsum, nthreads):
 
     The tiles of 16 rows are split evenly between ``nthreads`` tasks. Each
     task walks cache blocks of ``MC`` activation rows, then K tiles of
-    ``KC_BLOCKS`` blocks (the activations of one such block fit in L2), then
-    its own tiles: a tile is decoded once into a 16 KiB buffer (L1) and
+    ``KC_BLOCKS`` blocks (the activations of one such block fit in L2; up to
+    ``KC_WHOLE`` blocks, the whole K range is one tile), then its own
+    tiles: a tile is decoded once into a buffer of at most 24 KiB (L1) and
     multiplied into every activation row of the cache block by register
     tiles of ``MR x 16`` accumulators.
     """
@@ -842,14 +902,15 @@ def gemm(words, nib, kpl, tab, q_hi, q_lo, h, x, C, ep, xsum, nthreads):
     sm, sk = x.shape[1], 1
     T = G // 2
     nw = max(1, min(T, nthreads))
+    kc = Bc if 0 < Bc <= KC_WHOLE else KC_BLOCKS
     for w in prange(nw):
         t0 = w * T // nw
         t1 = (w + 1) * T // nw
-        buf = np.empty(16 * 8 * KC_BLOCKS, np.float32)
+        buf = np.empty(16 * 8 * max(kc, 1), np.float32)
         for mb in range(0, M, MC):
             me = min(M, mb + MC)
-            for kb0 in range(0, Bc, KC_BLOCKS):
-                kb1 = min(Bc, kb0 + KC_BLOCKS)
+            for kb0 in range(0, Bc, kc):
+                kb1 = min(Bc, kb0 + kc)
                 for t in range(t0, t1):
                     decode_tile(words, nib, kpl, tab, q_hi, q_lo, h, t, kb0, kb1,
                                 buf)
