@@ -448,9 +448,14 @@ class QuantLinear(torch.nn.Module):
 
     def _forward_numba(self, x2):
         """``x2 @ W_hat.T + bias`` by the fused CPU kernel (float32)."""
-        x = x2.detach().to(torch.float32).contiguous().numpy()
-        bias = None if self.bias is None else self.bias.detach().float().numpy()
-        return torch.from_numpy(self._layout.linear(x, bias))
+        x = x2.detach()
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        bias = self.bias
+        if bias is not None:
+            bias = bias.detach()
+            bias = (bias if bias.dtype == torch.float32 else bias.float()).numpy()
+        return torch.from_numpy(self._layout.linear(x.numpy(), bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -458,6 +463,14 @@ class QuantLinear(torch.nn.Module):
                              f"{self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if (self.act_rate is None and self._layout is not None
+                and x2.device.type == "cpu" and self.backend in ("auto", "numba")):
+            # the fused CPU kernel (what _use_triton and _use_numba decide
+            # for these, checked without them: batch-1 calls are short)
+            y = self._forward_numba(x2)
+            if x.dtype != torch.float32:
+                y = y.to(x.dtype)
+            return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
         if self._use_triton(x2):  # fused decode-matmul, bias included
             y = self._forward_triton(x2)
             return y.to(x.dtype).reshape(*lead, self.out_features)
