@@ -141,3 +141,48 @@ def test_bad_input():
         P.apply(np.zeros(8), backend="fortran")
     with pytest.raises(RuntimeError, match="triton"):
         P.apply(np.zeros(8), backend="triton")
+
+
+def _fwht_stage_by_stage(x, scale):
+    """The butterflies ``a, b = a + b, a - b`` of every span in increasing
+    order over whole rows (numpy), then the scale: the order of operations
+    the fast kernel keeps."""
+    x = x.copy()
+    r, n = x.shape
+    h = 1
+    while h < n:
+        v = x.reshape(r, n // (2 * h), 2, h)
+        a, b = v[:, :, 0].copy(), v[:, :, 1].copy()
+        v[:, :, 0], v[:, :, 1] = a + b, a - b
+        h *= 2
+    return x * scale
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32, 64, 4096])
+def test_vector_butterflies_keep_the_bits(n, dtype):
+    """The numba transform (its long spans on SIMD vectors) gives exactly the
+    bits of the stage-by-stage butterflies, float64 and float32 rows; for
+    float32 through the fused kernel's rotation helper."""
+    from nqlib.kernels.cpu.hadamard import fwht_rows
+
+    x = np.random.default_rng(n).standard_normal((3, n)).astype(dtype)
+    scale = 1.0 / np.sqrt(n)
+    want = _fwht_stage_by_stage(x, dtype(scale))
+    if dtype == np.float64:
+        got = x.copy()
+        fwht_rows(got, scale)
+        np.testing.assert_array_equal(got, want)
+    elif n >= 8:
+        from numba import njit
+
+        from nqlib.kernels.cpu import fused
+
+        @njit
+        def run(y, p):
+            for i in range(y.shape[0]):
+                fused._hadamard_run(y[i], 0, p)
+
+        got = x.copy()
+        run(got, n)
+        np.testing.assert_array_equal(got * dtype(scale), want)

@@ -47,7 +47,8 @@ Word decoding (:func:`_block_fields`) is separate from the products
 (:func:`_gemv_codegen`, :func:`_decode_codegen`) so that another code can
 reuse the products.
 
-No import from the rest of nqlib but the guard and the E8 decoder of
+No import from the rest of nqlib but the guard, the butterflies of
+:mod:`nqlib.kernels.cpu.hadamard` and the E8 decoder of
 :mod:`nqlib.kernels.cpu.lattice` (for :func:`layout_fields`). Arrays in,
 arrays out.
 Book: chapter "Kernels: CPU and GPU", label ``ch-kernels``.
@@ -62,6 +63,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nqlib.kernels.cpu.guard import guard_module, guarded, threadsafe
+from nqlib.kernels.cpu.hadamard import butterflies as _butterflies
 from nqlib.kernels.cpu.lattice import CHUNK, decode_e8_into
 
 #: coded blocks per K tile of the batched kernel (256 coordinates: a tile of
@@ -492,42 +494,6 @@ def _tile_intrinsic(mr):
 
 _tile1, _tile2, _tile3, _tile4, _tile5, _tile6 = (_tile_intrinsic(r)
                                                   for r in range(1, MR + 1))
-
-
-@intrinsic
-def _butterflies(typingctx, arr, off_a, off_b, count):
-    """``a, b = a + b, a - b`` elementwise on the runs ``arr.flat[off_a :
-    off_a + count]`` and ``arr.flat[off_b : off_b + count]`` (disjoint), 8
-    lanes at a time (numba does not vectorise this loop: the two runs are
-    in one array)."""
-    sig = types.void(arr, types.int64, types.int64, types.int64)
-
-    def codegen(context, builder, signature, args):
-        arr_v, off_a, off_b, count = args
-        e = _Emit(builder)
-        ptr = _data(context, builder, signature.args[0], arr_v)
-        pa = builder.gep(ptr, [off_a])
-        pb = builder.gep(ptr, [off_b])
-        nvec = builder.sdiv(count, ir.Constant(_I64, 8))
-        zero = ir.Constant(_I64, 0)
-        one = ir.Constant(_I64, 1)
-        with cgutils.for_range_slice(builder, zero, nvec, one, inc=True) as (i, _):
-            at = builder.mul(i, ir.Constant(_I64, 8))
-            a = e.load_vec(pa, at, _V8F)
-            b = e.load_vec(pb, at, _V8F)
-            e.store_vec(builder.fadd(a, b), pa, at)
-            e.store_vec(builder.fsub(a, b), pb, at)
-        tail = builder.mul(nvec, ir.Constant(_I64, 8))
-        with cgutils.for_range_slice(builder, tail, count, one, inc=True) as (i, _):
-            qa = builder.gep(pa, [i])
-            qb = builder.gep(pb, [i])
-            a = builder.load(qa)
-            b = builder.load(qb)
-            builder.store(builder.fadd(a, b), qa)
-            builder.store(builder.fsub(a, b), qb)
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 def _butterflies4_intrinsic(scaled):
