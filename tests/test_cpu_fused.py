@@ -199,16 +199,23 @@ def test_empty_batch_and_bad_shapes(case):
         lay.linear_rotated(np.zeros((2, qm.n_pad), np.float32), np.zeros(3))
 
 
-def test_random_layout_odd_and_even_q_against_oracle():
-    """Arbitrary fields (not from a quantizer), both parities of q, both
-    parts: the kernels read exactly the documented bit layout."""
-    rng = np.random.default_rng(5)
-    G, coded, h = 4, 45, 19
+def _random_fields(rng, G, coded):
+    """Arbitrary packed fields of ``G`` groups of 8 rows and ``coded``
+    blocks (``words``, ``nib``, ``kpl``) and scale tables."""
     words = rng.integers(0, 2**32, size=(G, coded, 8), dtype=np.uint64)
     words = words.astype(np.uint32).view(np.int32)
     nib = rng.integers(0, 2**32, size=(G, coded), dtype=np.uint64).astype(np.uint32)
     kpl = rng.integers(0, 256, size=3 * G * coded + 1).astype(np.uint8)
     tab = rng.uniform(0.1, 1.0, size=(2, 8)).astype(np.float32)
+    return words, nib, kpl, tab
+
+
+def test_random_layout_odd_and_even_q_against_oracle():
+    """Arbitrary fields (not from a quantizer), both parities of q, both
+    parts: the kernels read exactly the documented bit layout."""
+    rng = np.random.default_rng(5)
+    G, coded, h = 4, 45, 19
+    words, nib, kpl, tab = _random_fields(rng, G, coded)
     for q_hi, q_lo in ((13, 14), (16, 11)):
         oracle = decode_cpu_layout(words, nib, kpl, tab, q_hi, q_lo, h, 8 * G)
         for M in (1, 7):
@@ -235,11 +242,7 @@ def test_gemv_groups_at_a_time_and_left_over(G):
 
     rng = np.random.default_rng([6, G])
     coded, h = 13, 5
-    words = rng.integers(0, 2**32, size=(G, coded, 8), dtype=np.uint64)
-    words = words.astype(np.uint32).view(np.int32)
-    nib = rng.integers(0, 2**32, size=(G, coded), dtype=np.uint64).astype(np.uint32)
-    kpl = rng.integers(0, 256, size=3 * G * coded + 1).astype(np.uint8)
-    tab = rng.uniform(0.1, 1.0, size=(2, 8)).astype(np.float32)
+    words, nib, kpl, tab = _random_fields(rng, G, coded)
     for q_hi, q_lo in ((13, 14), (16, 11)):
         oracle = decode_cpu_layout(words, nib, kpl, tab, q_hi, q_lo, h, 8 * G)
         for R in range(1, fused.GEMV_MAX_ROWS + 1):
