@@ -123,8 +123,6 @@ def test_fixed_order_kernels_are_the_obvious_loops():
     rng = np.random.default_rng(0)
     X, M = rng.standard_normal((7, 5)), rng.standard_normal((5, 3))
     u = rng.standard_normal(5)
-    out = np.empty((7, 3))
-    rows_times_matrix(X, M, out)
     dots = np.empty(7)
     rows_dot(X, u, dots)
     for i in range(7):
@@ -132,11 +130,20 @@ def test_fixed_order_kernels_are_the_obvious_loops():
         for k in range(5):
             acc += X[i, k] * u[k]
         assert dots[i] == acc
-        for j in range(3):
-            acc = 0.0
-            for k in range(5):
-                acc += X[i, k] * M[k, j]
-            assert out[i, j] == acc
+    # the general loops (5 x 3) and the written-out 3 x 3 case (the
+    # rotation's odd factor), with signed zeros among the entries
+    X3 = rng.standard_normal((9, 3))
+    X3[0] = -0.0
+    for A, B in ((X, M), (X3, rng.standard_normal((3, 3)))):
+        out = np.empty((A.shape[0], 3))
+        rows_times_matrix(A, B, out)
+        for i in range(A.shape[0]):
+            for j in range(3):
+                acc = 0.0
+                for k in range(A.shape[1]):
+                    acc += A[i, k] * B[k, j]
+                assert out[i, j] == acc and (np.signbit(out[i, j])
+                                             == np.signbit(acc))
 
 
 def test_dither_is_exact_and_in_the_voronoi_cell():

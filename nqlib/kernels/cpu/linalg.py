@@ -61,6 +61,15 @@ def rows_times_matrix(X, M, out):
     in increasing order (the same bits as the obvious loop)."""
     r, m = X.shape
     c = M.shape[1]
+    if m == 3 and c == 3:
+        # the rotation's 3 x 3 factor (lengths 3 * 2^k): the same sums,
+        # written out (the loops below cost more than the arithmetic on
+        # rows this short)
+        for i in prange(r):
+            x0, x1, x2 = X[i, 0], X[i, 1], X[i, 2]
+            for j in range(3):
+                out[i, j] = ((0.0 + x0 * M[0, j]) + x1 * M[1, j]) + x2 * M[2, j]
+        return
     for i in prange(r):
         for j in range(c):
             out[i, j] = 0.0
