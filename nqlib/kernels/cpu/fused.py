@@ -227,15 +227,26 @@ def _load_block(e, pw, pn, pk, rb):
     return W, nw, kw
 
 
+def _prefetch(e, ptr):
+    """A read prefetch of the cache line at ``ptr`` into all levels."""
+    i8p = ir.IntType(8).as_pointer()
+    fn = cgutils.get_or_insert_function(
+        e.b.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
+        "llvm.prefetch.p0i8")
+    e.b.call(fn, [e.b.bitcast(ptr, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                  ir.Constant(_I32, 1)])
+
+
 # -------------------------------------------------------------- batch 1
-def _gemv_codegen(odd_q, R, NG):
+def _gemv_codegen(odd_q, R, NG, pf):
     """``acc[r, 8 gi + l] += sum_b beta <x_{r,b}, r_b / 2>`` over blocks
     ``[b0, b1)`` of the ``NG`` groups ``g .. g + NG - 1`` (one part: one
     ``q`` and one scale table), for the ``R`` rows of activations whose
     tiles are ``xs[r]``, ``xr[r]``, ``xc[r]`` (see
     :func:`gemv_activations`): a block's fields and converted ``u_j`` are
     shared by the ``R`` rows, and the broadcast activations by the ``NG``
-    groups."""
+    groups. Each group's words and fields are prefetched ``pf`` blocks
+    ahead (0: none)."""
 
     def codegen(context, builder, sig, args):
         words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc = args
@@ -278,6 +289,16 @@ def _gemv_codegen(odd_q, R, NG):
             b2 = builder.mul(blk, ir.Constant(_I64, 2))
             fs, betas, pis, us = [], [], [], []
             for gi in range(NG):
+                if pf:
+                    # the words and fields pf blocks ahead (a prefetch
+                    # past the end of the arrays is harmless)
+                    ahead = builder.add(builder.add(row0[gi], blk),
+                                        ir.Constant(_I64, pf))
+                    _prefetch(e, builder.gep(pw, [builder.mul(ahead,
+                                                              ir.Constant(_I64, 8))]))
+                    _prefetch(e, builder.gep(pn, [ahead]))
+                    _prefetch(e, builder.gep(pk, [builder.mul(ahead,
+                                                              ir.Constant(_I64, 3))]))
                 W, nw, kw = _load_block(e, pw, pn, pk, builder.add(row0[gi], blk))
                 f = _block_fields(e, W, nw, kw, odd_q, q32)
                 fs.append(f)
@@ -323,15 +344,21 @@ def _gemv_codegen(odd_q, R, NG):
 
 #: most rows of activations the batch-1 kernel takes in one pass
 GEMV_MAX_ROWS = 4
+#: blocks ahead at which the batch-1 kernel prefetches each group's words
+#: and fields: a layer read from memory (not from the last-level cache, as
+#: in a model too large for it) measured about 5% faster with 16 than
+#: without, on 4096 x 4096 (from cache it made no measurable difference)
+GEMV_PREFETCH = 16
 
 
-def _gemv_intrinsic(odd_q, R, NG=1):
+def _gemv_intrinsic(odd_q, R, NG=1, pf=None):
     @intrinsic
     def _gemv_blocks(typingctx, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1,
                      acc):
         sig = types.void(words, nib, kpl, xs, xr, xc, tab, types.int64,
                          types.int64, types.int64, types.int64, acc)
-        return sig, _gemv_codegen(odd_q, R, NG)
+        return sig, _gemv_codegen(odd_q, R, NG,
+                                  GEMV_PREFETCH if pf is None else pf)
 
     return _gemv_blocks
 
