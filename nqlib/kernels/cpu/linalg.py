@@ -68,7 +68,10 @@ def rows_times_matrix(X, M, out):
         for i in prange(r):
             x0, x1, x2 = X[i, 0], X[i, 1], X[i, 2]
             for j in range(3):
-                out[i, j] = ((0.0 + x0 * M[0, j]) + x1 * M[1, j]) + x2 * M[2, j]
+                out[i, j] = 0.0
+                out[i, j] += x0 * M[0, j]
+                out[i, j] += x1 * M[1, j]
+                out[i, j] += x2 * M[2, j]
         return
     for i in prange(r):
         for j in range(c):
