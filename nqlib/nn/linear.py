@@ -437,14 +437,21 @@ class QuantLinear(torch.nn.Module):
         inputs when the layer holds a CPU layout and ``backend`` is
         ``"auto"`` or ``"numba"``; raises when ``backend="numba"`` cannot
         run."""
-        ok = self._layout is not None and x.device.type == "cpu"
-        if self.backend == "numba" and not ok:
+        if self.backend == "numba" and (self._layout is None
+                                        or x.device.type != "cpu"):
             why = (f"{_cpu_layout.supports(self._header)}; "
                    f"{_trellis_layout.supports(self._header)}"
                    if self._layout is None
                    else f"it runs on CPU tensors, got device {x.device}")
             raise ValueError(f"backend='numba' cannot run: {why}")
-        return ok and self.backend in ("auto", "numba")
+        return self._numba_takes(x)
+
+    def _numba_takes(self, x) -> bool:
+        """:meth:`_use_numba` without its error: a CPU input, a CPU layout,
+        ``backend`` ``"auto"`` or ``"numba"`` (cheap: batch-1 calls are
+        short)."""
+        return (self._layout is not None and x.device.type == "cpu"
+                and self.backend in ("auto", "numba"))
 
     def _forward_numba(self, x2):
         """``x2 @ W_hat.T + bias`` by the fused CPU kernel (float32)."""
@@ -463,10 +470,8 @@ class QuantLinear(torch.nn.Module):
                              f"{self.in_features}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if (self.act_rate is None and self._layout is not None
-                and x2.device.type == "cpu" and self.backend in ("auto", "numba")):
-            # the fused CPU kernel (what _use_triton and _use_numba decide
-            # for these, checked without them: batch-1 calls are short)
+        if self.act_rate is None and self._numba_takes(x2):
+            # the fused CPU kernel, bias included (_use_triton is False here)
             y = self._forward_numba(x2)
             if x.dtype != torch.float32:
                 y = y.to(x.dtype)
@@ -474,10 +479,10 @@ class QuantLinear(torch.nn.Module):
         if self._use_triton(x2):  # fused decode-matmul, bias included
             y = self._forward_triton(x2)
             return y.to(x.dtype).reshape(*lead, self.out_features)
-        if self.act_rate is None and self._use_numba(x2):  # bias included
-            y = self._forward_numba(x2)
-            return y.to(x.dtype).reshape(*lead, self.out_features)
-        if self.act_rate is not None and self._use_numba(x2):
+        # float inputs that the fused CPU kernel takes went above: this
+        # raises for backend='numba' that cannot run, and is True only with
+        # act_rate
+        if self._use_numba(x2):
             y = self._forward_quantized_acts(x2, fused=True)  # bias included
             return y.to(x.dtype).reshape(*lead, self.out_features)
         if self.act_rate is None:

@@ -375,7 +375,9 @@ _gemv_odd1, _gemv_odd2, _gemv_odd3, _gemv_odd4 = (
     _gemv_intrinsic(True, r, GEMV_GROUPS[r - 1]) for r in range(1, 5))
 _gemv_even1, _gemv_even2, _gemv_even3, _gemv_even4 = (
     _gemv_intrinsic(False, r, GEMV_GROUPS[r - 1]) for r in range(1, 5))
-# one group at a time, for the groups left over
+# one group at a time, for the groups left over: only the row counts that
+# decode several groups per pass leave groups over (_gemv_single)
+assert all(ng == 1 for ng in GEMV_GROUPS[2:])
 _gemv_odd1_1, _gemv_odd2_1 = (_gemv_intrinsic(True, r, 1) for r in (1, 2))
 _gemv_even1_1, _gemv_even2_1 = (_gemv_intrinsic(False, r, 1) for r in (1, 2))
 #: the one-row GEMV over the blocks of an odd-q part, ``GEMV_GROUPS[0]``
@@ -773,7 +775,9 @@ def _gemv_part(odd, R, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc):
 
 @njit(cache=True)
 def _gemv_single(odd, R, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc):
-    """Blocks ``[b0, b1)`` of group ``g`` alone into ``acc`` (R, 8)."""
+    """Blocks ``[b0, b1)`` of group ``g`` alone into ``acc`` (R, 8). Three
+    or four rows of activations take one group per pass anyway
+    (``GEMV_GROUPS``), so their kernels serve."""
     if R >= 3:
         _gemv_part(odd, R, words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc)
     elif odd:
@@ -899,7 +903,7 @@ def gemm(words, nib, kpl, tab, q_hi, q_lo, h, x, C, ep, xsum, nthreads):
     for w in prange(nw):
         t0 = w * T // nw
         t1 = (w + 1) * T // nw
-        buf = np.empty(16 * 8 * max(kc, 1), np.float32)
+        buf = np.empty(16 * 8 * kc, np.float32)
         for mb in range(0, M, MC):
             me = min(M, mb + MC)
             for kb0 in range(0, Bc, kc):
