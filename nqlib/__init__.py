@@ -10,6 +10,7 @@ first use.
 """
 
 from nqlib import lattices
+from nqlib._scratch import release as release_scratch
 from nqlib.lattices import A2, D4, E8, Dn, Lattice, Zn, lattice
 from nqlib.matmul import inner_products, matmul, matmul_distortion
 from nqlib.quantizers.hadamard import RandomHadamard
@@ -21,7 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "theory", "lattices", "Lattice", "Zn", "Dn", "A2", "D4", "E8", "lattice",
     "VoronoiCode", "RandomHadamard", "quantize", "QuantizedMatrix", "load",
-    "inner_products", "matmul", "matmul_distortion", "__version__",
+    "inner_products", "matmul", "matmul_distortion", "release_scratch",
+    "__version__",
 ]
 
 

@@ -138,7 +138,11 @@ class ActivationCache:
         hit = getattr(self._local, "entry", None)
         if hit is not None and hit[0] == key and torch.equal(hit[1], x2.detach()):
             return hit[2]
-        X = x2.detach().to("cpu", torch.float64).numpy()
+        # float32 inputs stay float32 (the quantizer reads them as float64,
+        # the same values); other dtypes become float64 (bfloat16 and float16
+        # exactly, like float32)
+        xd = x2.detach().to("cpu")
+        X = (xd if xd.dtype == torch.float32 else xd.to(torch.float64)).numpy()
         # keep_decoded: the MMSE step decodes the rows anyway; keeping them
         # saves decoding them again in the product (bit-identical to decoding
         # the bytes)

@@ -101,7 +101,11 @@ class QuantLinear(torch.nn.Module):
     quantization it runs :func:`nqlib.inner_products` on the two quantized
     operands. The output has the input's dtype (bfloat16 and float16 inputs
     included; the arithmetic is float32). A layer may be called from
-    several threads at once.
+    several threads at once. On CPU, the rotated input rows (and, with
+    ``act_rate``, the coded rows of the activation quantizer) go to
+    per-thread scratch buffers that are kept for the next call, so that
+    their memory is not mapped afresh each time;
+    :func:`nqlib.release_scratch` frees them.
     """
 
     def __init__(self, in_features, out_features, qweight: QuantizedMatrix,

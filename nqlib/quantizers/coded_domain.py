@@ -153,8 +153,11 @@ def rows_per_chunk(n_pad: int, multiple: int = 8) -> int:
     return max(multiple, CHUNK_ENTRIES // max(1, n_pad) // multiple * multiple)
 
 
-def coded_rows(A, n_pad, center, normalize, P):
+def coded_rows(A, n_pad, center, normalize, P, out=None):
     """The coded domain of ``A`` (n, a), a chunk of columns at a time.
+
+    ``out``: where to write ``Y`` (a C-contiguous float64 array (a,
+    n_pad)); a new array when None.
 
     Returns
     -------
@@ -167,10 +170,26 @@ def coded_rows(A, n_pad, center, normalize, P):
     reductions, per-row transforms).
     """
     n, a = A.shape
-    Y = np.empty((a, n_pad))
+    Y = np.empty((a, n_pad)) if out is None else out
     means = np.empty(a, dtype=np.float32) if center else None
     norms = np.empty(a, dtype=np.float32) if normalize else None
     step = rows_per_chunk(n_pad, 1)
+    if P is None or P.version >= draws.FIRST_OWN_DRAWS:
+        # one compiled pass per column, the same bits (the reference
+        # arithmetic is the loop below, which version-2 rotations keep)
+        from nqlib.kernels.cpu.coded import coded_rows_into
+
+        rotation = _rotation_arrays(P, n_pad)
+        spare = np.zeros(0, dtype=np.float32)
+        for c0 in range(0, a, step):
+            c1 = min(a, c0 + step)
+            X = A[:, c0:c1].T
+            if not X.flags.c_contiguous:    # columns of a C-ordered A
+                X = np.ascontiguousarray(X)
+            coded_rows_into(X, bool(center), bool(normalize), *rotation,
+                            Y[c0:c1], spare if means is None else means[c0:c1],
+                            spare if norms is None else norms[c0:c1])
+        return Y, means, norms
     for c0 in range(0, a, step):
         c1 = min(a, c0 + step)
         # (c, n), always a copy: it is centred in place, and for a
@@ -184,6 +203,15 @@ def coded_rows(A, n_pad, center, normalize, P):
         Y[c0:c1] = scaled_padded_rotated(X, n_pad, None if norms is None
                                          else norms[c0:c1], P)
     return Y, means, norms
+
+
+def _rotation_arrays(P, n_pad):
+    """``(signs, O^T, p)`` of ``P`` as :func:`~nqlib.kernels.cpu.coded.\
+coded_rows_into` takes them (empty signs: no rotation)."""
+    if P is None:
+        return np.zeros(0), np.ones((1, 1)), n_pad
+    return (np.asarray(P.signs, dtype=np.float64),
+            np.ascontiguousarray(P.orthogonal.T), int(P.power_of_two))
 
 
 def project(Y: np.ndarray, qm) -> np.ndarray:
@@ -264,6 +292,17 @@ def mmse_sums(qm, Y, raw_rows, *, keep=False):
     Y_hat : ndarray or None
     """
     a, n_pad = Y.shape
+    if (keep and qm.n_pad == qm.shape[0]
+            and (not qm.center or qm.version >= draws.FIRST_OWN_DRAWS)):
+        # the whole decode is kept anyway: project it in place and sum it
+        # in one compiled call (the same bits as the chunked pass below)
+        from nqlib.kernels.cpu.coded import project_mmse
+
+        R = np.ascontiguousarray(raw_rows(0, a), dtype=np.float64)
+        u = (unit_mean_direction(qm.rotation(), qm.shape[0], n_pad)
+             if qm.center else np.zeros(n_pad))
+        num, den = project_mmse(R, np.ascontiguousarray(Y), u, bool(qm.center))
+        return num, den, R
     rows = rows_per_chunk(n_pad)
     full = np.empty((a, n_pad)) if keep else None
     block = [-1, None]  # (first vector, its projected rows)
@@ -305,7 +344,8 @@ class Encoding:
     raw_rows : callable
         ``raw_rows(r0, r1)``: the decoder's raw rows (before projection and
         shrinkage) of vectors ``r0 .. r1 - 1``, asked for in order, a chunk
-        at a time, by the MMSE pass (:func:`mmse_sums`).
+        at a time (or all at once), by the MMSE pass (:func:`mmse_sums`),
+        which may overwrite them.
     finish : callable or None
         Codes whatever the MMSE pass did not ask for (an encoder may code
         a chunk only when its reconstruction is asked for, so that no

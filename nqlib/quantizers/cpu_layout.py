@@ -48,6 +48,7 @@ from nqlib.quantizers.fixed_mode import fixed_part_codes
 from nqlib.quantizers.layout_common import (
     RotatedLayout,
     check_matrix,
+    rotation_scratch,
     side_fields,
     threads,
 )
@@ -268,7 +269,7 @@ class CpuLayout(RotatedLayout):
         fused.linear(x, self.n_pad, self._signs(), self.orth, self.power_of_two,
                      self.center, self.words, self.nib, self.kpl, self.tab,
                      self.q[0], self.q[1], self.h, self.alpha, *self._side(bias),
-                     GEMV_ROWS, threads(), out)
+                     GEMV_ROWS, threads(), out, *rotation_scratch(x, self.n_pad))
         return out
 
     # --------------------------------------------------------- the file back

@@ -23,7 +23,8 @@ from nqlib.quantizers.format import FIXED_PAYLOAD_BYTES
 from nqlib.quantizers.payloads import FixedPart, FixedPayload
 from nqlib.quantizers.rate_control import RATE_TOLERANCE, code_budget_bits
 
-__all__ = ["encode", "decode", "encode_part", "fixed_part_codes", "decode_part"]
+__all__ = ["plan", "part_for", "encode", "decode", "encode_part", "fixed_part_codes",
+           "decode_part"]
 
 
 def encode_part(blocks, z, L, backend, packed=None, dec=None) -> FixedPart:
@@ -60,12 +61,14 @@ def encode_part(blocks, z, L, backend, packed=None, dec=None) -> FixedPart:
     return FixedPart(L=L, q=code.q, betas=betas, packed=packed)
 
 
-def encode(qm, Y, backend, sketch) -> Encoding:
-    """Fixed-length words per 8-block of the coded rows ``Y`` (a, n_pad) of
-    ``qm`` (see the module's description)."""
+def plan(qm, sketch):
+    """``(h, L_hi, L_lo)`` for ``qm`` (its shape, flags and rate): the first
+    ``h`` blocks of every vector get ``L_hi``-bit words, the others
+    ``L_lo``-bit words (0: dropped, when ``sketch``); ValueError when the
+    rate cannot be met."""
     from nqlib.quantizers.ratecurve import fixed_plan
 
-    a, n_pad = Y.shape
+    n_pad, a = qm.n_pad, qm.shape[1]
     B = n_pad // 8
     budget = code_budget_bits(qm, FIXED_PAYLOAD_BYTES, slack=RATE_TOLERANCE)
     per_block = budget / (a * B)
@@ -86,18 +89,31 @@ def encode(qm, Y, backend, sketch) -> Encoding:
         raise ValueError(f"rate {qm.rate} cannot be met in fixed mode for shape "
                          f"{qm.shape}: not even one {L_hi}-bit block per column "
                          "fits the budget")
+    return h, L_hi, L_lo
+
+
+def part_for(count, L) -> FixedPart:
+    """An ``L``-bit part of ``count`` words, its bytes zeroed (empty when
+    either is 0)."""
+    if L == 0 or count == 0:
+        return FixedPart.empty()
+    code = fixed_code(L)
+    return FixedPart(L=L, q=code.q, betas=np.array(code.betas, np.float32),
+                     packed=np.zeros(-(-count * L // 8), np.uint8))
+
+
+def encode(qm, Y, backend, sketch) -> Encoding:
+    """Fixed-length words per 8-block of the coded rows ``Y`` (a, n_pad) of
+    ``qm`` (see the module's description)."""
+    a, n_pad = Y.shape
+    B = n_pad // 8
+    h, L_hi, L_lo = plan(qm, sketch)
     blocks = Y.reshape(a, B, 8)
     zb = (dither(qm.seed, n_pad, a, a * B, qm.dither_key).reshape(a, B, 8)
           if qm.dither else None)
 
-    def part(width, L):
-        if L == 0 or width == 0:
-            return FixedPart.empty()
-        return FixedPart(L=L, q=fixed_code(L).q,
-                         betas=np.array(fixed_code(L).betas, np.float32),
-                         packed=np.zeros(-(-a * width * L // 8), np.uint8))
-
-    payload = FixedPayload(h=h, hi=part(h, L_hi), lo=part(B - h, L_lo))
+    payload = FixedPayload(h=h, hi=part_for(a * h, L_hi),
+                           lo=part_for(a * (B - h), L_lo))
     # The blocks are coded a chunk of vectors at a time (8k of them: each
     # chunk's words start on a byte of its part). Every block is coded alone,
     # so the words are those of one pass over all the blocks. The chunks are
@@ -125,6 +141,19 @@ def encode(qm, Y, backend, sketch) -> Encoding:
     def raw_rows(r0, r1):
         if r0 != cursor[0]:  # pragma: no cover - guards the chunk protocol
             raise RuntimeError("fixed-mode chunks must be coded in order")
+        if r1 - r0 == a and zb is None and backend != "numpy":
+            # all the vectors at once: one compiled call (the same words)
+            from nqlib.kernels.cpu.coded import encode_fixed_rows
+
+            out = np.empty((a, n_pad))
+            hi, lo = payload.hi, payload.lo
+            coded = B if lo.L else h
+            encode_fixed_rows(np.ascontiguousarray(Y), h, coded, hi.q,
+                              hi.betas.astype(np.float64), hi.L, hi.packed,
+                              lo.q, lo.betas.astype(np.float64), lo.L,
+                              lo.packed, out)
+            cursor[0] = a
+            return out
         out = np.zeros((r1 - r0, B, 8))  # dropped blocks stay 0
         encode_rows(r0, r1, out)
         cursor[0] = r1

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RotatedLayout", "side_fields", "check_matrix", "threads"]
+from nqlib._scratch import scratch
+
+__all__ = ["RotatedLayout", "side_fields", "check_matrix", "threads",
+           "rotation_scratch"]
 
 
 @dataclass(eq=False)
@@ -207,3 +210,12 @@ def threads() -> int:
     import numba
 
     return numba.get_num_threads()
+
+
+def rotation_scratch(x, n_pad):
+    """``(x_rot, xsum)``: this thread's scratch (:mod:`nqlib._scratch`) for
+    the rotated rows of ``x`` (M, n_pad) and their sums (M,), float32, as
+    the fused kernels' ``linear`` takes them."""
+    M = x.shape[0]
+    return (scratch("x_rot", (M, n_pad), np.float32),
+            scratch("xsum", (M,), np.float32))

@@ -53,6 +53,7 @@ import math
 import numpy as np
 
 from nqlib import _backend, _checks
+from nqlib._scratch import scratch
 from nqlib.quantizers import baselines, fixed_mode, trellis_mode, variable_mode
 from nqlib.quantizers import format as fmt
 from nqlib.quantizers.coded_domain import (
@@ -547,8 +548,17 @@ rotate, sketch, group_size, state_bits, backend
     n_pad = fmt.padded_length(n, method)
     if rotate and (why := fmt.rotation_size_problem(n_pad, a)):
         raise ValueError(f"A cannot be rotated: {why}; use rotate=False")
-    Xp, means, norms = coded_rows(A, n_pad, center, normalize,
-                                  RandomHadamard(n_pad, seed) if rotate else None)
+    # Activations quantized on every call (fixed mode, decode kept, nothing
+    # padded) take one compiled pass per step (fixed_mode.encode, mmse_sums);
+    # their coded rows go to this thread's scratch, which no array returned
+    # here refers to
+    whole = (method == "nested" and mode == "fixed" and keep_decoded
+             and estimator == "mmse" and not flags & FLAG_DITHER
+             and n_pad == n and backend != "numpy" and code_words)
+    Xp, means, norms = coded_rows(
+        A, n_pad, center, normalize,
+        RandomHadamard(n_pad, seed) if rotate else None,
+        out=scratch("coded_rows", (a, n_pad), np.float64) if whole else None)
     qm = QuantizedMatrix(shape=(n, a), rate=rate, method=method, mode=mode,
                          flags=flags, seed=seed, alpha=1.0, means=means,
                          norms=norms, payload=None,
@@ -574,7 +584,9 @@ rotate, sketch, group_size, state_bits, backend
         qm.alpha = alpha if abs(alpha) <= MAX_ALPHA else 1.0
     if keep_decoded and estimator == "mmse":
         # exactly decode_rows(qm): the same projection times the same alpha
-        qm._decoded = Yhat * qm.alpha
+        # (in place: Yhat is the MMSE pass's own array)
+        Yhat *= qm.alpha
+        qm._decoded = Yhat
         qm._decoded.setflags(write=False)
     if enc.finish is not None:  # code what the MMSE pass did not (all, without it)
         enc.finish()

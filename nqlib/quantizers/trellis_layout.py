@@ -34,6 +34,7 @@ from nqlib.quantizers import trellis
 from nqlib.quantizers.layout_common import (
     RotatedLayout,
     check_matrix,
+    rotation_scratch,
     side_fields,
     threads,
 )
@@ -149,7 +150,7 @@ class TrellisLayout(RotatedLayout):
         trellis_fused.linear(x, self.n_pad, self._signs(), self.orth,
                              self.power_of_two, self.center, *self._code(),
                              self.alpha, *self._side(bias), GEMV_ROWS,
-                             threads(), out)
+                             threads(), out, *rotation_scratch(x, self.n_pad))
         return out
 
     def gpu_layout(self, device):

@@ -1043,12 +1043,14 @@ def _products(x_rot, xsum, words, nib, kpl, tab, q_hi, q_lo, h, alpha, n_pad,
 
 @njit(cache=True)
 def linear(x, n_pad, signs, orth, p, center, words, nib, kpl, tab, q_hi, q_lo,
-           h, alpha, norms, means, bias, gemv_rows, nthreads, out):
+           h, alpha, norms, means, bias, gemv_rows, nthreads, out, x_rot, xsum):
     """``x @ W_hat.T + bias``: :func:`rotate_rows` then :func:`products`,
-    in one call."""
+    in one call; ``x_rot`` (at least (M, n_pad)) and ``xsum`` (at least
+    (M,)) float32 are its scratch (the caller's: they may be reused from
+    call to call)."""
     M = x.shape[0]
-    x_rot = np.empty((M, n_pad), np.float32)
-    xsum = np.empty(M, np.float32)
+    x_rot = x_rot[:M]
+    xsum = xsum[:M]
     rotate_rows(x, signs, orth, p, center, x_rot, xsum)
     _products(x_rot, xsum, words, nib, kpl, tab, q_hi, q_lo, h, alpha, n_pad,
              norms, means, bias, gemv_rows, nthreads, out)

@@ -61,7 +61,7 @@ def butterflies(typingctx, arr, off_a, off_b, count):
 
 
 @njit(cache=True)
-def _fwht_row(r, scale):
+def fwht_row(r, scale):
     """In place, ``r = scale * H r`` (length ``n = 2^k``): the butterflies of
     spans 1, 2 and 4 on each run of 8 in registers, stage after stage within
     the run (the same butterflies on the same values as stage after stage
@@ -107,10 +107,10 @@ def fwht_rows(x, scale):
 
     ``H`` is the Sylvester Hadamard matrix (entries +-1, natural order), so
     ``scale = 2^(-k/2)`` makes the transform orthonormal. Butterflies in the
-    usual order (:func:`_fwht_row`); the sums are exact for dyadic data.
+    usual order (:func:`fwht_row`); the sums are exact for dyadic data.
     """
     for i in prange(x.shape[0]):
-        _fwht_row(x[i], scale)
+        fwht_row(x[i], scale)
 
 
 # serialised when numba's threading layer is not thread-safe

@@ -1010,20 +1010,27 @@ def pack_words(words, nbits, out):
     """Write the low ``nbits`` (1..64) of each uint64 in ``words`` into the byte
     array ``out``, little-endian bit order, densely (word i starts at bit
     ``i * nbits``). ``out`` must hold ``ceil(len(words) * nbits / 8)`` zeroed
-    bytes."""
-    pos = 0
+    bytes (they are OR-ed in). The bits gather in a 64-bit accumulator that
+    is written out 8 bytes at a time."""
+    full = np.uint64(0xFFFFFFFFFFFFFFFF)
+    mask = full if nbits == 64 else (np.uint64(1) << np.uint64(nbits)) - np.uint64(1)
+    acc = np.uint64(0)
+    have = 0                    # bits held in acc (0..63)
+    pos = 0                     # next byte of out
     for i in range(words.shape[0]):
-        w = words[i]
-        left = nbits
-        while left > 0:
-            byte = pos >> 3
-            off = pos & 7
-            take = min(8 - off, left)
-            mask = (np.uint64(1) << np.uint64(take)) - np.uint64(1)
-            out[byte] |= np.uint8((w & mask) << np.uint64(off))
-            w = w >> np.uint64(take)
-            pos += take
-            left -= take
+        w = words[i] & mask
+        acc |= w << np.uint64(have)
+        if have + nbits >= 64:
+            for b in range(8):
+                out[pos + b] |= np.uint8((acc >> np.uint64(8 * b)) & np.uint64(255))
+            pos += 8
+            # the bits of w that did not fit
+            acc = w >> np.uint64(64 - have) if have > 0 else np.uint64(0)
+            have += nbits - 64
+        else:
+            have += nbits
+    for b in range((have + 7) // 8):
+        out[pos + b] |= np.uint8((acc >> np.uint64(8 * b)) & np.uint64(255))
 
 
 @njit(cache=True)
@@ -1163,10 +1170,23 @@ def encode_pack_rows(x, q, betas, z, nbits, out, dec):
     ``x`` OR-ed into the zeroed bytes ``out``; ``dec`` as in
     :func:`encode_multiscale_rows`."""
     m = x.shape[0]
-    codes = np.empty((m, 8), dtype=np.int64)
-    index = np.empty(m, dtype=np.int64)
-    encode_multiscale_rows(x, q, betas, z, codes, index, np.empty(m), dec)
-    words = np.empty(m, dtype=np.uint64)
+    encode_pack_into(x, q, betas, z, nbits, out, dec,
+                     np.empty((m, 8), dtype=np.int64), np.empty(m, dtype=np.int64),
+                     np.empty(m), np.empty(m, dtype=np.uint64))
+
+
+@njit(cache=True)
+def encode_pack_into(x, q, betas, z, nbits, out, dec, codes, index, sqerr,
+                     words):
+    """:func:`encode_pack_rows` with its scratch given: ``codes`` (m, 8),
+    ``index`` (m,), ``sqerr`` (m,), ``words`` (m,) uint64, for the ``m``
+    rows of ``x`` (at least as long: only their first ``m`` entries are
+    used)."""
+    m = x.shape[0]
+    codes = codes[:m]
+    index = index[:m]
+    words = words[:m]
+    encode_multiscale_rows(x, q, betas, z, codes, index, sqerr[:m], dec)
     for i in range(m):
         w = np.uint64(index[i])
         for j in range(7, -1, -1):
@@ -1180,3 +1200,4 @@ def encode_pack_rows(x, q, betas, z, nbits, out, dec):
 guard_module(globals())
 if not threadsafe():
     encode_pack_rows = guarded(encode_pack_rows)
+    encode_pack_into = guarded(encode_pack_into)

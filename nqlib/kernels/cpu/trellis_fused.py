@@ -564,13 +564,14 @@ def _products(x_rot, xsum, data, keep, seq_len, total_bits, L, mult, shift,
 @njit(cache=True)
 def linear(x, n_pad, signs, orth, p, center, data, keep, seq_len, total_bits, L,
            mult, shift, qbits, table, beta, alpha, norms, means, bias, gemv_rows,
-           nthreads, out):
+           nthreads, out, x_rot, xsum):
     """``x @ W_hat.T + bias``: :func:`nqlib.kernels.cpu.fused.rotate_rows`
     (centring, padding, rotation of the rows ``x`` (M, n)) then
-    :func:`products`, in one call."""
+    :func:`products`, in one call; ``x_rot`` (at least (M, n_pad)) and
+    ``xsum`` (at least (M,)) float32 are its scratch."""
     M = x.shape[0]
-    x_rot = np.empty((M, n_pad), np.float32)
-    xsum = np.empty(M, np.float32)
+    x_rot = x_rot[:M]
+    xsum = xsum[:M]
     rotate_rows(x, signs, orth, p, center, x_rot, xsum)
     _products(x_rot, xsum, data, keep, seq_len, total_bits, L, mult, shift, qbits,
               table, beta, alpha, n_pad, norms, means, bias, gemv_rows, nthreads,

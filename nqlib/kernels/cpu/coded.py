@@ -1,0 +1,332 @@
+"""Numba kernels of the coded domain: the rows the lattice codes, the
+projection of decoded rows, and the sums of the MMSE shrinkage.
+
+They compute, in one compiled pass per row, the same float64 values as the
+numpy pipeline of :mod:`nqlib.quantizers.coded_domain` (which holds the
+reference arithmetic): the same operations on the same operands in the same
+order, with no ``fastmath`` (so LLVM neither reassociates nor fuses
+multiply-adds). Sums that numpy forms follow numpy's pairwise order
+(:func:`pairwise_sum`). Every intermediate array of the numpy pipeline
+(copies, transposes, products) is a fresh allocation; here each row is
+transformed in place, which is what makes activations quantized on every
+call cheap.
+
+Arrays in, arrays out.
+Book: chapter "The practical quantizer", label ``ch-practical``.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from nqlib.kernels.cpu.guard import guard_module, guarded, threadsafe
+from nqlib.kernels.cpu.hadamard import butterflies, fwht_row
+from nqlib.kernels.cpu.nested import encode_pack_into
+
+#: numpy's block length of pairwise summation (``PW_BLOCKSIZE``)
+PAIRWISE_BLOCK = 128
+
+
+@njit(cache=True)
+def _pairwise_leaf(a, b, start, n, mode):
+    """numpy's pairwise sum of a run of at most ``PAIRWISE_BLOCK`` values:
+    eight accumulators over the multiple of 8, added as a balanced tree,
+    then the rest one by one. The values are ``a[i]`` (``mode`` 0),
+    ``a[i] * b[i]`` (1) or ``a[i] * a[i]`` (2), each product rounded as
+    numpy rounds the product array before summing it."""
+    if n < 8:
+        res = -0.0
+        for i in range(start, start + n):
+            res += _value(a, b, i, mode)
+        return res
+    r0 = _value(a, b, start, mode)
+    r1 = _value(a, b, start + 1, mode)
+    r2 = _value(a, b, start + 2, mode)
+    r3 = _value(a, b, start + 3, mode)
+    r4 = _value(a, b, start + 4, mode)
+    r5 = _value(a, b, start + 5, mode)
+    r6 = _value(a, b, start + 6, mode)
+    r7 = _value(a, b, start + 7, mode)
+    i = start + 8
+    end8 = start + n - n % 8
+    while i < end8:
+        r0 += _value(a, b, i, mode)
+        r1 += _value(a, b, i + 1, mode)
+        r2 += _value(a, b, i + 2, mode)
+        r3 += _value(a, b, i + 3, mode)
+        r4 += _value(a, b, i + 4, mode)
+        r5 += _value(a, b, i + 5, mode)
+        r6 += _value(a, b, i + 6, mode)
+        r7 += _value(a, b, i + 7, mode)
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < start + n:
+        res += _value(a, b, i, mode)
+        i += 1
+    return res
+
+
+@njit(cache=True, inline="always")
+def _value(a, b, i, mode):
+    if mode == 0:
+        return a[i]
+    if mode == 1:
+        return a[i] * b[i]
+    return a[i] * a[i]
+
+
+@njit(cache=True)
+def pairwise_sum(a, b, start, n, mode):
+    """``np.sum`` of the ``n`` values from flat index ``start`` of the 1-D
+    float64 arrays ``a`` (and ``b``) -- ``a`` (``mode`` 0), ``a * b`` (1)
+    or ``a * a`` (2) --, the bits numpy gives: its reduction adds the
+    pairwise sum to the identity 0.0, and the pairwise sum splits a run of
+    more than ``PAIRWISE_BLOCK`` values at half its length rounded down to
+    a multiple of 8 (:func:`_pairwise_leaf` for the runs left). The tree is
+    walked with an explicit stack (its depth is below 64 for any length)."""
+    if n <= PAIRWISE_BLOCK:
+        return 0.0 + _pairwise_leaf(a, b, start, n, mode)
+    s_start = np.empty(64, np.int64)
+    s_len = np.empty(64, np.int64)
+    s_state = np.empty(64, np.int64)
+    vals = np.empty(64)
+    sp = 0
+    vp = 0
+    s_start[0] = start
+    s_len[0] = n
+    s_state[0] = 0
+    while sp >= 0:
+        st = s_start[sp]
+        ln = s_len[sp]
+        if ln <= PAIRWISE_BLOCK:
+            vals[vp] = _pairwise_leaf(a, b, st, ln, mode)
+            vp += 1
+            sp -= 1
+            continue
+        half = ln // 2
+        half -= half % 8
+        state = s_state[sp]
+        if state == 0:              # the left half first
+            s_state[sp] = 1
+            sp += 1
+            s_start[sp] = st
+            s_len[sp] = half
+            s_state[sp] = 0
+        elif state == 1:            # then the right half
+            s_state[sp] = 2
+            sp += 1
+            s_start[sp] = st + half
+            s_len[sp] = ln - half
+            s_state[sp] = 0
+        else:                       # both done: left + right
+            vals[vp - 2] = vals[vp - 2] + vals[vp - 1]
+            vp -= 1
+            sp -= 1
+    return 0.0 + vals[0]
+
+
+@njit(cache=True, parallel=True)
+def coded_rows_into(X, center, normalize, signs, orth_t, p, Y, means, norms):
+    """The rows the lattice codes, one compiled pass per row.
+
+    For each row ``x`` of ``X`` (a, n) (float32 or float64; taken as
+    float64), as :func:`nqlib.quantizers.coded_domain.coded_rows` computes
+    it: with ``center``, ``mu = float32(sum(x) / n)`` (``means[i]``) is
+    subtracted; with ``normalize``, ``norms[i] = float32(sqrt(sum(x^2)))``
+    and the row is scaled by ``sqrt(n_pad) / norms[i]`` (0 for a zero
+    norm); the row is zero-padded to ``n_pad`` (the width of ``Y`` (a,
+    n_pad)) and, when ``signs`` (n_pad,) is not empty, rotated by
+    ``P = (H_p / sqrt(p)) (x) O diag(signs)``:
+
+    * the signs multiply the row;
+    * with ``m = n_pad / p > 1``, each run of ``m`` coordinates is
+      multiplied by ``orth_t`` (``O^T``, (m, m)), each output summed over
+      the run in increasing order from 0.0 (as
+      :func:`nqlib.kernels.cpu.linalg.rows_times_matrix`);
+    * with ``p > 1``, each of the ``m`` interleaved sequences of ``p``
+      coordinates gets the Walsh--Hadamard transform scaled by
+      ``1 / sqrt(p)`` (the butterflies of
+      :func:`nqlib.kernels.cpu.hadamard.fwht_row`, on all ``m`` sequences
+      at once when ``m > 1``).
+
+    Sums follow numpy's pairwise order (:func:`pairwise_sum`). ``means``
+    and ``norms`` (a,) float32 are written when their step is on.
+    """
+    a, n = X.shape
+    n_pad = Y.shape[1]
+    rotate = signs.shape[0] > 0
+    m = n_pad // p
+    scale = 1.0 / np.sqrt(np.float64(p))
+    root = np.sqrt(np.float64(n_pad))
+    for i in prange(a):
+        y = Y[i]
+        for j in range(n):
+            y[j] = np.float64(X[i, j])
+        if center:
+            mu = np.float32(pairwise_sum(y, y, 0, n, 0) / n)
+            means[i] = mu
+            mu64 = np.float64(mu)
+            for j in range(n):
+                y[j] -= mu64
+        if normalize:
+            nrm = np.float32(np.sqrt(pairwise_sum(y, y, 0, n, 2)))
+            norms[i] = nrm
+            s = np.float64(nrm)
+            f = root / s if s > 0 else 0.0
+            for j in range(n):
+                y[j] *= f
+        for j in range(n, n_pad):
+            y[j] = 0.0
+        if not rotate:
+            continue
+        for j in range(n_pad):
+            y[j] *= signs[j]
+        if m == 3:                  # (lengths 3 * 2^k) the same sums, unrolled
+            o00, o01, o02 = orth_t[0, 0], orth_t[0, 1], orth_t[0, 2]
+            o10, o11, o12 = orth_t[1, 0], orth_t[1, 1], orth_t[1, 2]
+            o20, o21, o22 = orth_t[2, 0], orth_t[2, 1], orth_t[2, 2]
+            for k in range(p):
+                o = 3 * k
+                r0, r1, r2 = y[o], y[o + 1], y[o + 2]
+                y[o] = ((0.0 + r0 * o00) + r1 * o10) + r2 * o20
+                y[o + 1] = ((0.0 + r0 * o01) + r1 * o11) + r2 * o21
+                y[o + 2] = ((0.0 + r0 * o02) + r1 * o12) + r2 * o22
+        elif m > 1:
+            run = np.empty(m)
+            for k in range(p):
+                o = k * m
+                for c in range(m):
+                    run[c] = y[o + c]
+                for c in range(m):
+                    acc = 0.0
+                    for t in range(m):
+                        acc += run[t] * orth_t[t, c]
+                    y[o + c] = acc
+        if p > 1:
+            if m == 1:
+                fwht_row(y, scale)
+            else:
+                # the m interleaved sequences at once: a butterfly of span
+                # h pairs the runs of h m coordinates starting at groups
+                # s and s + h (the same additions, stage after stage, as
+                # fwht_row on each sequence alone)
+                h = 1
+                while h < p:
+                    for s in range(0, p, 2 * h):
+                        butterflies(y, s * m, (s + h) * m, h * m)
+                    h *= 2
+                for j in range(n_pad):
+                    y[j] *= scale
+
+
+@njit(cache=True, parallel=True)
+def _project_rows(R, u, center):
+    """``R -= outer(R u, u)`` in place (``R u`` summed in increasing index
+    from 0.0, as :func:`nqlib.kernels.cpu.linalg.rows_dot`; each entry
+    ``r - d u`` with the product rounded first); nothing without
+    ``center``."""
+    if not center:
+        return
+    a, n = R.shape
+    for i in prange(a):
+        d = 0.0
+        for j in range(n):
+            d += R[i, j] * u[j]
+        for j in range(n):
+            R[i, j] = R[i, j] - d * u[j]
+
+
+@njit(cache=True)
+def project_mmse(R, Y, u, center):
+    """The decoded rows ``R`` (a, n_pad) projected in place off the unit
+    mean direction ``u`` (with ``center``; see
+    :func:`nqlib.quantizers.coded_domain.project`, for matrices without
+    padding), and the MMSE sums ``(sum(R * Y), sum(R * R))`` over the whole
+    matrices in numpy's order (:func:`pairwise_sum` on the flat arrays)."""
+    _project_rows(R, u, center)
+    rf = R.reshape(R.size)
+    yf = Y.reshape(Y.size)
+    num = pairwise_sum(rf, yf, 0, rf.shape[0], 1)
+    den = pairwise_sum(rf, rf, 0, rf.shape[0], 2)
+    return num, den
+
+
+@njit(cache=True, parallel=True)
+def scaled_rows(Yhat, alpha, out):
+    """``out = Yhat * alpha`` (float64), row-parallel."""
+    a, n = Yhat.shape
+    for i in prange(a):
+        for j in range(n):
+            out[i, j] = Yhat[i, j] * alpha
+
+
+#: blocks coded per call of the multiscale encoder in :func:`encode_fixed_rows`
+#: (a multiple of 8, so that every chunk's words start on a byte; its
+#: scratch, about 40 bytes a block, stays in the L2 cache and is never a
+#: fresh mapping of memory)
+PART_CHUNK = 1024
+
+
+@njit(cache=True)
+def _encode_part(Y, R, b0, b1, q, betas, nbits, packed, x, dec, codes, index,
+                 sqerr, words):
+    """Blocks ``[b0, b1)`` of every row of ``Y`` (a, 8 B), in the order
+    (row, block), coded by the ``nbits``-bit multiscale code into
+    ``packed``, ``PART_CHUNK`` blocks at a time
+    (:func:`~nqlib.kernels.cpu.nested.encode_pack_into`; the arguments
+    from ``x`` on are its scratch); their decode into the same blocks of
+    ``R``."""
+    a = Y.shape[0]
+    width = b1 - b0
+    total = a * width
+    z = np.zeros((1, 8))
+    for c0 in range(0, total, PART_CHUNK):
+        c1 = min(total, c0 + PART_CHUNK)
+        for t in range(c0, c1):
+            i = t // width
+            o = 8 * (b0 + t - i * width)
+            for j in range(8):
+                x[t - c0, j] = Y[i, o + j]
+        m = c1 - c0
+        encode_pack_into(x[:m], q, betas, z, nbits, packed[c0 * nbits // 8:],
+                         dec[:m], codes, index, sqerr, words)
+        for t in range(c0, c1):
+            i = t // width
+            o = 8 * (b0 + t - i * width)
+            for j in range(8):
+                R[i, o + j] = dec[t - c0, j]
+
+
+@njit(cache=True)
+def encode_fixed_rows(Y, h, coded, q_hi, betas_hi, L_hi, packed_hi, q_lo,
+                      betas_lo, L_lo, packed_lo, R):
+    """The fixed-mode code of the coded rows ``Y`` (a, 8 B), without dither:
+    blocks ``[0, h)`` of every row by the ``L_hi``-bit code (base ``q_hi``,
+    scales ``betas_hi``), blocks ``[h, coded)`` by the ``L_lo``-bit code,
+    the words of each part packed in the order (row, block) into the zeroed
+    ``packed_hi`` / ``packed_lo``. ``R`` (a, 8 B) receives the decoded rows,
+    0 on the blocks from ``coded`` on (dropped). The words and the decode of
+    :func:`nqlib.quantizers.fixed_mode.encode` (which codes a chunk of rows
+    at a time: every block is coded alone, so the words are the same)."""
+    a = Y.shape[0]
+    x = np.empty((PART_CHUNK, 8))
+    dec = np.empty((PART_CHUNK, 8))
+    codes = np.empty((PART_CHUNK, 8), np.int64)
+    index = np.empty(PART_CHUNK, np.int64)
+    sqerr = np.empty(PART_CHUNK)
+    words = np.empty(PART_CHUNK, np.uint64)
+    if h > 0:
+        _encode_part(Y, R, 0, h, q_hi, betas_hi, L_hi, packed_hi, x, dec,
+                     codes, index, sqerr, words)
+    if coded > h:
+        _encode_part(Y, R, h, coded, q_lo, betas_lo, L_lo, packed_lo, x, dec,
+                     codes, index, sqerr, words)
+    for i in range(a):
+        for c in range(8 * coded, Y.shape[1]):
+            R[i, c] = 0.0
+
+
+# serialised when numba's threading layer is not thread-safe; the driver
+# runs parallel kernels inside, so it is serialised too
+guard_module(globals())
+if not threadsafe():
+    encode_fixed_rows = guarded(encode_fixed_rows)

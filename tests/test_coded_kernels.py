@@ -1,0 +1,213 @@
+"""The compiled coded-domain passes (:mod:`nqlib.kernels.cpu.coded`) and the
+per-thread scratch buffers (:mod:`nqlib._scratch`).
+
+The kernels replace numpy pipelines that hold the reference arithmetic:
+numpy's pairwise sums, the centring, normalisation, padding and rotation of
+:func:`~nqlib.quantizers.coded_domain.coded_rows`, the projection and MMSE
+sums of :func:`~nqlib.quantizers.coded_domain.mmse_sums`, and the chunked
+fixed-mode encoder. Each is checked against its reference bit for bit
+(signed zeros included): the quantized bytes must not depend on which
+path made them.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+
+from nqlib import _scratch
+from nqlib.kernels.cpu import coded
+from nqlib.quantizers import coded_domain, matrix
+from nqlib.quantizers.hadamard import RandomHadamard
+
+
+def _bits(x):
+    return np.ascontiguousarray(x, dtype=np.float64).view(np.uint64)
+
+
+# --------------------------------------------------------- pairwise sums
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_pairwise_sum_is_numpys_sum(mode):
+    rng = np.random.default_rng(3)
+    lengths = list(range(0, 260)) + [383, 384, 1000, 1031, 4096, 10007, 65539]
+    for n in lengths:
+        a = rng.standard_normal(n) * 10.0 ** rng.integers(-3, 4, size=n)
+        b = rng.standard_normal(n)
+        want = {0: np.sum(a), 1: np.sum(a * b), 2: np.sum(a * a)}[mode]
+        got = coded.pairwise_sum(a, b, 0, n, mode)
+        assert _bits(got) == _bits(want), (n, got, want)
+        if n > 20:        # a run that starts inside the array
+            want = {0: np.sum(a[7:]), 1: np.sum(a[7:] * b[7:]),
+                    2: np.sum(a[7:] * a[7:])}[mode]
+            assert _bits(coded.pairwise_sum(a, b, 7, n - 7, mode)) == _bits(want)
+
+
+def test_pairwise_sum_signed_zeros():
+    for n in (1, 5, 8, 100, 300):
+        z = -np.zeros(n)
+        assert _bits(coded.pairwise_sum(z, z, 0, n, 0)) == _bits(np.sum(z))
+
+
+# ------------------------------------------------------------ coded rows
+def _reference_coded_rows(A, n_pad, center, normalize, P):
+    """The numpy pipeline of coded_rows (one chunk)."""
+    X = np.array(A.T, dtype=np.float64, order="C")
+    means = norms = None
+    if center:
+        means = X.mean(axis=1).astype(np.float32)
+        X -= means.astype(np.float64)[:, None]
+    if normalize:
+        norms = np.sqrt((X * X).sum(axis=1)).astype(np.float32)
+    return coded_domain.scaled_padded_rotated(X, n_pad, norms, P), means, norms
+
+
+@pytest.mark.parametrize("n", [8, 24, 40, 64, 96, 130, 384, 576, 1000, 1536])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_coded_rows_kernel_is_the_numpy_pipeline(n, dtype):
+    rng = np.random.default_rng(n)
+    a = 9
+    A = (rng.standard_normal((n, a)) * rng.uniform(0.01, 100, a)
+         + rng.uniform(-3, 3, a)).astype(dtype)
+    A[:, 2] = 0.0                        # a zero column: its norm is 0
+    A[:, 3] = 1.5                        # a constant column: 0 once centred
+    A[::3, 4] = -0.0
+    n_pad = coded_domain.padded(n)
+    for center in (False, True):
+        for normalize in (False, True):
+            for P in (None, RandomHadamard(n_pad, seed=n + 1)):
+                for layout in (A, np.asfortranarray(A)):
+                    got = coded_domain.coded_rows(layout, n_pad, center,
+                                                  normalize, P)
+                    want = _reference_coded_rows(layout, n_pad, center,
+                                                 normalize, P)
+                    np.testing.assert_array_equal(_bits(got[0]), _bits(want[0]))
+                    for g, w in zip(got[1:], want[1:]):
+                        if w is None:
+                            assert g is None
+                        else:
+                            np.testing.assert_array_equal(g.view(np.uint32),
+                                                          w.view(np.uint32))
+
+
+def test_coded_rows_writes_into_out():
+    A = np.random.default_rng(0).standard_normal((64, 5))
+    P = RandomHadamard(64, seed=2)
+    out = np.full((5, 64), np.nan)
+    Y, _, _ = coded_domain.coded_rows(A, 64, True, True, P, out=out)
+    assert Y is out
+    np.testing.assert_array_equal(Y, coded_domain.coded_rows(A, 64, True, True, P)[0])
+
+
+# ---------------------------------------------- fixed mode, decode kept
+CASES = [
+    ((512, 16), 4.0),      # h < B: two parts
+    ((384, 40), 4.0),
+    ((4096, 3), 4.0),      # parts longer than PART_CHUNK blocks, with tails
+    ((1536, 11), 2.0),
+    ((256, 30), 8.0),      # the highest rate
+    ((1024, 8), 0.6),      # sketching: blocks dropped (L_lo = 0)
+]
+
+
+@pytest.mark.parametrize("shape,rate", CASES)
+@pytest.mark.parametrize("options", [{}, {"center": False},
+                                     {"normalize": False, "rotate": False}])
+def test_whole_matrix_fixed_path_is_the_chunked_path(shape, rate, options):
+    """quantize_columns(keep_decoded=True) codes all the vectors in one
+    compiled call and sums the MMSE shrinkage over the whole decode; the
+    bytes are those of the chunked encoder (keep_decoded=False), and the
+    kept rows are those of decoding the file."""
+    rng = np.random.default_rng(shape[0] + shape[1])
+    A = rng.standard_normal(shape) * 2.0 + 0.3
+    A[:, 1] = 0.0
+    A = A.astype(np.float32)
+    kept = matrix.quantize_columns(A, rate, seed=5, mode="fixed",
+                                   keep_decoded=True, **options)
+    plain = matrix.quantize_columns(A, rate, seed=5, mode="fixed", **options)
+    assert kept.to_bytes() == plain.to_bytes()
+    again = matrix.QuantizedMatrix.from_bytes(kept.to_bytes())
+    np.testing.assert_array_equal(_bits(kept.coded_rows()),
+                                  _bits(again.coded_rows()))
+    if rate < 1:
+        assert kept.payload.lo.L == 0
+    assert coded.PART_CHUNK % 8 == 0
+
+
+def test_fixed_path_leaves_no_reference_to_the_scratch():
+    A = np.random.default_rng(1).standard_normal((128, 6)).astype(np.float32)
+    Q1 = matrix.quantize_columns(A, 4.0, mode="fixed", keep_decoded=True)
+    rows = Q1.coded_rows().copy()
+    data = Q1.to_bytes()
+    matrix.quantize_columns(A[::-1].copy() * 3, 4.0, mode="fixed",
+                            keep_decoded=True)
+    np.testing.assert_array_equal(Q1.coded_rows(), rows)
+    assert Q1.to_bytes() == data
+
+
+# ---------------------------------------------------------- the scratch
+def test_scratch_is_reused_per_thread_and_name():
+    _scratch.release()
+    a = _scratch.scratch("t", (4, 5), np.float32)
+    assert a.shape == (4, 5) and a.dtype == np.float32 and a.flags.c_contiguous
+    assert a.ctypes.data % 64 == 0
+    b = _scratch.scratch("t", (2, 3), np.float64)
+    assert b.ctypes.data == a.ctypes.data         # the same buffer
+    c = _scratch.scratch("u", (4, 5), np.float32)
+    assert c.ctypes.data != a.ctypes.data         # another name
+    big = _scratch.scratch("t", (100, 100), np.float64)
+    assert big.shape == (100, 100)
+    assert _scratch.kept_bytes() >= big.nbytes + c.nbytes
+    other = {}
+    t = threading.Thread(target=lambda: other.update(
+        p=_scratch.scratch("t", (4, 5), np.float32).ctypes.data))
+    t.start()
+    t.join()
+    assert other["p"] != big.ctypes.data          # each thread its own
+    huge = (_scratch.MAX_KEEP_BYTES // 8 + 1,)
+    kept = _scratch.kept_bytes()
+    assert _scratch.scratch("t", huge, np.float64).shape == huge
+    assert _scratch.kept_bytes() == kept          # not kept
+    _scratch.release()
+    assert _scratch.kept_bytes() == 0
+
+
+def test_layer_outputs_do_not_share_the_scratch():
+    torch = pytest.importorskip("torch")
+    from nqlib.nn import QuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    for act_rate in (None, 4.0):
+        ql = QuantLinear.from_linear(lin, 4.0, act_rate=act_rate,
+                                     act_mode=None if act_rate is None
+                                     else "fixed")
+        x1, x2 = torch.randn(33, 96), torch.randn(70, 96)
+        y1 = ql(x1)
+        keep = y1.clone()
+        ql(x2)
+        assert torch.equal(y1, keep)
+        assert torch.equal(ql(x1), keep)
+
+
+# ------------------------------------------------------------- packing
+def test_pack_words_is_the_bit_by_bit_packing():
+    from nqlib.kernels.cpu.nested import pack_words, unpack_words
+
+    rng = np.random.default_rng(0)
+    for nbits in range(1, 65):
+        for count in (0, 1, 2, 3, 7, 8, 9, 17, 65):
+            words = (rng.integers(0, 2**63, size=count, dtype=np.uint64)
+                     * np.uint64(2) + rng.integers(0, 2, size=count,
+                                                   dtype=np.uint64))
+            want = np.zeros(-(-count * nbits // 8), np.uint8)
+            for i, w in enumerate(words):          # bit i * nbits + k
+                for k in range(nbits):
+                    bit = i * nbits + k
+                    want[bit // 8] |= np.uint8(((int(w) >> k) & 1) << (bit % 8))
+            got = np.zeros_like(want)
+            pack_words(words, nbits, got)
+            np.testing.assert_array_equal(got, want, err_msg=f"{nbits} {count}")
+            back = np.empty(count, np.uint64)
+            unpack_words(got, nbits, count, back)
+            mask = np.uint64(2**64 - 1) if nbits == 64 else np.uint64(2**nbits - 1)
+            np.testing.assert_array_equal(back, words & mask)
