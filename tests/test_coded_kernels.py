@@ -102,28 +102,45 @@ def test_coded_rows_writes_into_out():
 CASES = [
     ((512, 16), 4.0),      # h < B: two parts
     ((384, 40), 4.0),
-    ((4096, 3), 4.0),      # parts longer than PART_CHUNK blocks, with tails
+    ((4096, 11), 4.0),     # parts longer than PART_CHUNK blocks, with tails
     ((1536, 11), 2.0),
     ((256, 30), 8.0),      # the highest rate
-    ((1024, 8), 0.6),      # sketching: blocks dropped (L_lo = 0)
+    ((1024, 12), 0.6),     # sketching: blocks dropped (L_lo = 0)
 ]
 
 
 @pytest.mark.parametrize("shape,rate", CASES)
 @pytest.mark.parametrize("options", [{}, {"center": False},
                                      {"normalize": False, "rotate": False}])
-def test_whole_matrix_fixed_path_is_the_chunked_path(shape, rate, options):
+def test_whole_matrix_fixed_path_is_the_chunked_path(shape, rate, options,
+                                                     monkeypatch):
     """quantize_columns(keep_decoded=True) codes all the vectors in one
     compiled call and sums the MMSE shrinkage over the whole decode; the
-    bytes are those of the chunked encoder (keep_decoded=False), and the
-    kept rows are those of decoding the file."""
+    bytes are those of the chunked encoder and chunked MMSE pass
+    (keep_decoded=False with chunks of 8 vectors), and the kept rows are
+    those of decoding the file."""
+    from nqlib.kernels.cpu import coded as kern
+    from nqlib.quantizers import fixed_mode
+
+    calls = []
+    whole = kern.encode_fixed_rows
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return whole(*args)
+
+    monkeypatch.setattr(kern, "encode_fixed_rows", counted)
+    monkeypatch.setattr(coded_domain, "CHUNK_ENTRIES", 8)   # 8 vectors a chunk
+    assert fixed_mode.rows_per_chunk(shape[0]) == 8 < shape[1]
     rng = np.random.default_rng(shape[0] + shape[1])
     A = rng.standard_normal(shape) * 2.0 + 0.3
     A[:, 1] = 0.0
     A = A.astype(np.float32)
     kept = matrix.quantize_columns(A, rate, seed=5, mode="fixed",
                                    keep_decoded=True, **options)
+    assert calls == [shape[1]]          # one call for all the vectors
     plain = matrix.quantize_columns(A, rate, seed=5, mode="fixed", **options)
+    assert calls == [shape[1]]          # the chunked encoder only
     assert kept.to_bytes() == plain.to_bytes()
     again = matrix.QuantizedMatrix.from_bytes(kept.to_bytes())
     np.testing.assert_array_equal(_bits(kept.coded_rows()),
@@ -150,16 +167,18 @@ def test_scratch_is_reused_per_thread_and_name():
     a = _scratch.scratch("t", (4, 5), np.float32)
     assert a.shape == (4, 5) and a.dtype == np.float32 and a.flags.c_contiguous
     assert a.ctypes.data % 64 == 0
-    b = _scratch.scratch("t", (2, 3), np.float64)
+    b = _scratch.scratch("t", (2, 3), np.float32)
     assert b.ctypes.data == a.ctypes.data         # the same buffer
     c = _scratch.scratch("u", (4, 5), np.float32)
     assert c.ctypes.data != a.ctypes.data         # another name
+    d = _scratch.scratch("t", (4, 5), np.float64)
+    assert d.dtype == np.float64 and d.ctypes.data != a.ctypes.data
     big = _scratch.scratch("t", (100, 100), np.float64)
     assert big.shape == (100, 100)
     assert _scratch.kept_bytes() >= big.nbytes + c.nbytes
     other = {}
     t = threading.Thread(target=lambda: other.update(
-        p=_scratch.scratch("t", (4, 5), np.float32).ctypes.data))
+        p=_scratch.scratch("t", (100, 100), np.float64).ctypes.data))
     t.start()
     t.join()
     assert other["p"] != big.ctypes.data          # each thread its own
@@ -174,6 +193,7 @@ def test_scratch_is_reused_per_thread_and_name():
 def test_layer_outputs_do_not_share_the_scratch():
     torch = pytest.importorskip("torch")
     from nqlib.nn import QuantLinear
+    from nqlib.quantizers.layout_common import SMALL_ROTATED
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 40)
@@ -181,7 +201,9 @@ def test_layer_outputs_do_not_share_the_scratch():
         ql = QuantLinear.from_linear(lin, 4.0, act_rate=act_rate,
                                      act_mode=None if act_rate is None
                                      else "fixed")
-        x1, x2 = torch.randn(33, 96), torch.randn(70, 96)
+        # more rotated floats than SMALL_ROTATED: the scratch is used
+        x1, x2 = torch.randn(700, 96), torch.randn(900, 96)
+        assert 700 * 96 > SMALL_ROTATED
         y1 = ql(x1)
         keep = y1.clone()
         ql(x2)

@@ -177,10 +177,14 @@ _WORKQUEUE_SCRIPT = textwrap.dedent("""
     from concurrent.futures import ThreadPoolExecutor
     import numpy as np
     import nqlib
-    from nqlib.kernels.cpu import guard, nested
+    from nqlib.kernels.cpu import coded, guard, nested
+    from nqlib.quantizers.matrix import quantize_columns
 
     assert guard.layer() == "workqueue", guard.layer()
     assert hasattr(nested.encode_multiscale_rows, "kernel")  # guarded
+    # drivers that run parallel kernels inside are guarded too
+    assert hasattr(coded.project_mmse, "kernel")
+    assert hasattr(coded.encode_fixed_rows, "kernel")
     rng = np.random.default_rng(0)
     mats = [rng.standard_normal((512, 48)) for _ in range(6)]
     X = rng.standard_normal((20000, 8))
@@ -188,7 +192,10 @@ _WORKQUEUE_SCRIPT = textwrap.dedent("""
     def work(i):
         A = mats[i % len(mats)]
         q = nqlib.quantize(A, 3.0, mode="fixed" if i % 2 else "variable")
-        return q.to_bytes() + nqlib.E8().closest_point(X).tobytes()
+        # activations: the decode kept (the compiled whole-matrix passes)
+        k = quantize_columns(A, 4.0, mode="fixed", keep_decoded=True)
+        return (q.to_bytes() + k.to_bytes() + k.coded_rows().tobytes()
+                + nqlib.E8().closest_point(X).tobytes())
 
     sequential = [work(i) for i in range(12)]
     with ThreadPoolExecutor(max_workers=4) as pool:

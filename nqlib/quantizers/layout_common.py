@@ -212,10 +212,18 @@ def threads() -> int:
     return numba.get_num_threads()
 
 
+#: rotated activations of up to this many floats go to fresh arrays (small
+#: allocations are recycled by the allocator without faulting; a fresh array
+#: is cheaper to ask for than the scratch)
+SMALL_ROTATED = 1 << 16
+
+
 def rotation_scratch(x, n_pad):
-    """``(x_rot, xsum)``: this thread's scratch (:mod:`nqlib._scratch`) for
-    the rotated rows of ``x`` (M, n_pad) and their sums (M,), float32, as
-    the fused kernels' ``linear`` takes them."""
+    """``(x_rot, xsum)``: arrays for the rotated rows of ``x`` (M, n_pad) and
+    their sums (M,), float32, as the fused kernels' ``linear`` takes them:
+    this thread's scratch (:mod:`nqlib._scratch`) unless they are small."""
     M = x.shape[0]
+    if M * n_pad <= SMALL_ROTATED:
+        return np.empty((M, n_pad), np.float32), np.empty(M, np.float32)
     return (scratch("x_rot", (M, n_pad), np.float32),
             scratch("xsum", (M,), np.float32))
