@@ -137,9 +137,16 @@ def encode(qm, Y, backend, sketch) -> Encoding:
 
     def raw_rows(r0, r1):
         # the decoder's beta (t - z), dropped blocks 0 (a block of vectors)
-        raw = np.zeros((r1 - r0, B, 8))
+        raw = np.empty((r1 - r0, B, 8))
         zz = zk[r0:r1] if zk.ndim == 3 else zk
-        raw[:, :keep] = beta * (0.5 * points[r0:r1] - zz)
+        if backend == "numpy":
+            raw[:, keep:] = 0.0
+            raw[:, :keep] = beta * (0.5 * points[r0:r1] - zz)
+        else:
+            from nqlib.kernels.cpu.nested import scaled_points_rows
+
+            z3 = zz.reshape(1, 1, 8) if zz.ndim == 2 else zz
+            scaled_points_rows(points[r0:r1], beta, np.ascontiguousarray(z3), raw)
         return raw.reshape(r1 - r0, n_pad)
 
     return Encoding(payload, raw_rows)

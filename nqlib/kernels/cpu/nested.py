@@ -68,11 +68,12 @@ def _wrap_e8_fast(t, q, codes_row, k, uk, w, tmp, u):
 
 
 @njit(cache=True, parallel=True)
-def e8_points_rows(x, inv_beta, z, out2):
+def e8_points_rows_scalar(x, inv_beta, z, out2):
     """``out2 = 2 Q_E8(x * inv_beta + z)`` as integers, for rows of ``x`` (m, 8).
 
     ``z`` is (1, 8) or (m, 8). Twice the point is an integer vector (all even:
-    the D8 coset; all odd: the D8 + 1/2 coset).
+    the D8 coset; all odd: the D8 + 1/2 coset). One block at a time (the
+    reference of :func:`e8_points_rows`).
     """
     m = x.shape[0]
     zm = z.shape[0]
@@ -844,6 +845,69 @@ def _first_step(row, fs, nw, q, CAND, GB, T):
         GB[w] = g if take else GB[w]
         for j in range(8):
             T[j * LANES + w] = row[j * LANES + w] if take else T[j * LANES + w]
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def e8_points_rows(x, inv_beta, z, out2):
+    """:func:`e8_points_rows_scalar`, ``LANES`` blocks at a time: the same
+    bits. The points ``v = x * inv_beta + z`` are formed as the scalar path
+    forms them and handed to :func:`_scale_lanes` with scale 1 and no
+    dither (``v / 1 + 0`` is ``v``, but for the sign of a zero, which the
+    nearest point does not see); runs of blocks with an input beyond
+    ``LANE_LIMIT`` (or not finite) go through the scalar decoder."""
+    m = x.shape[0]
+    zm = z.shape[0]
+    nchunks = (m + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        XZ = np.zeros(16 * LANES)
+        OUT = np.empty(10 * LANES)
+        v = np.empty(8)
+        t = np.empty(8)
+        tmp = np.empty(8)
+        c1 = min(m, (c + 1) * CHUNK)
+        for i0 in range(c * CHUNK, c1, LANES):
+            nw = min(LANES, c1 - i0)
+            small = True
+            for lane in range(nw):
+                iz = i0 + lane if zm > 1 else 0
+                for j in range(8):
+                    vj = x[i0 + lane, j] * inv_beta + z[iz, j]
+                    small &= abs(vj) <= LANE_LIMIT      # False for NaN
+                    XZ[j * LANES + lane] = vj
+            if small:
+                _scale_lanes(XZ, 1.0, nw, OUT)
+                for lane in range(nw):
+                    for j in range(8):
+                        out2[i0 + lane, j] = np.int32(2.0 * OUT[j * LANES + lane])
+                continue
+            for lane in range(nw):
+                i = i0 + lane
+                iz = i if zm > 1 else 0
+                for j in range(8):
+                    v[j] = x[i, j] * inv_beta + z[iz, j]
+                e8_into(v, t, tmp)
+                for j in range(8):
+                    out2[i, j] = np.int32(2.0 * t[j])
+
+
+@njit(cache=True, parallel=True)
+def scaled_points_rows(points, beta, z, out):
+    """``out[i, b] = beta * (0.5 * points[i, b] - z)`` (the decoder's raw
+    blocks of the variable mode: ``points`` (r, keep, 8) int32 are twice the
+    E8 points, ``z`` their dither, (r, keep, 8) or one block (1, 1, 8)) for
+    blocks ``b < keep`` of ``out`` (r, B, 8), 0 after them; each step
+    rounded as numpy rounds it."""
+    r, keep = points.shape[0], points.shape[1]
+    B = out.shape[1]
+    per_block = z.shape[0] > 1 or z.shape[1] > 1
+    for i in prange(r):
+        for b in range(keep):
+            for j in range(8):
+                zz = z[i, b, j] if per_block else z[0, 0, j]
+                out[i, b, j] = beta * (0.5 * np.float64(points[i, b, j]) - zz)
+        for b in range(keep, B):
+            for j in range(8):
+                out[i, b, j] = 0.0
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
