@@ -233,3 +233,33 @@ def test_pack_words_is_the_bit_by_bit_packing():
             unpack_words(got, nbits, count, back)
             mask = np.uint64(2**64 - 1) if nbits == 64 else np.uint64(2**nbits - 1)
             np.testing.assert_array_equal(back, words & mask)
+
+
+def test_cache_rows_float32_are_computed_once_per_input():
+    torch = pytest.importorskip("torch")
+    from nqlib.nn import ActivationCache, QuantLinear
+
+    cache = ActivationCache()
+    torch.manual_seed(1)
+    layers = [QuantLinear.from_linear(torch.nn.Linear(64, 24), 4.0,
+                                      act_rate=4.0, act_mode="fixed",
+                                      seed=2) for _ in range(2)]
+    for ql in layers:
+        ql.act_cache = cache
+    x = torch.randn(10, 64)
+    QX = cache.quantized(x, 4.0, layers[0]._header, "fixed")
+    rows = cache.rows_float32(QX)
+    want = (QX.coded_rows() * QX.row_scales()[:, None]).astype(np.float32)
+    np.testing.assert_array_equal(rows, want)
+    assert cache.rows_float32(QX) is rows               # once per input
+    y = [ql(x) for ql in layers]                        # a hit: the same rows
+    assert cache.quantized_calls == 1
+    x2 = torch.randn(10, 64)
+    QX2 = cache.quantized(x2, 4.0, layers[0]._header, "fixed")
+    rows2 = cache.rows_float32(QX2)
+    assert rows2 is rows                                # the array is reused
+    np.testing.assert_array_equal(
+        rows2, (QX2.coded_rows() * QX2.row_scales()[:, None]).astype(np.float32))
+    with pytest.raises(ValueError, match="last quantized"):
+        cache.rows_float32(QX)
+    assert all(t.shape == (10, 24) for t in y)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 
 from nqlib.quantizers.matrix import QuantizedMatrix, quantize_columns
@@ -151,5 +152,30 @@ class ActivationCache:
         with self._lock:
             self.quantized_calls += 1
             self.quantized_entries += X.size
-        self._local.entry = (key, x2.detach().clone(), QX)
+        # the previous entry's float32 rows are free to be written again
+        spare = hit[3][0] if hit is not None else None
+        self._local.entry = (key, x2.detach().clone(), QX, [spare, False])
         return QX
+
+    def rows_float32(self, QX: QuantizedMatrix) -> np.ndarray:
+        """``QX.coded_rows() * QX.row_scales()[:, None]`` in float32 (the
+        decoded activation rows as the fused CPU kernel takes them), for the
+        ``QX`` that this thread's last :meth:`quantized` call returned:
+        computed once for the layers that share the input, in an array that
+        the next quantized input of this thread reuses (it must not be kept
+        beyond the forward pass)."""
+        from nqlib.kernels.cpu.coded import scaled_rows_float32
+
+        hit = getattr(self._local, "entry", None)
+        if hit is None or hit[2] is not QX:
+            raise ValueError("rows_float32 takes the quantized input that this "
+                             "thread's last quantized() call returned")
+        rows = hit[3]
+        Y = QX.coded_rows()
+        if not rows[1]:
+            buf = rows[0]
+            if buf is None or buf.shape != Y.shape:
+                buf = np.empty(Y.shape, dtype=np.float32)
+            scaled_rows_float32(Y, np.ascontiguousarray(QX.row_scales()), buf)
+            rows[:] = [buf, True]
+        return rows[0]

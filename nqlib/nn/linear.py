@@ -525,7 +525,9 @@ class QuantLinear(torch.nn.Module):
             # both operands' decoders removed the same directions (padding,
             # mean), so the raw weight rows meet the decoded activation rows
             # in the rotated domain; the mean term is n mu_x mu_w
-            Xr = (QX.coded_rows() * QX.row_scales()[:, None]).astype(np.float32)
+            # (the float32 rows are computed once for the layers that share
+            # this input, in the cache's reused array)
+            Xr = self.act_cache.rows_float32(QX)
             lay = self._layout
             xsum = (float(q.shape[0]) * QX.means.astype(np.float32)
                     if q.center else np.zeros(len(Xr), dtype=np.float32))

@@ -250,6 +250,17 @@ def project_mmse(R, Y, u, center):
     return num, den
 
 
+@njit(cache=True, parallel=True)
+def scaled_rows_float32(Y, scales, out):
+    """``out = (Y * scales[:, None]).astype(float32)``: each product in
+    float64, then rounded to float32, row-parallel."""
+    a, n = Y.shape
+    for i in prange(a):
+        s = scales[i]
+        for j in range(n):
+            out[i, j] = np.float32(Y[i, j] * s)
+
+
 #: blocks coded per call of the multiscale encoder in :func:`encode_fixed_rows`
 #: (a multiple of 8, so that every chunk's words start on a byte); its
 #: scratch, 216 bytes a block (216 KiB), stays in the L2 cache and is
