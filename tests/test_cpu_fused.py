@@ -472,3 +472,23 @@ def test_portable_build_without_avx2(tmp_path):
                          env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_linear_writes_into_a_given_output():
+    from nqlib.nn import QuantLinear
+
+    ql = QuantLinear.from_linear(_linear(64, 24, seed=8), 4.0)
+    lay = ql.cpu_layout
+    x = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
+    want = lay.linear(x)
+    out = np.full((5, 24), np.nan, np.float32)
+    assert lay.linear(x, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    for bad in (np.empty((5, 23), np.float32), np.empty((5, 24)),
+                np.empty((24, 5), np.float32).T, [[0.0] * 24] * 5):
+        with pytest.raises(ValueError, match="out must be"):
+            lay.linear(x, out=bad)
+    big = np.zeros(5 * 64 + 200, np.float32)
+    xs = big[:320].reshape(5, 64)
+    with pytest.raises(ValueError, match="overlap"):
+        lay.linear(xs, out=big[100:220].reshape(5, 24))

@@ -466,7 +466,10 @@ class QuantLinear(torch.nn.Module):
         if bias is not None:
             bias = bias.detach()
             bias = (bias if bias.dtype == torch.float32 else bias.float()).numpy()
-        return torch.from_numpy(self._layout.linear(x.numpy(), bias))
+        # the output in torch's own (cache-line aligned) memory
+        out = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+        self._layout.linear(x.numpy(), bias, out=out.numpy())
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

@@ -251,9 +251,11 @@ class CpuLayout(RotatedLayout):
                        *self._side(bias), GEMV_ROWS, threads(), out)
         return out
 
-    def linear(self, x, bias=None) -> np.ndarray:
+    def linear(self, x, bias=None, out=None) -> np.ndarray:
         """``x @ W_hat.T + bias`` (float32, (M, a)) for float32 rows ``x``
-        (M, n), ``W_hat.T`` the dequantized matrix (``qm.dequantize()``).
+        (M, n), ``W_hat.T`` the dequantized matrix (``qm.dequantize()``),
+        written into ``out`` when given (a C-contiguous float32 (M, a)
+        array, e.g. a torch tensor's memory) and returned.
 
         ``x_rot = P [x - mean(x); 0]`` (the mean removed when the matrix is
         centred) meets the raw decoded vectors in the coded domain: the
@@ -265,7 +267,7 @@ class CpuLayout(RotatedLayout):
         from nqlib.kernels.cpu import fused
 
         x = self._rows(x, "x", self.shape[0])
-        out = np.empty((x.shape[0], self.vectors), dtype=np.float32)
+        out = self._out(x, out)
         fused.linear(x, self.n_pad, self._signs(), self.orth, self.power_of_two,
                      self.center, self.words, self.nib, self.kpl, self.tab,
                      self.q[0], self.q[1], self.h, self.alpha, *self._side(bias),

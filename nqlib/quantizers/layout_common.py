@@ -114,6 +114,24 @@ class RotatedLayout:
                              f"{x.shape}")
         return x
 
+    def _out(self, x, out):
+        """The output array of :meth:`linear` for rows ``x``: ``out`` when
+        given (checked: a writeable C-contiguous float32 array (M, a) apart
+        from ``x``), else a new one."""
+        shape = (x.shape[0], self.vectors)
+        if out is None:
+            return np.empty(shape, dtype=np.float32)
+        if not (isinstance(out, np.ndarray) and out.dtype == np.float32
+                and out.shape == shape and out.flags.c_contiguous
+                and out.flags.writeable):
+            got = (f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray)
+                   else type(out).__name__)
+            raise ValueError(f"out must be a writeable C-contiguous float32 "
+                             f"array of shape {shape}, got {got}")
+        if np.may_share_memory(out, x):
+            raise ValueError("out must not overlap x")
+        return out
+
     def _side(self, bias):
         """``(norms, means, bias)`` as the kernels take them (empty float32
         arrays for what is absent)."""

@@ -133,9 +133,11 @@ class TrellisLayout(RotatedLayout):
                                threads(), out)
         return out
 
-    def linear(self, x, bias=None) -> np.ndarray:
+    def linear(self, x, bias=None, out=None) -> np.ndarray:
         """``x @ W_hat.T + bias`` (float32, (M, a)) for float32 rows ``x``
-        (M, n), ``W_hat.T`` the dequantized matrix (``qm.dequantize()``).
+        (M, n), ``W_hat.T`` the dequantized matrix (``qm.dequantize()``),
+        written into ``out`` when given (a C-contiguous float32 (M, a)
+        array, e.g. a torch tensor's memory) and returned.
 
         ``x_rot = P [x - mean(x); 0]`` (the mean removed when the matrix is
         centred) meets the raw decoded vectors in the coded domain, so
@@ -146,7 +148,7 @@ class TrellisLayout(RotatedLayout):
         from nqlib.kernels.cpu import trellis_fused
 
         x = self._rows(x, "x", self.shape[0])
-        out = np.empty((x.shape[0], self.vectors), dtype=np.float32)
+        out = self._out(x, out)
         trellis_fused.linear(x, self.n_pad, self._signs(), self.orth,
                              self.power_of_two, self.center, *self._code(),
                              self.alpha, *self._side(bias), GEMV_ROWS,

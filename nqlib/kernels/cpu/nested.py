@@ -76,19 +76,25 @@ def e8_points_rows_scalar(x, inv_beta, z, out2):
     reference of :func:`e8_points_rows`).
     """
     m = x.shape[0]
-    zm = z.shape[0]
     nchunks = (m + CHUNK - 1) // CHUNK
     for c in prange(nchunks):
         v = np.empty(8)
         t = np.empty(8)
         tmp = np.empty(8)
         for i in range(c * CHUNK, min(m, (c + 1) * CHUNK)):
-            iz = i if zm > 1 else 0
-            for j in range(8):
-                v[j] = x[i, j] * inv_beta + z[iz, j]
-            e8_into(v, t, tmp)
-            for j in range(8):
-                out2[i, j] = np.int32(2.0 * t[j])
+            _point_block(x, i, inv_beta, z, v, t, tmp, out2)
+
+
+@njit(cache=True, inline="always")
+def _point_block(x, i, inv_beta, z, v, t, tmp, out2):
+    """Row ``i`` of :func:`e8_points_rows_scalar` (``v``, ``t``, ``tmp``:
+    scratch of 8)."""
+    iz = i if z.shape[0] > 1 else 0
+    for j in range(8):
+        v[j] = x[i, j] * inv_beta + z[iz, j]
+    e8_into(v, t, tmp)
+    for j in range(8):
+        out2[i, j] = np.int32(2.0 * t[j])
 
 
 @njit(cache=True)
@@ -881,13 +887,7 @@ def e8_points_rows(x, inv_beta, z, out2):
                         out2[i0 + lane, j] = np.int32(2.0 * OUT[j * LANES + lane])
                 continue
             for lane in range(nw):
-                i = i0 + lane
-                iz = i if zm > 1 else 0
-                for j in range(8):
-                    v[j] = x[i, j] * inv_beta + z[iz, j]
-                e8_into(v, t, tmp)
-                for j in range(8):
-                    out2[i, j] = np.int32(2.0 * t[j])
+                _point_block(x, i0 + lane, inv_beta, z, v, t, tmp, out2)
 
 
 @njit(cache=True, parallel=True)
