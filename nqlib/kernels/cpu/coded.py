@@ -1,5 +1,7 @@
 """Numba kernels of the coded domain: the rows the lattice codes, the
-projection of decoded rows, and the sums of the MMSE shrinkage.
+fixed-mode code of a whole matrix of them, the projection of decoded rows,
+the sums of the MMSE shrinkage, and the float32 rows the fused CPU product
+takes.
 
 They compute, in one compiled pass per row, the same float64 values as the
 numpy pipeline of :mod:`nqlib.quantizers.coded_domain` (which holds the
