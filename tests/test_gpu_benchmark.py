@@ -34,11 +34,13 @@ def test_clone_layout_has_its_own_memory_and_same_codes():
     from nqlib.quantizers.fixed_layout import gpu_layout
 
     A = np.random.default_rng(0).standard_normal((256, 16))
-    layout = gpu_layout(nqlib.quantize(A, 4.0, mode="fixed", seed=3), "cpu")
+    # a GPU when there is one, else CPU tensors under the interpreter
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layout = gpu_layout(nqlib.quantize(A, 4.0, mode="fixed", seed=3), device)
     copy = bench.clone_layout(layout)
     for name in ("words", "meta", "tab", "betas"):
         a, b = getattr(layout, name), getattr(copy, name)
         assert torch.equal(a, b)
         assert a.data_ptr() != b.data_ptr(), name
-    np.testing.assert_array_equal(mt.decode_rows(layout, torch.float64).numpy(),
-                                  mt.decode_rows(copy, torch.float64).numpy())
+    np.testing.assert_array_equal(mt.decode_rows(layout, torch.float64).cpu().numpy(),
+                                  mt.decode_rows(copy, torch.float64).cpu().numpy())

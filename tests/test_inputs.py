@@ -129,13 +129,15 @@ def test_closest_point_of_numpy_half_and_layouts(lattice):
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_closest_point_half_tensor_on_triton_interpreter(dtype):
+def test_closest_point_half_tensor_on_triton(dtype):
     from nqlib import _backend
 
     if not _backend.triton_usable():
         pytest.skip("triton cannot run here")
     x = values((20, 8), seed=5, scale=2.0)
-    t = torch.from_numpy(x).to(dtype)
+    # a GPU when there is one, else the interpreter on CPU tensors
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = torch.from_numpy(x).to(device=device, dtype=dtype)
     got = E8().closest_point(t, backend="triton")
     assert got.dtype == dtype
     np.testing.assert_array_equal(got.double().cpu().numpy(),
