@@ -537,8 +537,8 @@ class QuantLinear(torch.nn.Module):
             bias = None if self.bias is None else self.bias.detach().float().numpy()
             return torch.from_numpy(lay.linear_rotated(Xr, xsum, bias))
         Wr, w_means = self._rotated_weight()
-        Xr = torch.from_numpy(
-            (QX.coded_rows() * QX.row_scales()[:, None]).astype(np.float32))
+        # the same float32 rows as the fused path (used here, not kept)
+        Xr = torch.from_numpy(self.act_cache.rows_float32(QX))
         C = Xr @ Wr.T  # (batch, out)
         if q.center:
             x_means = torch.from_numpy(QX.means.astype(np.float32))
