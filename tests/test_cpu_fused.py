@@ -492,3 +492,64 @@ def test_linear_writes_into_a_given_output():
     xs = big[:320].reshape(5, 64)
     with pytest.raises(ValueError, match="overlap"):
         lay.linear(xs, out=big[100:220].reshape(5, 24))
+
+
+@pytest.mark.parametrize("mode", ("fixed", "trellis"))
+def test_bound_linear_and_the_layers_bias(mode):
+    """``bound_linear`` gives ``linear``'s bits; a QuantLinear keeps one
+    per bias and sees in-place writes to a float32 bias, a new bias object,
+    new memory under the same object, a bias of another dtype and no bias;
+    copies and pickles do not carry it."""
+    import copy
+    import pickle
+
+    from nqlib.nn import QuantLinear
+
+    n, a = 72, 24
+    if mode == "trellis":
+        from test_trellis_fused import code_defaults
+
+        with code_defaults(64, 10):           # a short trellis: a fast encode
+            ql = QuantLinear.from_linear(_linear(n, a, seed=9), 2.0,
+                                         mode="trellis")
+    else:
+        ql = QuantLinear.from_linear(_linear(n, a, seed=9), 4.0)
+    lay = ql.cpu_layout
+    x = torch.randn(6, n)
+    xn = x.numpy()
+    b = np.linspace(-1, 1, a).astype(np.float32)
+    out = np.full((6, a), np.nan, np.float32)
+    assert lay.bound_linear(b)(xn, out) is out
+    np.testing.assert_array_equal(out, lay.linear(xn, b))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        lay.bound_linear(b[:-1])
+
+    def want():
+        bias = None if ql.bias is None else ql.bias.detach().float().numpy()
+        return lay.linear(xn, bias)
+
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    fn = ql._bound[3]
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    assert ql._bound[3] is fn                      # kept between calls
+    with torch.no_grad():
+        ql.bias += 1.0                             # in place: seen
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    assert ql._bound[3] is fn
+    ql.bias.data = torch.full((a,), 3.0)           # new memory, same object
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    ql.bias = torch.nn.Parameter(torch.full((a,), -2.0))   # a new object
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    ql.bias.data = ql.bias.data.bfloat16()         # another dtype
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    ql.bias = None
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    ql.bias = torch.nn.Parameter(torch.full((a,), 0.5))
+    ql(x)
+    for twin in (copy.deepcopy(ql), pickle.loads(pickle.dumps(ql))):
+        assert twin._bound is None
+        with torch.no_grad():
+            twin.bias += 1.0                       # the copy's own bias
+        np.testing.assert_array_equal(twin(x).numpy(),
+                                      lay.linear(xn, np.full(a, 1.5, np.float32)))
+    np.testing.assert_array_equal(ql(x).numpy(), want())

@@ -146,6 +146,7 @@ class QuantLinear(torch.nn.Module):
         a uint8 tensor, when given)."""
         self._w_cache = None
         self._triton_layout = None
+        self._bound = None
         self._rot_cache = None
         self._qw_ref = None
         self._file_nbytes = qweight.nbytes
@@ -264,6 +265,7 @@ class QuantLinear(torch.nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_qw_ref"] = None          # a weak reference is not pickled
+        state["_bound"] = None           # a closure over this layer's arrays
         return state
 
     @property
@@ -462,14 +464,30 @@ class QuantLinear(torch.nn.Module):
         x = x2.detach()
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
-        bias = self.bias
-        if bias is not None:
-            bias = bias.detach()
-            bias = (bias if bias.dtype == torch.float32 else bias.float()).numpy()
-        # the output in torch's own (cache-line aligned) memory
+        # the output in torch's own (cache-line aligned) memory; both arrays
+        # are built here, so the bound kernel call skips the checks
         out = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
-        self._layout.linear(x.numpy(), bias, out=out.numpy())
+        self._bound_linear()(x.numpy(), out.numpy())
         return out
+
+    def _bound_linear(self):
+        """The layout's kernel call with its arguments bound
+        (:meth:`~nqlib.quantizers.layout_common.RotatedLayout.bound_linear`),
+        kept while the layout and the bias stay the same: the same bias
+        object over the same float32 memory (then the kernel reads the
+        bias's memory itself, so in-place writes to it are seen). A bias of
+        another dtype is converted at every call."""
+        bias = self.bias
+        if bias is not None and bias.dtype != torch.float32:
+            return self._layout.bound_linear(bias.detach().float().numpy())
+        ptr = None if bias is None else bias.data_ptr()
+        held = self._bound
+        if (held is None or held[0] is not self._layout or held[1] is not bias
+                or held[2] != ptr):
+            b = None if bias is None else bias.detach().numpy()
+            held = self._bound = (self._layout, bias, ptr,
+                                  self._layout.bound_linear(b))
+        return held[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

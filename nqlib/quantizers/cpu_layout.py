@@ -48,7 +48,6 @@ from nqlib.quantizers.fixed_mode import fixed_part_codes
 from nqlib.quantizers.layout_common import (
     RotatedLayout,
     check_matrix,
-    rotation_scratch,
     side_fields,
     threads,
 )
@@ -251,28 +250,17 @@ class CpuLayout(RotatedLayout):
                        *self._side(bias), GEMV_ROWS, threads(), out)
         return out
 
-    def linear(self, x, bias=None, out=None) -> np.ndarray:
-        """``x @ W_hat.T + bias`` (float32, (M, a)) for float32 rows ``x``
-        (M, n), ``W_hat.T`` the dequantized matrix (``qm.dequantize()``),
-        written into ``out`` when given (a C-contiguous float32 (M, a)
-        array, e.g. a torch tensor's memory) and returned.
-
-        ``x_rot = P [x - mean(x); 0]`` (the mean removed when the matrix is
-        centred) meets the raw decoded vectors in the coded domain: the
-        decoder's projections (padding, mean direction) are invisible to it,
-        so ``<x, W_hat_i> = alpha s_i <x_rot, raw_i> + mu_i sum(x)``. One
-        compiled call (:func:`nqlib.kernels.cpu.fused.linear`): rotation,
-        product, scales, means and bias.
-        """
+    def _kernel_args(self, norms, means, bias):
+        """:func:`nqlib.kernels.cpu.fused.linear` (rotation, product,
+        scales, means and bias in one compiled call) and its arguments
+        between ``x`` and the number of threads."""
         from nqlib.kernels.cpu import fused
 
-        x = self._rows(x, "x", self.shape[0])
-        out = self._out(x, out)
-        fused.linear(x, self.n_pad, self._signs(), self.orth, self.power_of_two,
-                     self.center, self.words, self.nib, self.kpl, self.tab,
-                     self.q[0], self.q[1], self.h, self.alpha, *self._side(bias),
-                     GEMV_ROWS, threads(), out, *rotation_scratch(x, self.n_pad))
-        return out
+        return fused.linear, (self.n_pad, self._signs(), self.orth,
+                              self.power_of_two, self.center, self.words,
+                              self.nib, self.kpl, self.tab, self.q[0],
+                              self.q[1], self.h, self.alpha, norms, means,
+                              bias, GEMV_ROWS)
 
     # --------------------------------------------------------- the file back
     def fields(self, g0=0, g1=None):

@@ -157,6 +157,51 @@ class RotatedLayout:
                              f"{xsum.shape}")
         return xsum
 
+    def linear(self, x, bias=None, out=None) -> np.ndarray:
+        """``x @ W_hat.T + bias`` (float32, (M, a)) for float32 rows ``x``
+        (M, n), ``W_hat.T`` the dequantized matrix (``qm.dequantize()``),
+        written into ``out`` when given (a C-contiguous float32 (M, a)
+        array, e.g. a torch tensor's memory) and returned.
+
+        ``x_rot = P [x - mean(x); 0]`` (the mean removed when the matrix is
+        centred) meets the raw decoded vectors in the coded domain: the
+        decoder's projections (padding, mean direction) are invisible to it,
+        so ``<x, W_hat_i> = alpha s_i <x_rot, raw_i> + mu_i sum(x)``. One
+        compiled call of the mode's fused kernel: rotation, product, scales,
+        means and bias.
+        """
+        x = self._rows(x, "x", self.shape[0])
+        out = self._out(x, out)
+        return self.bound_linear(bias)(x, out)
+
+    def bound_linear(self, bias=None):
+        """:meth:`linear` with its arguments bound: a function ``f(x, out)``
+        that writes ``x @ W_hat.T + bias`` into ``out`` and returns it,
+        without checking them -- ``x`` must be a C-contiguous float32 array
+        (M, n) and ``out`` a writeable C-contiguous float32 array (M, a)
+        apart from ``x`` (:meth:`linear` checks both, then calls it).
+
+        For callers that build both arrays themselves and call often with
+        the same bias (:class:`nqlib.nn.QuantLinear` keeps one per layer):
+        the layout's arrays and the bias (``bias`` is checked here, and
+        converted once: a float32 ``bias`` is used in place, so later writes
+        to it are seen) are gathered once instead of at every call. The
+        number of threads is read at every call.
+        """
+        kernel, static = self._kernel_args(*self._side(bias))
+        n_pad = self.n_pad
+
+        def run(x, out):
+            kernel(x, *static, threads(), out, *rotation_scratch(x, n_pad))
+            return out
+
+        return run
+
+    def _kernel_args(self, norms, means, bias):
+        """``(kernel, args)``: the mode's compiled ``linear`` and its
+        arguments between ``x`` and the number of threads."""
+        raise NotImplementedError
+
     def rotate(self, x):
         """``(x_rot, xsum)`` for float32 rows ``x`` (M, n): the centred (when
         the matrix is), zero-padded, rotated rows (M, n_pad) and the row sums

@@ -34,7 +34,6 @@ from nqlib.quantizers import trellis
 from nqlib.quantizers.layout_common import (
     RotatedLayout,
     check_matrix,
-    rotation_scratch,
     side_fields,
     threads,
 )
@@ -133,27 +132,16 @@ class TrellisLayout(RotatedLayout):
                                threads(), out)
         return out
 
-    def linear(self, x, bias=None, out=None) -> np.ndarray:
-        """``x @ W_hat.T + bias`` (float32, (M, a)) for float32 rows ``x``
-        (M, n), ``W_hat.T`` the dequantized matrix (``qm.dequantize()``),
-        written into ``out`` when given (a C-contiguous float32 (M, a)
-        array, e.g. a torch tensor's memory) and returned.
-
-        ``x_rot = P [x - mean(x); 0]`` (the mean removed when the matrix is
-        centred) meets the raw decoded vectors in the coded domain, so
-        ``<x, W_hat_i> = alpha s_i <x_rot, raw_i> + mu_i sum(x)``. One
-        compiled call (:func:`nqlib.kernels.cpu.trellis_fused.linear`):
-        rotation, product, scales, means and bias.
-        """
+    def _kernel_args(self, norms, means, bias):
+        """:func:`nqlib.kernels.cpu.trellis_fused.linear` (rotation,
+        product, scales, means and bias in one compiled call) and its
+        arguments between ``x`` and the number of threads."""
         from nqlib.kernels.cpu import trellis_fused
 
-        x = self._rows(x, "x", self.shape[0])
-        out = self._out(x, out)
-        trellis_fused.linear(x, self.n_pad, self._signs(), self.orth,
-                             self.power_of_two, self.center, *self._code(),
-                             self.alpha, *self._side(bias), GEMV_ROWS,
-                             threads(), out, *rotation_scratch(x, self.n_pad))
-        return out
+        return trellis_fused.linear, (self.n_pad, self._signs(), self.orth,
+                                      self.power_of_two, self.center,
+                                      *self._code(), self.alpha, norms, means,
+                                      bias, GEMV_ROWS)
 
     def gpu_layout(self, device):
         """The weight on ``device`` for the fused Triton kernel
