@@ -553,3 +553,27 @@ def test_bound_linear_and_the_layers_bias(mode):
         np.testing.assert_array_equal(twin(x).numpy(),
                                       lay.linear(xn, np.full(a, 1.5, np.float32)))
     np.testing.assert_array_equal(ql(x).numpy(), want())
+
+
+def test_quantlinear_numba_path_input_forms():
+    """The fused CPU path takes a vector, leading dimensions, an input that
+    requires grad, a non-contiguous input and an empty batch, with the
+    bits of the 2-D call with the same rows."""
+    from nqlib.nn import QuantLinear
+
+    n, a = 40, 16
+    ql = QuantLinear.from_linear(_linear(n, a, seed=10), 4.0)
+    x = torch.randn(6, n)
+    y = ql(x)
+    assert ql(x[2]).shape == (a,)
+    np.testing.assert_array_equal(ql(x[2]).numpy(), ql(x[2:3])[0].numpy())
+    np.testing.assert_array_equal(ql(x.reshape(2, 3, n)).numpy(),
+                                  y.reshape(2, 3, a).numpy())
+    yg = ql(x.clone().requires_grad_())
+    assert not yg.requires_grad
+    np.testing.assert_array_equal(yg.numpy(), y.numpy())
+    wide = torch.zeros(6, 2 * n)
+    wide[:, ::2] = x
+    np.testing.assert_array_equal(ql(wide[:, ::2]).numpy(), y.numpy())
+    assert ql(x[:0]).shape == (0, a)
+    assert ql(x.reshape(2, 3, n)[:, :0]).shape == (2, 0, a)

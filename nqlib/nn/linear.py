@@ -456,19 +456,22 @@ class QuantLinear(torch.nn.Module):
         """:meth:`_use_numba` without its error: a CPU input, a CPU layout,
         ``backend`` ``"auto"`` or ``"numba"`` (cheap: batch-1 calls are
         short)."""
-        return (self._layout is not None and x.device.type == "cpu"
+        return (self._layout is not None and x.is_cpu
                 and self.backend in ("auto", "numba"))
 
-    def _forward_numba(self, x2):
-        """``x2 @ W_hat.T + bias`` by the fused CPU kernel (float32)."""
-        x = x2.detach()
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        # the output in torch's own (cache-line aligned) memory; both arrays
-        # are built here, so the bound kernel call skips the checks
-        out = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
-        self._bound_linear()(x.numpy(), out.numpy())
-        return out
+    def _forward_numba(self, x):
+        """``x @ W_hat.T + bias`` by the fused CPU kernel, for inputs of any
+        leading shape: float32 arithmetic, the output in ``x``'s dtype."""
+        xf = x.detach() if x.requires_grad else x
+        if xf.dtype != torch.float32 or not xf.is_contiguous():
+            xf = xf.to(torch.float32).contiguous()
+        # the output in torch's own (cache-line aligned) memory, in its final
+        # shape; both arrays are built here, so the bound kernel call skips
+        # the checks (numpy reshapes them to rows: views, cheaper than torch's)
+        out = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        self._bound_linear()(xf.numpy().reshape(-1, self.in_features),
+                             out.numpy().reshape(-1, self.out_features))
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def _bound_linear(self):
         """The layout's kernel call with its arguments bound
@@ -493,14 +496,11 @@ class QuantLinear(torch.nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has last dimension {x.shape[-1]}, expected "
                              f"{self.in_features}")
+        if self.act_rate is None and self._numba_takes(x):
+            # the fused CPU kernel, bias included (_use_triton is False here)
+            return self._forward_numba(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.act_rate is None and self._numba_takes(x2):
-            # the fused CPU kernel, bias included (_use_triton is False here)
-            y = self._forward_numba(x2)
-            if x.dtype != torch.float32:
-                y = y.to(x.dtype)
-            return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
         if self._use_triton(x2):  # fused decode-matmul, bias included
             y = self._forward_triton(x2)
             return y.to(x.dtype).reshape(*lead, self.out_features)
