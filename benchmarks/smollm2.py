@@ -45,7 +45,8 @@ PATH] [--skip-ppl] [--no-trellis] [--state-bits L] [--no-sensitivity]
 1; 4 held-out windows in all. Set ``NQLIB_LM_CACHE`` to a directory to keep
 the quantized models between runs (about 0.2 GB each). The book's chapter
 "Quantizing a language model" reads the full run's JSON
-(``book/data/smollm2_full.json``).
+(``book/data/smollm2_full.json``) and, for its speed figures, a later
+``--skip-ppl`` run's (``book/data/smollm2_speed.json``).
 """
 
 from __future__ import annotations
