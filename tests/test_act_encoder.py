@@ -186,3 +186,79 @@ def test_e8_points_on_lanes_are_the_scalar_points():
                     nested.e8_points_rows(x, inv_beta, z, fast)
                     nested.e8_points_rows_scalar(x, inv_beta, z, slow)
                     np.testing.assert_array_equal(fast, slow)
+
+
+# ----------------------------------------------- the lean rows quantizer
+def _same_matrix(q1, q2):
+    assert q1.to_bytes() == q2.to_bytes()
+    assert q1.alpha == q2.alpha
+    np.testing.assert_array_equal(q1.coded_rows(), q2.coded_rows())
+    for name in ("means", "norms"):
+        np.testing.assert_array_equal(getattr(q1, name), getattr(q2, name))
+    assert not q1.coded_rows().flags.writeable
+
+
+@pytest.mark.parametrize("n", (8, 64, 384, 576, 1536))
+@pytest.mark.parametrize("rate", (4.0, 3.3, 2.0, 1.0))
+def test_fixed_rows_quantizer_is_quantize_columns(n, rate):
+    """The lean path of activations quantized on every call gives
+    ``quantize_columns``'s matrix bit for bit (file, shrinkage, decoded
+    rows, side information): float32 and float64 rows, batches that take
+    one word length or two, rates where blocks are dropped (sketching),
+    zero and constant rows; errors are the general function's."""
+    from nqlib.quantizers.matrix import FixedRowsQuantizer, quantize_columns
+
+    rng = np.random.default_rng([n, int(10 * rate)])
+    coder = FixedRowsQuantizer(rate, seed=11)
+    for a in (1, 3, 17, 64):
+        for dtype in (np.float32, np.float64):
+            X = (rng.standard_normal((a, n)) * rng.uniform(0.1, 5)
+                 + rng.uniform(-1, 1)).astype(dtype)
+            if a >= 3:
+                X[1] = 0.0
+                X[2] = 2.5
+            try:
+                want = quantize_columns(X.T, rate, seed=11, mode="fixed",
+                                        keep_decoded=True)
+            except ValueError as exc:     # a rate the shape cannot meet
+                with pytest.raises(ValueError) as got:
+                    coder(X)
+                assert str(got.value) == str(exc)
+                continue
+            assert coder._takes(X)
+            got = coder(X)
+            _same_matrix(got, want)
+            assert coder.nbytes(got) == len(got.to_bytes())
+
+
+def test_fixed_rows_quantizer_hands_the_rest_to_quantize_columns():
+    """Lengths that need padding, float16 rows, non-finite and oversized
+    entries and empty batches take the general function, with its results
+    and its errors; a file's length depends on its shape alone."""
+    from nqlib.quantizers.matrix import FixedRowsQuantizer, quantize_columns
+
+    coder = FixedRowsQuantizer(4.0, seed=5)
+    rng = np.random.default_rng(0)
+    for X in (rng.standard_normal((4, 100)), rng.standard_normal((4, 256)).astype(
+            np.float16)):
+        assert not coder._takes(X)
+        _same_matrix(coder(X), quantize_columns(X.T, 4.0, seed=5, mode="fixed",
+                                                keep_decoded=True))
+    for bad in (np.nan, np.inf, 1e38):
+        X = rng.standard_normal((3, 256))
+        X[1, 7] = bad
+        assert not coder._takes(X)
+        with pytest.raises(ValueError) as want:
+            quantize_columns(X.T, 4.0, seed=5, mode="fixed")
+        with pytest.raises(ValueError) as got:
+            coder(X)
+        assert str(got.value) == str(want.value)
+    with pytest.raises(ValueError, match="non-empty"):
+        coder(np.zeros((0, 256)))
+    # the length of a shape's file is the same for any data
+    sizes = {len(coder(X).to_bytes()) for X in
+             (np.zeros((5, 128)), rng.standard_normal((5, 128)) * 1e3,
+              np.ones((5, 128)), rng.standard_normal((5, 128)))}
+    assert len(sizes) == 1
+    with pytest.raises(ValueError, match="rate"):
+        FixedRowsQuantizer(0.0)

@@ -139,14 +139,17 @@ def test_concurrent_decode_and_lattice_calls_match_sequential():
         assert list(pool.map(work, range(36))) == sequential
 
 
-def test_concurrent_quant_linear_forward_matches_sequential():
+@pytest.mark.parametrize("act_mode", ("variable", "fixed"))
+def test_concurrent_quant_linear_forward_matches_sequential(act_mode):
     torch = pytest.importorskip("torch")
     from nqlib.nn import QuantLinear, quantize_model
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
                                 torch.nn.Linear(64, 32))
-    quantize_model(model, 4.0, act_rate=4.0, progress=False)
+    # fixed-mode activations take the lean rows quantizer, whose plans the
+    # threads share
+    quantize_model(model, 4.0, act_rate=4.0, act_mode=act_mode, progress=False)
     lone = QuantLinear.from_linear(torch.nn.Linear(64, 16), 4.0, seed=1)
     inputs = [torch.randn(8, 64, generator=torch.Generator().manual_seed(i))
               for i in range(12)]

@@ -18,7 +18,11 @@ import threading
 import numpy as np
 import torch
 
-from nqlib.quantizers.matrix import QuantizedMatrix, quantize_columns
+from nqlib.quantizers.matrix import (
+    FixedRowsQuantizer,
+    QuantizedMatrix,
+    quantize_columns,
+)
 from nqlib.quantizers.rate_control import OPTION_VALUES, resolve_options
 
 __all__ = ["ActivationCache", "check_act_mode", "default_act_mode"]
@@ -92,6 +96,7 @@ class ActivationCache:
     def __init__(self):
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._coders = {}        # (rate, seed) -> FixedRowsQuantizer
         self.quantized_calls = 0
         self.quantized_entries = 0
 
@@ -147,15 +152,36 @@ class ActivationCache:
         # keep_decoded: the MMSE step decodes the rows anyway; keeping them
         # saves decoding them again in the product (bit-identical to decoding
         # the bytes)
-        QX = quantize_columns(X.T, act_rate, seed=qw.seed, method=method,
-                              mode=mode, keep_decoded=True)
+        if method == "nested" and mode == "fixed":
+            # the same bits through the lean path of rows quantized on every
+            # call (the rotation, plan and codes of a shape worked out once)
+            coder = self._coders.get((act_rate, qw.seed))
+            if coder is None:
+                coder = FixedRowsQuantizer(act_rate, qw.seed)
+                with self._lock:
+                    self._coders[act_rate, qw.seed] = coder
+            QX = coder(X)
+        else:
+            coder = None
+            QX = quantize_columns(X.T, act_rate, seed=qw.seed, method=method,
+                                  mode=mode, keep_decoded=True)
         with self._lock:
             self.quantized_calls += 1
             self.quantized_entries += X.size
         # the previous entry's float32 rows are free to be written again
         spare = hit[3][0] if hit is not None else None
-        self._local.entry = (key, x2.detach().clone(), QX, [spare, False])
+        self._local.entry = (key, x2.detach().clone(), QX, [spare, False], coder)
         return QX
+
+    def nbytes(self, QX: QuantizedMatrix) -> int:
+        """``QX.nbytes``, the bytes of the quantized input's file (what
+        :attr:`QuantLinear.act_bits_per_entry` counts), without serialising
+        it again when this thread's last :meth:`quantized` call made ``QX``
+        in the fixed mode, whose file length depends on the shape alone."""
+        hit = getattr(self._local, "entry", None)
+        if hit is not None and hit[2] is QX and hit[4] is not None:
+            return hit[4].nbytes(QX)
+        return QX.nbytes
 
     def rows_float32(self, QX: QuantizedMatrix) -> np.ndarray:
         """``QX.coded_rows() * QX.row_scales()[:, None]`` in float32 (the

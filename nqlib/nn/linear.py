@@ -536,7 +536,7 @@ class QuantLinear(torch.nn.Module):
             y = torch.zeros(0, self.out_features, device=x2.device)
             return y + self.bias if fused and self.bias is not None else y
         QX = self.act_cache.quantized(x2, self.act_rate, q, self.act_mode)
-        self._act_bytes = getattr(self, "_act_bytes", 0) + QX.nbytes
+        self._act_bytes = getattr(self, "_act_bytes", 0) + self.act_cache.nbytes(QX)
         self._act_entries = getattr(self, "_act_entries", 0) + x2.numel()
         if not same_domain(QX, q):
             y = torch.from_numpy(inner_products(QX, self.quantized_weight).astype(

@@ -49,6 +49,7 @@ Book: chapter "The practical quantizer", label ``ch-practical``.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -77,6 +78,7 @@ from nqlib.quantizers.format import (
     READ_VERSIONS,
 )
 from nqlib.quantizers.hadamard import RandomHadamard
+from nqlib.quantizers.payloads import FixedPart, FixedPayload
 from nqlib.quantizers.rate_control import (
     OPTION_VALUES,
     check_choice,
@@ -86,6 +88,7 @@ from nqlib.quantizers.rate_control import (
 )
 
 __all__ = ["QuantizedMatrix", "quantize", "quantize_columns", "load",
+           "FixedRowsQuantizer",
            "decode_codes", "METHODS", "MODES", "OPTION_VALUES", "FORMAT_VERSION",
            "READ_VERSIONS", "MIN_FILE_BITS"]
 
@@ -591,3 +594,179 @@ rotate, sketch, group_size, state_bits, backend
     if enc.finish is not None:  # code what the MMSE pass did not (all, without it)
         enc.finish()
     return qm
+
+
+# ------------------------------------------- rows quantized on every call
+class FixedRowsQuantizer:
+    """``quantize_columns(X.T, rate, seed=seed, mode="fixed",
+    keep_decoded=True)`` for rows ``X`` (a, n), the nested method's other
+    options at their defaults: the same :class:`QuantizedMatrix`, bit for
+    bit, with what depends only on ``n`` and ``a`` (the rotation, the mean
+    direction, the payload plan, the codes) worked out once.
+
+    For activations quantized on every call of a layer
+    (:class:`nqlib.nn.ActivationCache`), where a small batch would spend
+    most of its time in the general function's checks and set-up rather
+    than in the compiled passes, which are the same (the coded rows, the
+    multiscale encoder, the projection and MMSE sums). Inputs it does not
+    take -- a length that is not a multiple of 8 (zero padding), other
+    dtypes than float32 and float64, non-finite or oversized entries --
+    go to :func:`quantize_columns`, which also raises its errors.
+
+    Parameters
+    ----------
+    rate : float
+        Bits per entry (checked as :func:`quantize_columns` checks it).
+    seed : int
+        The shared seed.
+    """
+
+    #: row counts whose plan is kept (the batch sizes of a model's calls)
+    MAX_PLANS = 64
+
+    def __init__(self, rate, seed=0):
+        self.rate = check_rate(rate, "nested")
+        self.seed = _checks.check_int(seed, "seed", minimum=0)
+        if self.seed >= 2**64:
+            raise ValueError(f"seed must be < 2**64, got {self.seed}")
+        opts = resolve_options("nested", mode="fixed", estimator=None,
+                               dither=None, center=None, normalize=None,
+                               rotate=None, sketch=None)
+        self._fast = opts["estimator"] == "mmse" and not opts["dither"]
+        self.sketch = bool(opts["sketch"])
+        self.center = bool(opts["center"])
+        self.normalize = bool(opts["normalize"])
+        self.rotate = bool(opts["rotate"])
+        self.flags = (FLAG_CENTER * self.center | FLAG_NORMALIZE * self.normalize
+                      | FLAG_ROTATE * self.rotate | FLAG_MMSE)
+        self._by_n = {}      # n -> (rotation arrays, mean direction)
+        self._plans = {}     # (n, a) -> (h, hi and lo tables)
+        self._sizes = {}     # (n, a) -> bytes of the file
+        self._lock = threading.Lock()   # a layer may be called from threads
+
+    def __call__(self, X) -> QuantizedMatrix:
+        """The quantized rows ``X`` (a, n), as ``quantize_columns(X.T,
+        ...)`` returns them (decoded rows kept)."""
+        X = np.asarray(X)
+        if not self._takes(X):
+            return quantize_columns(X.T, self.rate, seed=self.seed,
+                                    mode="fixed", keep_decoded=True)
+        from nqlib.kernels.cpu.coded import (
+            coded_rows_into,
+            encode_fixed_rows,
+            project_mmse,
+        )
+
+        X = np.ascontiguousarray(X)
+        a, n = X.shape
+        rotation, u = self._static(n)
+        h, hi, lo = self._plan(n, a)
+        Y = scratch("coded_rows", (a, n), np.float64)
+        spare = np.zeros(0, dtype=np.float32)
+        means = np.empty(a, dtype=np.float32) if self.center else None
+        norms = np.empty(a, dtype=np.float32) if self.normalize else None
+        coded_rows_into(X, self.center, self.normalize, *rotation, Y,
+                        spare if means is None else means,
+                        spare if norms is None else norms)
+        # the parts as fixed_mode.part_for makes them (zeroed words; empty
+        # when they code nothing) and their scales as the encoder takes them
+        parts, b64 = [], []
+        for count, (L, q, betas, betas64) in ((a * h, hi), (a * (n // 8 - h), lo)):
+            empty = L == 0 or count == 0
+            parts.append(FixedPart.empty() if empty else FixedPart(
+                L=L, q=q, betas=betas.copy(),
+                packed=np.zeros(-(-count * L // 8), np.uint8)))
+            b64.append(np.zeros(0) if empty else betas64)
+        coded = n // 8 if parts[1].L else h
+        R = np.empty((a, n))
+        encode_fixed_rows(Y, h, coded, parts[0].q, b64[0], parts[0].L,
+                          parts[0].packed, parts[1].q, b64[1], parts[1].L,
+                          parts[1].packed, R)
+        num, den = project_mmse(R, Y, u, self.center)
+        with np.errstate(over="ignore", invalid="ignore"):
+            alpha = float(np.float32(num / den)) if den > 0 else 1.0
+        alpha = alpha if abs(alpha) <= MAX_ALPHA else 1.0
+        qm = QuantizedMatrix(shape=(n, a), rate=self.rate, method="nested",
+                             mode="fixed", flags=self.flags, seed=self.seed,
+                             alpha=alpha, means=means, norms=norms,
+                             payload=FixedPayload(h=h, hi=parts[0], lo=parts[1]))
+        R *= alpha
+        qm._decoded = R
+        R.setflags(write=False)
+        return qm
+
+    def nbytes(self, qm) -> int:
+        """``qm.nbytes`` (the length of its file) for a matrix this
+        quantizer returned: in the fixed mode a function of the shape alone
+        (the header, one mean and one norm per vector, fixed-length words,
+        the padding), so a shape's first matrix is serialised and the
+        others are not."""
+        size = self._sizes.get(qm.shape)
+        if size is None:
+            size = qm.nbytes
+            with self._lock:
+                if len(self._sizes) >= self.MAX_PLANS:
+                    self._sizes.pop(next(iter(self._sizes)))
+                self._sizes[qm.shape] = size
+        return size
+
+    def _takes(self, X) -> bool:
+        """Whether the lean path codes ``X``: the default options allow it,
+        float32 or float64 rows of a length that needs no padding, at least
+        one row, finite entries whose column statistics fit float32."""
+        if not (self._fast and X.ndim == 2 and X.dtype in (np.float32, np.float64)
+                and X.shape[0] >= 1 and X.shape[1] >= 8 and X.shape[1] % 8 == 0):
+            return False
+        if self.rotate and fmt.rotation_size_problem(X.shape[1], X.shape[0]):
+            return False
+        lo, hi = float(X.min()), float(X.max())
+        # NaN and inf fail here (the general function says why)
+        return max(hi, -lo) * math.sqrt(X.shape[1]) < float(np.finfo(np.float32).max)
+
+    def _static(self, n):
+        """The rotation's arrays as the coded-rows kernel takes them and the
+        mean direction in the coded domain (zeros when not centred)."""
+        held = self._by_n.get(n)
+        if held is None:
+            from nqlib.quantizers.coded_domain import (
+                _rotation_arrays,
+                unit_mean_direction,
+            )
+
+            P = RandomHadamard(n, self.seed) if self.rotate else None
+            u = (unit_mean_direction(P, n, n) if self.center
+                 else np.zeros(n))
+            held = (_rotation_arrays(P, n), u)
+            with self._lock:
+                self._by_n[n] = held
+        return held
+
+    def _plan(self, n, a):
+        """``(h, hi, lo)``: the fixed mode's plan for ``a`` vectors of
+        length ``n`` (:func:`~nqlib.quantizers.fixed_mode.plan`, which
+        raises when the rate cannot be met), each part as ``(L, q, betas
+        float32, betas float64)``."""
+        key = (n, a)
+        held = self._plans.get(key)
+        if held is None:
+            from nqlib.quantizers.fixed import fixed_code
+
+            template = QuantizedMatrix(
+                shape=(n, a), rate=self.rate, method="nested", mode="fixed",
+                flags=self.flags, seed=self.seed, alpha=1.0, means=None,
+                norms=None, payload=None)
+            h, L_hi, L_lo = fixed_mode.plan(template, self.sketch)
+            tables = []
+            for L in (L_hi, L_lo):
+                if L == 0:
+                    tables.append((0, 0, np.zeros(0, np.float32), np.zeros(0)))
+                    continue
+                code = fixed_code(L)
+                betas = np.array(code.betas, dtype=np.float32)
+                tables.append((L, code.q, betas, betas.astype(np.float64)))
+            held = (h, tables[0], tables[1])
+            with self._lock:
+                if len(self._plans) >= self.MAX_PLANS:    # the oldest goes
+                    self._plans.pop(next(iter(self._plans)))
+                self._plans[key] = held
+        return held
