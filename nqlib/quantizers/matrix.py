@@ -63,6 +63,8 @@ from nqlib.quantizers.coded_domain import (
     dither_key,
     mmse_sums,
     project,
+    rotation_arrays,
+    unit_mean_direction,
 )
 from nqlib.quantizers.format import (
     FLAG_CENTER,
@@ -728,15 +730,10 @@ class FixedRowsQuantizer:
         mean direction in the coded domain (zeros when not centred)."""
         held = self._by_n.get(n)
         if held is None:
-            from nqlib.quantizers.coded_domain import (
-                _rotation_arrays,
-                unit_mean_direction,
-            )
-
             P = RandomHadamard(n, self.seed) if self.rotate else None
             u = (unit_mean_direction(P, n, n) if self.center
                  else np.zeros(n))
-            held = (_rotation_arrays(P, n), u)
+            held = (rotation_arrays(P, n), u)
             with self._lock:
                 self._by_n[n] = held
         return held
