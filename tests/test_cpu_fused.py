@@ -577,3 +577,37 @@ def test_quantlinear_numba_path_input_forms():
     np.testing.assert_array_equal(ql(wide[:, ::2]).numpy(), y.numpy())
     assert ql(x[:0]).shape == (0, a)
     assert ql(x.reshape(2, 3, n)[:, :0]).shape == (2, 0, a)
+
+
+@pytest.mark.parametrize("n", (40, 72, 100, 200, 576, 640, 896, 960))
+def test_rotation_panels_are_the_rows_bits(n):
+    """Rows rotated eight at a time, one per SIMD lane (the path of odd
+    factors m > 3: 576 = 64 x 9, 896 = 128 x 7, ...), give the bits of
+    each row rotated alone, whatever the batch: zero rows, non-finite
+    entries, lengths that need padding, with and without centring."""
+    from nqlib.kernels.cpu import fused
+
+    n_pad = -(-n // 8) * 8
+    P = nqlib.RandomHadamard(n_pad, seed=n)
+    assert n_pad // P.power_of_two > 3
+    signs = P.signs.astype(np.int8)
+    orth = P.orthogonal.astype(np.float32)
+    rng = np.random.default_rng(n)
+    for M in (8, 9, 17, 33):
+        x = (rng.standard_normal((M, n)) * 10.0 ** rng.uniform(-3, 3, (M, 1))
+             ).astype(np.float32)
+        x[1] = 0.0
+        x[2, 3] = np.nan
+        x[M - 1, 0] = np.inf
+        for center in (True, False):
+            out = np.empty((M, n_pad), np.float32)
+            xsum = np.empty(M, np.float32)
+            fused.rotate_rows(x, signs, orth, P.power_of_two, center, out, xsum)
+            for r in range(M):
+                one = np.empty((1, n_pad), np.float32)
+                s = np.empty(1, np.float32)
+                fused.rotate_rows(x[r:r + 1], signs, orth, P.power_of_two,
+                                  center, one, s)
+                np.testing.assert_array_equal(out[r].view(np.uint32),
+                                              one[0].view(np.uint32))
+                assert s.view(np.uint32)[0] == xsum[r:r + 1].view(np.uint32)[0]

@@ -934,74 +934,255 @@ def gemm(words, nib, kpl, tab, q_hi, q_lo, h, x, C, ep, xsum, nthreads):
                         m0 += mr
 
 
+#: rows rotated together, one per SIMD lane (:func:`_rotate_panel`)
+PANEL = 8
+
+
+@intrinsic
+def _transpose8(typingctx, src, s_off, s_ld, dst, d_off, d_ld):
+    """The 8 x 8 block of the float32 array ``src`` whose row ``r`` is
+    ``src.flat[s_off + r s_ld : + 8]``, transposed into ``dst``: row ``c``
+    of the result goes to ``dst.flat[d_off + c d_ld : + 8]``. Three stages
+    of two-vector shuffles (interleave pairs, then pairs of pairs, then the
+    halves); the values move, none is computed."""
+    for arr in (src, dst):
+        if (not isinstance(arr, types.Array) or arr.layout != "C"
+                or arr.dtype != types.float32):
+            return None             # a typing error: contiguous float32 only
+    sig = types.void(src, types.int64, types.int64, dst, types.int64,
+                     types.int64)
+
+    def codegen(context, builder, signature, args):
+        src_v, s_off, s_ld, dst_v, d_off, d_ld = args
+        e = _Emit(builder)
+        b = builder
+        ps = _data(context, b, signature.args[0], src_v)
+        pd = _data(context, b, signature.args[3], dst_v)
+        v = [e.load_vec(ps, b.add(s_off, b.mul(s_ld, ir.Constant(_I64, r))),
+                        _V8F) for r in range(8)]
+
+        def shuf(x, y, idx):
+            return b.shuffle_vector(x, y, ir.Constant(_V8I, idx))
+
+        lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+        t = []
+        for r in range(0, 8, 2):
+            t += [shuf(v[r], v[r + 1], lo), shuf(v[r], v[r + 1], hi)]
+        # t[2k], t[2k+1]: rows 2k, 2k+1 interleaved (columns 0,1,4,5 / 2,3,6,7)
+        even, odd = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+        u = []
+        for h in (0, 4):
+            for k in (0, 1):
+                u += [shuf(t[h + k], t[h + k + 2], even),
+                      shuf(t[h + k], t[h + k + 2], odd)]
+        # u[0..3] (rows 0-3) and u[4..7] (rows 4-7): columns (0, 4), (1, 5),
+        # (2, 6), (3, 7) in their two halves
+        first, second = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+        cols = [None] * 8
+        for k, c in enumerate((0, 1, 2, 3)):
+            cols[c] = shuf(u[k], u[k + 4], first)
+            cols[c + 4] = shuf(u[k], u[k + 4], second)
+        for c in range(8):
+            e.store_vec(cols[c], pd, b.add(d_off, b.mul(d_ld, ir.Constant(_I64, c))))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _center_signs8(typingctx, T, means, signs, n):
+    """``T.flat[8 k : 8 k + 8] = (T.flat[8 k : 8 k + 8] - means) * signs[k]``
+    for ``k < n`` (8 lanes: one row each; ``signs`` int8, ``means`` 8
+    float32): the float32 operations of ``(x - mean) * sign``, lane by
+    lane."""
+    sig = types.void(T, means, signs, types.int64)
+
+    def codegen(context, builder, signature, args):
+        T_v, means_v, signs_v, n = args
+        e = _Emit(builder)
+        b = builder
+        pt = _data(context, b, signature.args[0], T_v)
+        mv = e.load_vec(_data(context, b, signature.args[1], means_v),
+                        ir.Constant(_I64, 0), _V8F)
+        psg = _data(context, b, signature.args[2], signs_v)
+        with cgutils.for_range_slice(b, ir.Constant(_I64, 0), n,
+                                     ir.Constant(_I64, 1), inc=True) as (k, _):
+            at = b.mul(k, ir.Constant(_I64, 8))
+            sk = b.sitofp(b.load(b.gep(psg, [k])), _F32)
+            v = b.fmul(b.fsub(e.load_vec(pt, at, _V8F), mv), e.splat(sk, _V8F))
+            e.store_vec(v, pt, at)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _mix8(typingctx, T, T2, orth, p):
+    """``O_m`` on every group of 8-lane vectors: ``T2.flat[8 (i m + a) :
+    + 8] = sum_c orth[a, c] T.flat[8 (i m + c) : + 8]`` for ``i < p``, ``a
+    < m`` (``orth`` (m, m) float32), the sum from 0 in increasing ``c``,
+    products and sums rounded apart (no fused multiply-add)."""
+    sig = types.void(T, T2, orth, types.int64)
+
+    def codegen(context, builder, signature, args):
+        T_v, T2_v, orth_v, p = args
+        e = _Emit(builder)
+        b = builder
+        pt = _data(context, b, signature.args[0], T_v)
+        pt2 = _data(context, b, signature.args[1], T2_v)
+        po = _data(context, b, signature.args[2], orth_v)
+        m = _shape(context, b, signature.args[2], orth_v, 0)
+        zero = ir.Constant(_I64, 0)
+        one = ir.Constant(_I64, 1)
+        acc = cgutils.alloca_once_value(b, e.vf(0.0))
+        with cgutils.for_range_slice(b, zero, p, one, inc=True) as (i, _):
+            base = b.mul(i, m)
+            with cgutils.for_range_slice(b, zero, m, one, inc=True) as (a, _):
+                b.store(e.vf(0.0), acc)
+                row = b.mul(a, m)
+                with cgutils.for_range_slice(b, zero, m, one, inc=True) as (c, _):
+                    o = e.splat(b.load(b.gep(po, [b.add(row, c)])), _V8F)
+                    v = e.load_vec(pt, b.mul(b.add(base, c), ir.Constant(_I64, 8)),
+                                   _V8F)
+                    b.store(b.fadd(b.load(acc), b.fmul(o, v)), acc)
+                e.store_vec(b.load(acc), pt2,
+                            b.mul(b.add(base, a), ir.Constant(_I64, 8)))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _rotate_panel(x, r0, signs, orth, p, center, out, xsum, scale, T, T2,
+                  means):
+    """Rows ``r0 .. r0 + PANEL - 1`` of :func:`rotate_rows`, with rotation,
+    one row per SIMD lane: the rows are transposed into ``T`` (coordinate
+    ``k`` of row ``r0 + l`` at ``PANEL k + l``), where both factors of the
+    rotation act on whole vectors of lanes -- ``O_m`` on the ``m``
+    coordinates of a group, ``H_p`` on runs of ``m`` coordinates -- and
+    transposed back. Per coordinate the same float32 operations, in the
+    same order, as the per-row paths: ``(x - mean) sign``, ``sum_c O[a, c]
+    y_c`` from 0 in increasing ``c``, the butterflies in increasing span,
+    the scale last. ``T``, ``T2``: scratch of ``PANEL n_pad`` floats;
+    ``means``: of ``PANEL``."""
+    n = x.shape[1]
+    n_pad = out.shape[1]
+    m = orth.shape[0]
+    for lane in range(PANEL):
+        s = _row_sum(x, r0 + lane)
+        xsum[r0 + lane] = s
+        means[lane] = s / np.float32(n) if center else np.float32(0.0)
+    nb = n // 8
+    for kb in range(nb):
+        _transpose8(x, r0 * n + 8 * kb, n, T, PANEL * 8 * kb, PANEL)
+    for k in range(8 * nb, n):
+        for lane in range(PANEL):
+            T[PANEL * k + lane] = x[r0 + lane, k]
+    _center_signs8(T, means, signs, n)
+    for k in range(PANEL * n, PANEL * n_pad):
+        T[k] = np.float32(0.0)
+    Y = T
+    if m > 1:
+        _mix8(T, T2, orth, p)
+        Y = T2
+    # H_p: coordinates i m + c and (i + h) m + c meet, runs of h m vectors
+    _stages_from(Y, 0, PANEL * m, PANEL * n_pad, scale, True)
+    for kb in range(n_pad // 8):
+        _transpose8(Y, PANEL * 8 * kb, PANEL, out, r0 * n_pad + 8 * kb, n_pad)
+
+
+@njit(cache=True)
+def _rotate_row(x, r, signs, orth, p, center, out, xsum, scale):
+    """Row ``r`` of :func:`rotate_rows` alone."""
+    n = x.shape[1]
+    n_pad = out.shape[1]
+    m = orth.shape[0]
+    s = _row_sum(x, r)
+    xsum[r] = s
+    mean = s / np.float32(n) if center else np.float32(0.0)
+    y = out[r]
+    if signs.shape[0] == 0:
+        for i in range(n):
+            y[i] = x[r, i] - mean
+        for i in range(n, n_pad):
+            y[i] = np.float32(0.0)
+        return
+    if m == 1 or (m == 3 and p >= 8):
+        for i in range(n):
+            y[i] = (x[r, i] - mean) * np.float32(signs[i])
+        for i in range(n, n_pad):
+            y[i] = np.float32(0.0)
+        # the stages of spans 1, 2, 4 in registers (with O_3 first when
+        # m = 3), then the longer ones two per pass, the scale applied
+        # as the last pass stores
+        if m == 1:
+            _hadamard8(y, 0, p)
+            _stages_from(y, 0, 8, n_pad, scale, True)
+        else:
+            _mix3_hadamard8(y, orth, 0, n_pad)
+            _stages_from(y, 0, 24, n_pad, scale, True)
+        return
+    # (p, m) -> (m, p), the signs applied on the way
+    a = np.zeros((m, p), np.float32)
+    for i in range(p):
+        for c in range(m):
+            j = i * m + c
+            if j < n:
+                a[c, i] = (x[r, j] - mean) * np.float32(signs[j])
+    b = np.zeros((m, p), np.float32)
+    for row in range(m):
+        for c in range(m):          # the sum over c in increasing order
+            o = orth[row, c]
+            for i in range(p):
+                b[row, i] += o * a[c, i]
+    bf = b.reshape(m * p)
+    for row in range(m):
+        _hadamard_run(bf, row * p, p)
+    for i in range(p):
+        for c in range(m):
+            y[i * m + c] = b[c, i] * scale
+
+
 @njit(cache=True, parallel=True)
 def rotate_rows(x, signs, orth, p, center, out, xsum):
     """The activations in the coded domain: for each row ``x_m`` (length
     ``n``), ``xsum[m] = sum(x_m)`` and ``out[m] = P [x_m - mean(x_m); 0]``
     (``center``) or ``P [x_m; 0]``, with ``P = (H_p / sqrt(p)) (x) O_m
     diag(signs)`` (``orth`` the (m, m) factor ``O_m``; ``signs`` empty: no
-    rotation, ``P = I``). float32 arithmetic; ``out`` is (M, n_pad).
+    rotation, ``P = I``). float32 arithmetic; ``x`` C-contiguous, ``out``
+    (M, n_pad) C-contiguous.
 
     Coordinate ``i m + c`` of a row is entry ``(i, c)`` of a (p, m) matrix;
-    ``O_m`` mixes within its rows, ``H_p`` along its columns. For ``m = 1``
-    the Hadamard stages run in place (spans 1, 2, 4 in registers, the others
-    on runs of 8 lanes); for ``m = 3`` (384, 1536, ...) ``O_3`` and the
-    first three stages run in registers on windows of 24 floats
-    (:func:`_mix3_hadamard8`) and the others on runs of 24, 48, ... floats,
-    two stages per pass over the row (:func:`_stages_from`); for other
-    ``m`` the row is transposed to (m, p), so that both factors act on
-    contiguous runs, and back.
+    ``O_m`` mixes within its rows, ``H_p`` along its columns. Row by row
+    (:func:`_rotate_row`): for ``m = 1`` the Hadamard stages run in place
+    (spans 1, 2, 4 in registers, the others on runs of 8 lanes); for ``m =
+    3`` (384, 1536, ...) ``O_3`` and the first three stages run in
+    registers on windows of 24 floats (:func:`_mix3_hadamard8`) and the
+    others on runs of 24, 48, ... floats, two stages per pass over the row
+    (:func:`_stages_from`); for other ``m`` (576 = 64 x 9, 896 = 128 x 7,
+    ...) the row is transposed to (m, p), so that both factors act on
+    contiguous runs, and back -- except that these rows go ``PANEL`` at a
+    time, one per SIMD lane (:func:`_rotate_panel`), where ``O_m`` is a
+    product of whole vectors (about 3 times as fast at m = 9, twice at m =
+    7). Every path gives the same bits.
     """
-    M, n = x.shape
+    M = x.shape[0]
     n_pad = out.shape[1]
     m = orth.shape[0]
-    rotate = signs.shape[0] > 0
     scale = np.float32(1.0 / np.sqrt(p))
-    for r in prange(M):
-        s = _row_sum(x, r)
-        xsum[r] = s
-        mean = s / np.float32(n) if center else np.float32(0.0)
-        y = out[r]
-        if not rotate:
-            for i in range(n):
-                y[i] = x[r, i] - mean
-            for i in range(n, n_pad):
-                y[i] = np.float32(0.0)
-            continue
-        if m == 1 or (m == 3 and p >= 8):
-            for i in range(n):
-                y[i] = (x[r, i] - mean) * np.float32(signs[i])
-            for i in range(n, n_pad):
-                y[i] = np.float32(0.0)
-            # the stages of spans 1, 2, 4 in registers (with O_3 first when
-            # m = 3), then the longer ones two per pass, the scale applied
-            # as the last pass stores
-            if m == 1:
-                _hadamard8(y, 0, p)
-                _stages_from(y, 0, 8, n_pad, scale, True)
-            else:
-                _mix3_hadamard8(y, orth, 0, n_pad)
-                _stages_from(y, 0, 24, n_pad, scale, True)
-            continue
-        # (p, m) -> (m, p), the signs applied on the way
-        a = np.zeros((m, p), np.float32)
-        for i in range(p):
-            for c in range(m):
-                j = i * m + c
-                if j < n:
-                    a[c, i] = (x[r, j] - mean) * np.float32(signs[j])
-        b = np.zeros((m, p), np.float32)
-        for row in range(m):
-            for c in range(m):          # the sum over c in increasing order
-                o = orth[row, c]
-                for i in range(p):
-                    b[row, i] += o * a[c, i]
-        bf = b.reshape(m * p)
-        for row in range(m):
-            _hadamard_run(bf, row * p, p)
-        for i in range(p):
-            for c in range(m):
-                y[i * m + c] = b[c, i] * scale
+    # the panels serve the odd factors without a path of their own (for m =
+    # 1 and 3 the row paths were measured faster: fewer passes over memory)
+    G = M // PANEL if signs.shape[0] > 0 and m != 1 and m != 3 else 0
+    for t in prange(G + M - PANEL * G):
+        if t < G:
+            T = np.empty(PANEL * n_pad, np.float32)
+            T2 = np.empty(PANEL * n_pad, np.float32)
+            means = np.empty(PANEL, np.float32)
+            _rotate_panel(x, PANEL * t, signs, orth, p, center, out, xsum,
+                          scale, T, T2, means)
+        else:
+            _rotate_row(x, PANEL * G + t - G, signs, orth, p, center, out,
+                        xsum, scale)
 
 
 @njit(cache=True)
