@@ -938,6 +938,19 @@ def gemm(words, nib, kpl, tab, q_hi, q_lo, h, x, C, ep, xsum, nthreads):
 PANEL = 8
 
 
+def _pointers(context, builder, signature, args):
+    """The data pointer of each array argument of an intrinsic (the
+    argument itself for the others)."""
+    return [_data(context, builder, ty, val) if isinstance(ty, types.Array)
+            else val for ty, val in zip(signature.args, args)]
+
+
+def _c_array(ty, dtype) -> bool:
+    """Whether the numba type ``ty`` is a C-contiguous array of ``dtype``
+    (what the intrinsics below index through its data pointer)."""
+    return isinstance(ty, types.Array) and ty.layout == "C" and ty.dtype == dtype
+
+
 @intrinsic
 def _transpose8(typingctx, src, s_off, s_ld, dst, d_off, d_ld):
     """The 8 x 8 block of the float32 array ``src`` whose row ``r`` is
@@ -945,19 +958,16 @@ def _transpose8(typingctx, src, s_off, s_ld, dst, d_off, d_ld):
     of the result goes to ``dst.flat[d_off + c d_ld : + 8]``. Three stages
     of two-vector shuffles (interleave pairs, then pairs of pairs, then the
     halves); the values move, none is computed."""
-    for arr in (src, dst):
-        if (not isinstance(arr, types.Array) or arr.layout != "C"
-                or arr.dtype != types.float32):
-            return None             # a typing error: contiguous float32 only
+    if not (_c_array(src, types.float32) and _c_array(dst, types.float32)):
+        return None                 # a typing error: contiguous float32 only
     sig = types.void(src, types.int64, types.int64, dst, types.int64,
                      types.int64)
 
     def codegen(context, builder, signature, args):
-        src_v, s_off, s_ld, dst_v, d_off, d_ld = args
+        ps, s_off, s_ld, pd, d_off, d_ld = _pointers(context, builder,
+                                                      signature, args)
         e = _Emit(builder)
         b = builder
-        ps = _data(context, b, signature.args[0], src_v)
-        pd = _data(context, b, signature.args[3], dst_v)
         v = [e.load_vec(ps, b.add(s_off, b.mul(s_ld, ir.Constant(_I64, r))),
                         _V8F) for r in range(8)]
 
@@ -995,16 +1005,16 @@ def _center_signs8(typingctx, T, means, signs, n):
     for ``k < n`` (8 lanes: one row each; ``signs`` int8, ``means`` 8
     float32): the float32 operations of ``(x - mean) * sign``, lane by
     lane."""
+    if not (_c_array(T, types.float32) and _c_array(means, types.float32)
+            and _c_array(signs, types.int8)):
+        return None                 # a typing error
     sig = types.void(T, means, signs, types.int64)
 
     def codegen(context, builder, signature, args):
-        T_v, means_v, signs_v, n = args
+        pt, pm, psg, n = _pointers(context, builder, signature, args)
         e = _Emit(builder)
         b = builder
-        pt = _data(context, b, signature.args[0], T_v)
-        mv = e.load_vec(_data(context, b, signature.args[1], means_v),
-                        ir.Constant(_I64, 0), _V8F)
-        psg = _data(context, b, signature.args[2], signs_v)
+        mv = e.load_vec(pm, ir.Constant(_I64, 0), _V8F)
         with cgutils.for_range_slice(b, ir.Constant(_I64, 0), n,
                                      ir.Constant(_I64, 1), inc=True) as (k, _):
             at = b.mul(k, ir.Constant(_I64, 8))
@@ -1022,16 +1032,16 @@ def _mix8(typingctx, T, T2, orth, p):
     + 8] = sum_c orth[a, c] T.flat[8 (i m + c) : + 8]`` for ``i < p``, ``a
     < m`` (``orth`` (m, m) float32), the sum from 0 in increasing ``c``,
     products and sums rounded apart (no fused multiply-add)."""
+    if not (_c_array(T, types.float32) and _c_array(T2, types.float32)
+            and _c_array(orth, types.float32) and orth.ndim == 2):
+        return None                 # a typing error
     sig = types.void(T, T2, orth, types.int64)
 
     def codegen(context, builder, signature, args):
-        T_v, T2_v, orth_v, p = args
+        pt, pt2, po, p = _pointers(context, builder, signature, args)
         e = _Emit(builder)
         b = builder
-        pt = _data(context, b, signature.args[0], T_v)
-        pt2 = _data(context, b, signature.args[1], T2_v)
-        po = _data(context, b, signature.args[2], orth_v)
-        m = _shape(context, b, signature.args[2], orth_v, 0)
+        m = _shape(context, b, signature.args[2], args[2], 0)
         zero = ir.Constant(_I64, 0)
         one = ir.Constant(_I64, 1)
         acc = cgutils.alloca_once_value(b, e.vf(0.0))
