@@ -201,12 +201,18 @@ def _same_matrix(q1, q2):
 @pytest.mark.parametrize("n", (8, 64, 384, 576, 1536))
 @pytest.mark.parametrize("rate", (4.0, 3.3, 2.0, 1.0))
 def test_fixed_rows_quantizer_is_quantize_columns(n, rate):
-    """The lean path of activations quantized on every call gives
-    ``quantize_columns``'s matrix bit for bit (file, shrinkage, decoded
-    rows, side information): float32 and float64 rows, batches that take
-    one word length or two, rates where blocks are dropped (sketching),
-    zero and constant rows; errors are the general function's."""
-    from nqlib.quantizers.matrix import FixedRowsQuantizer, quantize_columns
+    """The lean path of activations quantized on every call (which
+    ``quantize_columns`` itself takes with ``keep_decoded=True``) gives the
+    matrix of the general, chunked path bit for bit (file, shrinkage, side
+    information) and the decode of that file: float32 and float64 rows,
+    batches that take one word length or two, rates where blocks are
+    dropped (sketching), zero and constant rows; errors are the general
+    function's."""
+    from nqlib.quantizers.matrix import (
+        FixedRowsQuantizer,
+        QuantizedMatrix,
+        quantize_columns,
+    )
 
     rng = np.random.default_rng([n, int(10 * rate)])
     coder = FixedRowsQuantizer(rate, seed=11)
@@ -218,8 +224,7 @@ def test_fixed_rows_quantizer_is_quantize_columns(n, rate):
                 X[1] = 0.0
                 X[2] = 2.5
             try:
-                want = quantize_columns(X.T, rate, seed=11, mode="fixed",
-                                        keep_decoded=True)
+                want = quantize_columns(X.T, rate, seed=11, mode="fixed")
             except ValueError as exc:     # a rate the shape cannot meet
                 with pytest.raises(ValueError) as got:
                     coder(X)
@@ -227,7 +232,9 @@ def test_fixed_rows_quantizer_is_quantize_columns(n, rate):
                 continue
             assert coder._takes(X)
             got = coder(X)
-            _same_matrix(got, want)
+            _same_matrix(got, want)       # want's rows: the decode of its file
+            np.testing.assert_array_equal(got.coded_rows(), QuantizedMatrix.from_bytes(
+                got.to_bytes()).coded_rows())
             assert coder.nbytes(got) == len(got.to_bytes())
 
 

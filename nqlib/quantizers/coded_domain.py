@@ -36,8 +36,7 @@ from nqlib.quantizers.hadamard import RandomHadamard
 
 __all__ = ["padded", "as_matrix", "dither", "dither_key", "unit_mean_direction",
            "scaled_padded_rotated", "coded_rows", "project", "mmse_sums",
-           "CHUNK_ENTRIES", "rows_per_chunk", "pairwise_sums", "Encoding",
-           "rotation_arrays"]
+           "CHUNK_ENTRIES", "rows_per_chunk", "pairwise_sums", "Encoding"]
 
 #: entries (float64) per chunk of the encoder's passes: the matrix is
 #: centred, rotated, encoded and its shrinkage measured this many entries
@@ -180,7 +179,7 @@ def coded_rows(A, n_pad, center, normalize, P, out=None):
         # arithmetic is the loop below, which version-2 rotations keep)
         from nqlib.kernels.cpu.coded import coded_rows_into
 
-        rotation = rotation_arrays(P, n_pad)
+        rotation = _rotation_arrays(P, n_pad)
         spare = np.zeros(0, dtype=np.float32)
         for c0 in range(0, a, step):
             c1 = min(a, c0 + step)
@@ -206,7 +205,7 @@ def coded_rows(A, n_pad, center, normalize, P, out=None):
     return Y, means, norms
 
 
-def rotation_arrays(P, n_pad):
+def _rotation_arrays(P, n_pad):
     """``(signs, O^T, p)`` of ``P`` as :func:`~nqlib.kernels.cpu.coded.\
 coded_rows_into` takes them (empty signs: no rotation)."""
     if P is None:

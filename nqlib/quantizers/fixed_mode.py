@@ -141,19 +141,6 @@ def encode(qm, Y, backend, sketch) -> Encoding:
     def raw_rows(r0, r1):
         if r0 != cursor[0]:  # pragma: no cover - guards the chunk protocol
             raise RuntimeError("fixed-mode chunks must be coded in order")
-        if r1 - r0 == a and zb is None and backend != "numpy":
-            # all the vectors at once: one compiled call (the same words)
-            from nqlib.kernels.cpu.coded import encode_fixed_rows
-
-            out = np.empty((a, n_pad))
-            hi, lo = payload.hi, payload.lo
-            coded = B if lo.L else h
-            encode_fixed_rows(np.ascontiguousarray(Y), h, coded, hi.q,
-                              hi.betas.astype(np.float64), hi.L, hi.packed,
-                              lo.q, lo.betas.astype(np.float64), lo.L,
-                              lo.packed, out)
-            cursor[0] = a
-            return out
         out = np.zeros((r1 - r0, B, 8))  # dropped blocks stay 0
         encode_rows(r0, r1, out)
         cursor[0] = r1

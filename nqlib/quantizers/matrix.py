@@ -63,7 +63,6 @@ from nqlib.quantizers.coded_domain import (
     dither_key,
     mmse_sums,
     project,
-    rotation_arrays,
     unit_mean_direction,
 )
 from nqlib.quantizers.format import (
@@ -80,7 +79,7 @@ from nqlib.quantizers.format import (
     READ_VERSIONS,
 )
 from nqlib.quantizers.hadamard import RandomHadamard
-from nqlib.quantizers.payloads import FixedPart, FixedPayload
+from nqlib.quantizers.payloads import FixedPayload
 from nqlib.quantizers.rate_control import (
     OPTION_VALUES,
     check_choice,
@@ -553,17 +552,18 @@ rotate, sketch, group_size, state_bits, backend
     n_pad = fmt.padded_length(n, method)
     if rotate and (why := fmt.rotation_size_problem(n_pad, a)):
         raise ValueError(f"A cannot be rotated: {why}; use rotate=False")
-    # Activations quantized on every call (fixed mode, decode kept, nothing
-    # padded) take one compiled pass per step (fixed_mode.encode, mmse_sums);
-    # their coded rows go to this thread's scratch, which no array returned
-    # here refers to
-    whole = (method == "nested" and mode == "fixed" and keep_decoded
-             and estimator == "mmse" and not flags & FLAG_DITHER
-             and n_pad == n and backend != "numpy" and code_words)
+    if (method == "nested" and mode == "fixed" and keep_decoded
+            and estimator == "mmse" and not flags & FLAG_DITHER
+            and n_pad == n and backend != "numpy" and code_words):
+        # activations quantized on every call (fixed mode, decode kept,
+        # nothing padded): one compiled pass per step, the passes of the
+        # rows quantizer that the layers keep (the same bytes as below)
+        return FixedRowsQuantizer(rate, seed, center=center,
+                                  normalize=normalize, rotate=rotate,
+                                  sketch=sketch)._code(A.T)
     Xp, means, norms = coded_rows(
         A, n_pad, center, normalize,
-        RandomHadamard(n_pad, seed) if rotate else None,
-        out=scratch("coded_rows", (a, n_pad), np.float64) if whole else None)
+        RandomHadamard(n_pad, seed) if rotate else None)
     qm = QuantizedMatrix(shape=(n, a), rate=rate, method=method, mode=mode,
                          flags=flags, seed=seed, alpha=1.0, means=means,
                          norms=norms, payload=None,
@@ -583,10 +583,7 @@ rotate, sketch, group_size, state_bits, backend
     # projections, computed by the encoder (which sees y) and stored.
     if estimator == "mmse":
         num, den, Yhat = mmse_sums(qm, Xp, enc.raw_rows, keep=keep_decoded)
-        with np.errstate(over="ignore", invalid="ignore"):
-            alpha = float(np.float32(num / den)) if den > 0 else 1.0
-        # a reader refuses |alpha| > MAX_ALPHA (no sane decode needs it)
-        qm.alpha = alpha if abs(alpha) <= MAX_ALPHA else 1.0
+        qm.alpha = _shrinkage(num, den)
     if keep_decoded and estimator == "mmse":
         # exactly decode_rows(qm): the same projection times the same alpha
         # (in place: Yhat is the MMSE pass's own array)
@@ -598,13 +595,24 @@ rotate, sketch, group_size, state_bits, backend
     return qm
 
 
+def _shrinkage(num, den) -> float:
+    """The stored MMSE factor ``alpha = num / den`` (float32), 1 when ``den``
+    is not positive or when ``|alpha|`` exceeds ``MAX_ALPHA`` (a reader
+    refuses that: no sane decode needs it)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        alpha = float(np.float32(num / den)) if den > 0 else 1.0
+    return alpha if abs(alpha) <= MAX_ALPHA else 1.0
+
+
 # ------------------------------------------- rows quantized on every call
 class FixedRowsQuantizer:
     """``quantize_columns(X.T, rate, seed=seed, mode="fixed",
-    keep_decoded=True)`` for rows ``X`` (a, n), the nested method's other
-    options at their defaults: the same :class:`QuantizedMatrix`, bit for
-    bit, with what depends only on ``n`` and ``a`` (the rotation, the mean
-    direction, the payload plan, the codes) worked out once.
+    keep_decoded=True, center=center, normalize=normalize, rotate=rotate,
+    sketch=sketch)`` for rows ``X`` (a, n), without dither and with the
+    MMSE estimator: the same :class:`QuantizedMatrix`, bit for bit, with
+    what depends only on ``n`` and ``a`` (the rotation, the mean direction,
+    the payload plan, the codes) worked out once. Its compiled passes are
+    the ones :func:`quantize_columns` itself runs in that case.
 
     For activations quantized on every call of a layer
     (:class:`nqlib.nn.ActivationCache`), where a small batch would spend
@@ -621,19 +629,22 @@ class FixedRowsQuantizer:
         Bits per entry (checked as :func:`quantize_columns` checks it).
     seed : int
         The shared seed.
+    center, normalize, rotate, sketch : bool or None
+        As in :func:`quantize` (None: the fixed mode's defaults).
     """
 
     #: row counts whose plan is kept (the batch sizes of a model's calls)
     MAX_PLANS = 64
 
-    def __init__(self, rate, seed=0):
+    def __init__(self, rate, seed=0, *, center=None, normalize=None,
+                 rotate=None, sketch=None):
         self.rate = check_rate(rate, "nested")
         self.seed = _checks.check_int(seed, "seed", minimum=0)
         if self.seed >= 2**64:
             raise ValueError(f"seed must be < 2**64, got {self.seed}")
         opts = resolve_options("nested", mode="fixed", estimator=None,
-                               dither=None, center=None, normalize=None,
-                               rotate=None, sketch=None)
+                               dither=None, center=center, normalize=normalize,
+                               rotate=rotate, sketch=sketch)
         self._fast = opts["estimator"] == "mmse" and not opts["dither"]
         self.sketch = bool(opts["sketch"])
         self.center = bool(opts["center"])
@@ -641,8 +652,8 @@ class FixedRowsQuantizer:
         self.rotate = bool(opts["rotate"])
         self.flags = (FLAG_CENTER * self.center | FLAG_NORMALIZE * self.normalize
                       | FLAG_ROTATE * self.rotate | FLAG_MMSE)
-        self._by_n = {}      # n -> (rotation arrays, mean direction)
-        self._plans = {}     # (n, a) -> (h, hi and lo tables)
+        self._by_n = {}      # n -> (rotation, mean direction)
+        self._plans = {}     # (n, a) -> (h, L_hi, L_lo)
         self._sizes = {}     # (n, a) -> bytes of the file
         self._lock = threading.Lock()   # a layer may be called from threads
 
@@ -652,46 +663,38 @@ class FixedRowsQuantizer:
         X = np.asarray(X)
         if not self._takes(X):
             return quantize_columns(X.T, self.rate, seed=self.seed,
-                                    mode="fixed", keep_decoded=True)
-        from nqlib.kernels.cpu.coded import (
-            coded_rows_into,
-            encode_fixed_rows,
-            project_mmse,
-        )
+                                    mode="fixed", keep_decoded=True,
+                                    center=self.center,
+                                    normalize=self.normalize,
+                                    rotate=self.rotate, sketch=self.sketch)
+        return self._code(X)
 
-        X = np.ascontiguousarray(X)
+    def _code(self, X) -> QuantizedMatrix:
+        """The compiled passes for rows ``X`` that :meth:`_takes` (or
+        :func:`quantize_columns`'s checks) passed."""
+        from nqlib.kernels.cpu.coded import encode_fixed_rows, project_mmse
+
         a, n = X.shape
-        rotation, u = self._static(n)
-        h, hi, lo = self._plan(n, a)
-        Y = scratch("coded_rows", (a, n), np.float64)
-        spare = np.zeros(0, dtype=np.float32)
-        means = np.empty(a, dtype=np.float32) if self.center else None
-        norms = np.empty(a, dtype=np.float32) if self.normalize else None
-        coded_rows_into(X, self.center, self.normalize, *rotation, Y,
-                        spare if means is None else means,
-                        spare if norms is None else norms)
-        # the parts as fixed_mode.part_for makes them (zeroed words; empty
-        # when they code nothing) and their scales as the encoder takes them
-        parts, b64 = [], []
-        for count, (L, q, betas, betas64) in ((a * h, hi), (a * (n // 8 - h), lo)):
-            empty = L == 0 or count == 0
-            parts.append(FixedPart.empty() if empty else FixedPart(
-                L=L, q=q, betas=betas.copy(),
-                packed=np.zeros(-(-count * L // 8), np.uint8)))
-            b64.append(np.zeros(0) if empty else betas64)
-        coded = n // 8 if parts[1].L else h
+        P, u = self._static(n)
+        h, L_hi, L_lo = self._plan(n, a)
+        # the coded rows go to this thread's scratch, which no array
+        # returned here refers to
+        Y, means, norms = coded_rows(X.T, n, self.center, self.normalize, P,
+                                     out=scratch("coded_rows", (a, n),
+                                                 np.float64))
+        B = n // 8
+        hi = fixed_mode.part_for(a * h, L_hi)
+        lo = fixed_mode.part_for(a * (B - h), L_lo)
         R = np.empty((a, n))
-        encode_fixed_rows(Y, h, coded, parts[0].q, b64[0], parts[0].L,
-                          parts[0].packed, parts[1].q, b64[1], parts[1].L,
-                          parts[1].packed, R)
+        encode_fixed_rows(Y, h, B if lo.L else h, hi.q,
+                          hi.betas.astype(np.float64), hi.L, hi.packed, lo.q,
+                          lo.betas.astype(np.float64), lo.L, lo.packed, R)
         num, den = project_mmse(R, Y, u, self.center)
-        with np.errstate(over="ignore", invalid="ignore"):
-            alpha = float(np.float32(num / den)) if den > 0 else 1.0
-        alpha = alpha if abs(alpha) <= MAX_ALPHA else 1.0
+        alpha = _shrinkage(num, den)
         qm = QuantizedMatrix(shape=(n, a), rate=self.rate, method="nested",
                              mode="fixed", flags=self.flags, seed=self.seed,
                              alpha=alpha, means=means, norms=norms,
-                             payload=FixedPayload(h=h, hi=parts[0], lo=parts[1]))
+                             payload=FixedPayload(h=h, hi=hi, lo=lo))
         R *= alpha
         qm._decoded = R
         R.setflags(write=False)
@@ -726,42 +729,30 @@ class FixedRowsQuantizer:
         return max(hi, -lo) * math.sqrt(X.shape[1]) < float(np.finfo(np.float32).max)
 
     def _static(self, n):
-        """The rotation's arrays as the coded-rows kernel takes them and the
-        mean direction in the coded domain (zeros when not centred)."""
+        """The rotation (None without) and the mean direction in the coded
+        domain (zeros when not centred)."""
         held = self._by_n.get(n)
         if held is None:
             P = RandomHadamard(n, self.seed) if self.rotate else None
             u = (unit_mean_direction(P, n, n) if self.center
                  else np.zeros(n))
-            held = (rotation_arrays(P, n), u)
+            held = (P, u)
             with self._lock:
                 self._by_n[n] = held
         return held
 
     def _plan(self, n, a):
-        """``(h, hi, lo)``: the fixed mode's plan for ``a`` vectors of
+        """``(h, L_hi, L_lo)``: the fixed mode's plan for ``a`` vectors of
         length ``n`` (:func:`~nqlib.quantizers.fixed_mode.plan`, which
-        raises when the rate cannot be met), each part as ``(L, q, betas
-        float32, betas float64)``."""
+        raises when the rate cannot be met)."""
         key = (n, a)
         held = self._plans.get(key)
         if held is None:
-            from nqlib.quantizers.fixed import fixed_code
-
             template = QuantizedMatrix(
                 shape=(n, a), rate=self.rate, method="nested", mode="fixed",
                 flags=self.flags, seed=self.seed, alpha=1.0, means=None,
                 norms=None, payload=None)
-            h, L_hi, L_lo = fixed_mode.plan(template, self.sketch)
-            tables = []
-            for L in (L_hi, L_lo):
-                if L == 0:
-                    tables.append((0, 0, np.zeros(0, np.float32), np.zeros(0)))
-                    continue
-                code = fixed_code(L)
-                betas = np.array(code.betas, dtype=np.float32)
-                tables.append((L, code.q, betas, betas.astype(np.float64)))
-            held = (h, tables[0], tables[1])
+            held = fixed_mode.plan(template, self.sketch)
             with self._lock:
                 if len(self._plans) >= self.MAX_PLANS:    # the oldest goes
                     self._plans.pop(next(iter(self._plans)))
