@@ -236,12 +236,20 @@ def test_fixed_rows_quantizer_is_quantize_columns(n, rate):
             np.testing.assert_array_equal(got.coded_rows(), QuantizedMatrix.from_bytes(
                 got.to_bytes()).coded_rows())
             assert coder.nbytes(got) == len(got.to_bytes())
+            # the float32 rows of the fused product, from the same pass
+            rows32 = np.full((a, n), np.nan, np.float32)
+            again = coder.code(X, rows32=rows32)
+            _same_matrix(again, want)
+            np.testing.assert_array_equal(
+                rows32, (got.coded_rows() * got.row_scales()[:, None]).astype(
+                    np.float32))
 
 
 def test_fixed_rows_quantizer_hands_the_rest_to_quantize_columns():
     """Lengths that need padding, float16 rows, non-finite and oversized
-    entries and empty batches take the general function, with its results
-    and its errors; a file's length depends on its shape alone."""
+    entries (which the compiled pass refuses, |x| sqrt(n) at the float32
+    limit included) and empty batches take the general function, with its
+    results and its errors; a file's length depends on its shape alone."""
     from nqlib.quantizers.matrix import FixedRowsQuantizer, quantize_columns
 
     coder = FixedRowsQuantizer(4.0, seed=5)
@@ -251,10 +259,13 @@ def test_fixed_rows_quantizer_hands_the_rest_to_quantize_columns():
         assert not coder._takes(X)
         _same_matrix(coder(X), quantize_columns(X.T, 4.0, seed=5, mode="fixed",
                                                 keep_decoded=True))
-    for bad in (np.nan, np.inf, 1e38):
-        X = rng.standard_normal((3, 256))
+    for bad, dtype in ((np.nan, np.float64), (np.inf, np.float64),
+                       (1e38, np.float64), (-np.inf, np.float32),
+                       (-3e37, np.float32)):
+        X = rng.standard_normal((3, 256)).astype(dtype)
         X[1, 7] = bad
-        assert not coder._takes(X)
+        assert coder._takes(X)          # the shape and dtype: the entries
+        assert coder.code(X) is None    # are refused by the compiled pass
         with pytest.raises(ValueError) as want:
             quantize_columns(X.T, 4.0, seed=5, mode="fixed")
         with pytest.raises(ValueError) as got:
@@ -262,6 +273,16 @@ def test_fixed_rows_quantizer_hands_the_rest_to_quantize_columns():
         assert str(got.value) == str(want.value)
     with pytest.raises(ValueError, match="non-empty"):
         coder(np.zeros((0, 256)))
+    X = rng.standard_normal((3, 64))
+    for rows32 in (np.empty((3, 64)), np.empty((3, 63), np.float32),
+                   np.empty((64, 3), np.float32).T, [[0.0] * 64] * 3):
+        with pytest.raises(ValueError, match="rows32 must be"):
+            coder.code(X, rows32=rows32)
+    frozen = np.empty((3, 64), np.float32)
+    frozen.setflags(write=False)
+    with pytest.raises(ValueError, match="rows32 must be"):
+        coder.code(X, rows32=frozen)
+    assert coder.code(rng.standard_normal((3, 60))) is None   # padded: no
     # the length of a shape's file is the same for any data
     sizes = {len(coder(X).to_bytes()) for X in
              (np.zeros((5, 128)), rng.standard_normal((5, 128)) * 1e3,

@@ -123,13 +123,13 @@ def test_whole_matrix_fixed_path_is_the_chunked_path(shape, rate, options,
     from nqlib.quantizers import fixed_mode
 
     calls = []
-    whole = kern.encode_fixed_rows
+    whole = kern.code_fixed_rows
 
     def counted(*args):
         calls.append(args[0].shape[0])
         return whole(*args)
 
-    monkeypatch.setattr(kern, "encode_fixed_rows", counted)
+    monkeypatch.setattr(kern, "code_fixed_rows", counted)
     monkeypatch.setattr(coded_domain, "CHUNK_ENTRIES", 8)   # 8 vectors a chunk
     assert fixed_mode.rows_per_chunk(shape[0]) == 8 < shape[1]
     rng = np.random.default_rng(shape[0] + shape[1])

@@ -529,13 +529,13 @@ def test_bound_linear_and_the_layers_bias(mode):
         return lay.linear(xn, bias)
 
     np.testing.assert_array_equal(ql(x).numpy(), want())
-    fn = ql._bound[3]
+    fn = ql._bound[3]["linear"]
     np.testing.assert_array_equal(ql(x).numpy(), want())
-    assert ql._bound[3] is fn                      # kept between calls
+    assert ql._bound[3]["linear"] is fn            # kept between calls
     with torch.no_grad():
         ql.bias += 1.0                             # in place: seen
     np.testing.assert_array_equal(ql(x).numpy(), want())
-    assert ql._bound[3] is fn
+    assert ql._bound[3]["linear"] is fn
     ql.bias.data = torch.full((a,), 3.0)           # new memory, same object
     np.testing.assert_array_equal(ql(x).numpy(), want())
     ql.bias = torch.nn.Parameter(torch.full((a,), -2.0))   # a new object
@@ -553,6 +553,62 @@ def test_bound_linear_and_the_layers_bias(mode):
         np.testing.assert_array_equal(twin(x).numpy(),
                                       lay.linear(xn, np.full(a, 1.5, np.float32)))
     np.testing.assert_array_equal(ql(x).numpy(), want())
+
+
+@pytest.mark.parametrize("mode", ("fixed", "trellis"))
+def test_bound_linear_rotated_and_the_w4a4_layers_bias(mode):
+    """``bound_linear_rotated`` gives ``linear_rotated``'s bits, and a W4A4
+    layer (fixed-mode activations, the fused CPU product) keeps it per bias
+    as the W4 layer keeps ``bound_linear``: in-place writes to the bias,
+    new memory, a bias of another dtype and no bias are all seen, with the
+    output of ``linear_rotated`` on the quantized input's rows."""
+    from nqlib.nn import QuantLinear
+
+    n, a = 72, 24
+    if mode == "trellis":
+        from test_trellis_fused import code_defaults
+
+        with code_defaults(64, 10):
+            ql = QuantLinear.from_linear(_linear(n, a, seed=4), 2.0,
+                                         mode="trellis", act_rate=4.0,
+                                         act_mode="fixed")
+    else:
+        ql = QuantLinear.from_linear(_linear(n, a, seed=4), 4.0, act_rate=4.0,
+                                     act_mode="fixed")
+    lay = ql.cpu_layout
+    rng = np.random.default_rng(2)
+    xr = rng.standard_normal((5, lay.n_pad)).astype(np.float32)
+    xsum = rng.standard_normal(5).astype(np.float32)
+    b = np.linspace(-1, 1, a).astype(np.float32)
+    out = np.full((5, a), np.nan, np.float32)
+    assert lay.bound_linear_rotated(b)(xr, xsum, out) is out
+    np.testing.assert_array_equal(out, lay.linear_rotated(xr, xsum, b))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        lay.bound_linear_rotated(b[:-1])
+
+    x = torch.randn(6, n)
+    cache = ql.act_cache
+
+    def want():
+        QX = cache.quantized(x, ql.act_rate, ql._header, ql.act_mode)
+        rows = cache.rows_float32(QX)
+        bias = None if ql.bias is None else ql.bias.detach().float().numpy()
+        return lay.linear_rotated(rows, np.float32(n) * QX.means, bias)
+
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    fn = ql._bound[3]["linear_rotated"]
+    with torch.no_grad():
+        ql.bias += 1.0                             # in place: seen
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    assert ql._bound[3]["linear_rotated"] is fn
+    ql.bias.data = torch.full((a,), 3.0)           # new memory, same object
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    ql.bias.data = ql.bias.data.bfloat16()         # another dtype
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    ql.bias = None
+    np.testing.assert_array_equal(ql(x).numpy(), want())
+    assert ql.act_entries == 5 * x.numel()
+    assert ql.act_bits_per_entry > 0
 
 
 def test_quantlinear_numba_path_input_forms():

@@ -149,28 +149,36 @@ class ActivationCache:
         # exactly, like float32)
         xd = x2.detach().to("cpu")
         X = (xd if xd.dtype == torch.float32 else xd.to(torch.float64)).numpy()
+        # the previous entry's float32 rows are free to be written again
+        rows = [hit[3][0] if hit is not None else None, False]
         # keep_decoded: the MMSE step decodes the rows anyway; keeping them
         # saves decoding them again in the product (bit-identical to decoding
         # the bytes)
+        coder = None
         if method == "nested" and mode == "fixed":
             # the same bits through the lean path of rows quantized on every
-            # call (the rotation, plan and codes of a shape worked out once)
+            # call (the rotation, plan and codes of a shape worked out once),
+            # which also writes the float32 rows of rows_float32
             coder = self._coders.get((act_rate, qw.seed))
             if coder is None:
                 coder = FixedRowsQuantizer(act_rate, qw.seed)
                 with self._lock:
                     self._coders[act_rate, qw.seed] = coder
-            QX = coder(X)
+            buf = rows[0]
+            if buf is None or buf.shape != X.shape:
+                buf = np.empty(X.shape, dtype=np.float32)
+            QX = coder.code(X, rows32=buf)
+            if QX is not None:
+                rows[:] = [buf, True]
+            else:
+                QX = coder(X)       # the general function: its result or error
         else:
-            coder = None
             QX = quantize_columns(X.T, act_rate, seed=qw.seed, method=method,
                                   mode=mode, keep_decoded=True)
         with self._lock:
             self.quantized_calls += 1
             self.quantized_entries += X.size
-        # the previous entry's float32 rows are free to be written again
-        spare = hit[3][0] if hit is not None else None
-        self._local.entry = (key, x2.detach().clone(), QX, [spare, False], coder)
+        self._local.entry = (key, x2.detach().clone(), QX, rows, coder)
         return QX
 
     def nbytes(self, QX: QuantizedMatrix) -> int:

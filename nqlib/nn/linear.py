@@ -473,24 +473,28 @@ class QuantLinear(torch.nn.Module):
                              out.numpy().reshape(-1, self.out_features))
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
-    def _bound_linear(self):
-        """The layout's kernel call with its arguments bound
-        (:meth:`~nqlib.quantizers.layout_common.RotatedLayout.bound_linear`),
-        kept while the layout and the bias stay the same: the same bias
-        object over the same float32 memory (then the kernel reads the
-        bias's memory itself, so in-place writes to it are seen). A bias of
-        another dtype is converted at every call."""
+    def _bound_linear(self, name="linear"):
+        """The layout's kernel call ``bound_<name>`` (``"linear"``:
+        :meth:`~nqlib.quantizers.layout_common.RotatedLayout.bound_linear`;
+        ``"linear_rotated"``: its form for activations in the coded domain)
+        with its arguments bound, kept while the layout and the bias stay
+        the same: the same bias object over the same float32 memory (then
+        the kernel reads the bias's memory itself, so in-place writes to it
+        are seen). A bias of another dtype is converted at every call."""
         bias = self.bias
         if bias is not None and bias.dtype != torch.float32:
-            return self._layout.bound_linear(bias.detach().float().numpy())
+            return getattr(self._layout, "bound_" + name)(
+                bias.detach().float().numpy())
         ptr = None if bias is None else bias.data_ptr()
         held = self._bound
         if (held is None or held[0] is not self._layout or held[1] is not bias
                 or held[2] != ptr):
+            held = self._bound = (self._layout, bias, ptr, {})
+        fn = held[3].get(name)
+        if fn is None:
             b = None if bias is None else bias.detach().numpy()
-            held = self._bound = (self._layout, bias, ptr,
-                                  self._layout.bound_linear(b))
-        return held[3]
+            fn = held[3][name] = getattr(self._layout, "bound_" + name)(b)
+        return fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -536,8 +540,13 @@ class QuantLinear(torch.nn.Module):
             y = torch.zeros(0, self.out_features, device=x2.device)
             return y + self.bias if fused and self.bias is not None else y
         QX = self.act_cache.quantized(x2, self.act_rate, q, self.act_mode)
-        self._act_bytes = getattr(self, "_act_bytes", 0) + self.act_cache.nbytes(QX)
-        self._act_entries = getattr(self, "_act_entries", 0) + x2.numel()
+        # [bytes, entries] so far, updated in place (cheaper than setting a
+        # module's attributes at every call)
+        counts = self.__dict__.get("_act_counts")
+        if counts is None:
+            counts = self.__dict__["_act_counts"] = [0, 0]
+        counts[0] += self.act_cache.nbytes(QX)
+        counts[1] += x2.numel()
         if not same_domain(QX, q):
             y = torch.from_numpy(inner_products(QX, self.quantized_weight).astype(
                 np.float32)).to(x2.device)
@@ -549,11 +558,11 @@ class QuantLinear(torch.nn.Module):
             # (the float32 rows are computed once for the layers that share
             # this input, in the cache's reused array)
             Xr = self.act_cache.rows_float32(QX)
-            lay = self._layout
-            xsum = (float(q.shape[0]) * QX.means.astype(np.float32)
-                    if q.center else np.zeros(len(Xr), dtype=np.float32))
-            bias = None if self.bias is None else self.bias.detach().float().numpy()
-            return torch.from_numpy(lay.linear_rotated(Xr, xsum, bias))
+            xsum = (np.float32(q.shape[0]) * QX.means if q.center
+                    else np.zeros(len(Xr), dtype=np.float32))
+            out = torch.empty((len(Xr), self.out_features), dtype=torch.float32)
+            self._bound_linear("linear_rotated")(Xr, xsum, out.numpy())
+            return out
         Wr, w_means = self._rotated_weight()
         # the same float32 rows as the fused path (used here, not kept)
         Xr = torch.from_numpy(self.act_cache.rows_float32(QX))
@@ -568,13 +577,13 @@ class QuantLinear(torch.nn.Module):
         """Achieved activation rate of the calls so far: ``8 * bytes /
         entries`` over every input quantized by :meth:`forward` (None before
         the first call, or without ``act_rate``)."""
-        entries = self.act_entries
-        return 8.0 * self._act_bytes / entries if entries else None
+        counts = self.__dict__.get("_act_counts") or [0, 0]
+        return 8.0 * counts[0] / counts[1] if counts[1] else None
 
     @property
     def act_entries(self) -> int:
         """Number of input entries quantized by :meth:`forward` so far."""
-        return getattr(self, "_act_entries", 0)
+        return (self.__dict__.get("_act_counts") or [0, 0])[1]
 
     def _rotated_weight(self):
         """Decoded weight rows in the coded (rotated) domain times their

@@ -35,7 +35,8 @@ from nqlib.quantizers.format import FORMAT_VERSION
 from nqlib.quantizers.hadamard import RandomHadamard
 
 __all__ = ["padded", "as_matrix", "dither", "dither_key", "unit_mean_direction",
-           "scaled_padded_rotated", "coded_rows", "project", "mmse_sums",
+           "scaled_padded_rotated", "coded_rows", "rotation_arrays", "project",
+           "mmse_sums",
            "CHUNK_ENTRIES", "rows_per_chunk", "pairwise_sums", "Encoding"]
 
 #: entries (float64) per chunk of the encoder's passes: the matrix is
@@ -179,7 +180,7 @@ def coded_rows(A, n_pad, center, normalize, P, out=None):
         # arithmetic is the loop below, which version-2 rotations keep)
         from nqlib.kernels.cpu.coded import coded_rows_into
 
-        rotation = _rotation_arrays(P, n_pad)
+        rotation = rotation_arrays(P, n_pad)
         spare = np.zeros(0, dtype=np.float32)
         for c0 in range(0, a, step):
             c1 = min(a, c0 + step)
@@ -205,9 +206,11 @@ def coded_rows(A, n_pad, center, normalize, P, out=None):
     return Y, means, norms
 
 
-def _rotation_arrays(P, n_pad):
-    """``(signs, O^T, p)`` of ``P`` as :func:`~nqlib.kernels.cpu.coded.\
-coded_rows_into` takes them (empty signs: no rotation)."""
+def rotation_arrays(P, n_pad):
+    """``(signs, O^T, p)`` of ``P`` (None: no rotation) as
+    :func:`~nqlib.kernels.cpu.coded.coded_rows_into` takes them (empty
+    signs: no rotation), for rotations drawn as format version
+    ``draws.FIRST_OWN_DRAWS`` and later draw them."""
     if P is None:
         return np.zeros(0), np.ones((1, 1)), n_pad
     return (np.asarray(P.signs, dtype=np.float64),

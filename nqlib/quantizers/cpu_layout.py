@@ -235,20 +235,14 @@ class CpuLayout(RotatedLayout):
                        threads(), out)
         return out
 
-    def linear_rotated(self, x_rot, xsum, bias=None) -> np.ndarray:
-        """``scale_i <x_rot, raw_i> + mean_i xsum + bias_i`` (M, a) float32,
-        for activations already in the coded domain (e.g. the decoded rows of
-        quantized activations, with ``xsum = n * their means``)."""
+    def _product_args(self):
+        """:func:`nqlib.kernels.cpu.fused.products`, its arguments between
+        ``xsum`` and the side arrays, and :data:`GEMV_ROWS`."""
         from nqlib.kernels.cpu import fused
 
-        x_rot = self._rows(x_rot, "x_rot", self.n_pad)
-        xsum = self._xsum(x_rot, xsum)
-        out = np.empty((x_rot.shape[0], self.vectors), dtype=np.float32)
-        fused.products(x_rot, xsum,
-                       self.words, self.nib, self.kpl, self.tab, self.q[0],
-                       self.q[1], self.h, self.alpha, self.n_pad,
-                       *self._side(bias), GEMV_ROWS, threads(), out)
-        return out
+        return fused.products, (self.words, self.nib, self.kpl, self.tab,
+                                self.q[0], self.q[1], self.h, self.alpha,
+                                self.n_pad), GEMV_ROWS
 
     def _kernel_args(self, norms, means, bias):
         """:func:`nqlib.kernels.cpu.fused.linear` (rotation, product,

@@ -202,6 +202,37 @@ class RotatedLayout:
         arguments between ``x`` and the number of threads."""
         raise NotImplementedError
 
+    def linear_rotated(self, x_rot, xsum, bias=None) -> np.ndarray:
+        """``scale_i <x_rot, raw_i> + mean_i xsum + bias_i`` (M, a) float32,
+        for activations already in the coded domain (e.g. the decoded rows of
+        quantized activations, with ``xsum = n * their means``)."""
+        x_rot = self._rows(x_rot, "x_rot", self.n_pad)
+        xsum = self._xsum(x_rot, xsum)
+        out = np.empty((x_rot.shape[0], self.vectors), dtype=np.float32)
+        return self.bound_linear_rotated(bias)(x_rot, xsum, out)
+
+    def bound_linear_rotated(self, bias=None):
+        """:meth:`linear_rotated` with its arguments bound, as
+        :meth:`bound_linear` binds :meth:`linear`: a function ``f(x_rot,
+        xsum, out)`` that writes the products into ``out`` and returns it,
+        without checking them -- ``x_rot`` a C-contiguous float32 array (M,
+        n_pad), ``xsum`` a float32 vector (M,), ``out`` a writeable
+        C-contiguous float32 array (M, a) apart from both."""
+        kernel, static, gemv_rows = self._product_args()
+        side = self._side(bias)
+
+        def run(x_rot, xsum, out):
+            kernel(x_rot, xsum, *static, *side, gemv_rows, threads(), out)
+            return out
+
+        return run
+
+    def _product_args(self):
+        """``(kernel, args, gemv_rows)``: the mode's compiled ``products``,
+        its arguments between ``xsum`` and the side arrays, and its batch-1
+        threshold."""
+        raise NotImplementedError
+
     def rotate(self, x):
         """``(x_rot, xsum)`` for float32 rows ``x`` (M, n): the centred (when
         the matrix is), zero-padded, rotated rows (M, n_pad) and the row sums

@@ -63,6 +63,7 @@ from nqlib.quantizers.coded_domain import (
     dither_key,
     mmse_sums,
     project,
+    rotation_arrays,
     unit_mean_direction,
 )
 from nqlib.quantizers.format import (
@@ -79,7 +80,7 @@ from nqlib.quantizers.format import (
     READ_VERSIONS,
 )
 from nqlib.quantizers.hadamard import RandomHadamard
-from nqlib.quantizers.payloads import FixedPayload
+from nqlib.quantizers.payloads import FixedPart, FixedPayload
 from nqlib.quantizers.rate_control import (
     OPTION_VALUES,
     check_choice,
@@ -556,11 +557,13 @@ rotate, sketch, group_size, state_bits, backend
             and estimator == "mmse" and not flags & FLAG_DITHER
             and n_pad == n and backend != "numpy" and code_words):
         # activations quantized on every call (fixed mode, decode kept,
-        # nothing padded): one compiled pass per step, the passes of the
-        # rows quantizer that the layers keep (the same bytes as below)
-        return FixedRowsQuantizer(rate, seed, center=center,
-                                  normalize=normalize, rotate=rotate,
-                                  sketch=sketch)._code(A.T)
+        # nothing padded): one compiled call, the pass of the rows
+        # quantizer that the layers keep (the same bytes as below; None
+        # cannot happen after the checks above, and would take that path)
+        qm = FixedRowsQuantizer(rate, seed, center=center, normalize=normalize,
+                                rotate=rotate, sketch=sketch)._code(A.T)
+        if qm is not None:
+            return qm
     Xp, means, norms = coded_rows(
         A, n_pad, center, normalize,
         RandomHadamard(n_pad, seed) if rotate else None)
@@ -598,13 +601,20 @@ rotate, sketch, group_size, state_bits, backend
 def _shrinkage(num, den) -> float:
     """The stored MMSE factor ``alpha = num / den`` (float32), 1 when ``den``
     is not positive or when ``|alpha|`` exceeds ``MAX_ALPHA`` (a reader
-    refuses that: no sane decode needs it)."""
+    refuses that: no sane decode needs it). The same rule as
+    :func:`~nqlib.kernels.cpu.coded.code_fixed_rows`."""
     with np.errstate(over="ignore", invalid="ignore"):
         alpha = float(np.float32(num / den)) if den > 0 else 1.0
     return alpha if abs(alpha) <= MAX_ALPHA else 1.0
 
 
 # ------------------------------------------- rows quantized on every call
+#: the largest float32 (the bound of ``max |x| * sqrt(n)``, as
+#: :func:`quantize_columns` checks it)
+_F32_MAX = float(np.finfo(np.float32).max)
+#: no float32 rows wanted from :func:`~nqlib.kernels.cpu.coded.code_fixed_rows`
+_NO_ROWS32 = np.zeros((0, 0), dtype=np.float32)
+
 class FixedRowsQuantizer:
     """``quantize_columns(X.T, rate, seed=seed, mode="fixed",
     keep_decoded=True, center=center, normalize=normalize, rotate=rotate,
@@ -661,41 +671,84 @@ class FixedRowsQuantizer:
         """The quantized rows ``X`` (a, n), as ``quantize_columns(X.T,
         ...)`` returns them (decoded rows kept)."""
         X = np.asarray(X)
-        if not self._takes(X):
+        qm = self.code(X)
+        if qm is None:
             return quantize_columns(X.T, self.rate, seed=self.seed,
                                     mode="fixed", keep_decoded=True,
                                     center=self.center,
                                     normalize=self.normalize,
                                     rotate=self.rotate, sketch=self.sketch)
-        return self._code(X)
+        return qm
 
-    def _code(self, X) -> QuantizedMatrix:
-        """The compiled passes for rows ``X`` that :meth:`_takes` (or
-        :func:`quantize_columns`'s checks) passed."""
-        from nqlib.kernels.cpu.coded import encode_fixed_rows, project_mmse
+    def code(self, X, rows32=None) -> QuantizedMatrix | None:
+        """The lean path alone: what calling the quantizer returns, or None
+        (nothing written) when the lean path does not take ``X`` -- then
+        the quantizer itself hands ``X`` to :func:`quantize_columns`.
+
+        Parameters
+        ----------
+        X : array_like (a, n)
+            The rows.
+        rows32 : ndarray (a, n) float32, optional
+            C-contiguous and writeable: receives, in the same compiled pass,
+            the decoded rows times their row scales (``coded_rows() *
+            row_scales()[:, None]`` rounded to float32, the activation rows
+            of the fused CPU product), when the result is not None.
+        """
+        X = np.asarray(X)
+        if rows32 is not None and not (
+                isinstance(rows32, np.ndarray) and rows32.dtype == np.float32
+                and rows32.shape == X.shape and rows32.flags.c_contiguous
+                and rows32.flags.writeable):
+            raise ValueError("rows32 must be a writeable C-contiguous float32 "
+                             f"array of X's shape {X.shape}, got "
+                             f"{getattr(rows32, 'dtype', type(rows32))} "
+                             f"{np.shape(rows32)}")
+        return self._code(X, rows32) if self._takes(X) else None
+
+    def _code(self, X, rows32=None) -> QuantizedMatrix | None:
+        """The compiled pass (:func:`~nqlib.kernels.cpu.coded.\
+code_fixed_rows`) for float32 or float64 rows ``X`` (a, n), ``n`` a
+        multiple of 8, that :meth:`_takes` (or :func:`quantize_columns`'s
+        checks) passed; None when the shape cannot be rotated or an entry is
+        not finite or too large for the float32 side information (the
+        general function says why).
+
+        ``rows32``: None, or an (a, n) C-contiguous float32 array that
+        receives the decoded rows times the row scales (the activation rows
+        of the fused CPU product), in the same pass.
+        """
+        from nqlib.kernels.cpu.coded import code_fixed_rows
 
         a, n = X.shape
-        P, u = self._static(n)
-        h, L_hi, L_lo = self._plan(n, a)
+        plan = self._plan(n, a)
+        if plan is None:
+            return None
+        h, coded, hi0, hi64, lo0, lo64 = plan
+        rotation, u = self._static(n)
+        if not X.flags.c_contiguous:
+            X = np.ascontiguousarray(X)
+        hi = FixedPart(L=hi0.L, q=hi0.q, betas=hi0.betas.copy(),
+                       packed=np.zeros_like(hi0.packed))
+        lo = FixedPart(L=lo0.L, q=lo0.q, betas=lo0.betas.copy(),
+                       packed=np.zeros_like(lo0.packed))
+        means = np.empty(a if self.center else 0, np.float32)
+        norms = np.empty(a if self.normalize else 0, np.float32)
+        R = np.empty((a, n))
         # the coded rows go to this thread's scratch, which no array
         # returned here refers to
-        Y, means, norms = coded_rows(X.T, n, self.center, self.normalize, P,
-                                     out=scratch("coded_rows", (a, n),
-                                                 np.float64))
-        B = n // 8
-        hi = fixed_mode.part_for(a * h, L_hi)
-        lo = fixed_mode.part_for(a * (B - h), L_lo)
-        R = np.empty((a, n))
-        encode_fixed_rows(Y, h, B if lo.L else h, hi.q,
-                          hi.betas.astype(np.float64), hi.L, hi.packed, lo.q,
-                          lo.betas.astype(np.float64), lo.L, lo.packed, R)
-        num, den = project_mmse(R, Y, u, self.center)
-        alpha = _shrinkage(num, den)
+        ok, alpha = code_fixed_rows(
+            X, _F32_MAX, self.center, self.normalize, *rotation, u, h, coded,
+            hi.q, hi64, hi.L, hi.packed, lo.q, lo64, lo.L,
+            lo.packed, MAX_ALPHA, scratch("coded_rows", (a, n), np.float64),
+            means, norms, R, _NO_ROWS32 if rows32 is None else rows32)
+        if not ok:
+            return None
         qm = QuantizedMatrix(shape=(n, a), rate=self.rate, method="nested",
                              mode="fixed", flags=self.flags, seed=self.seed,
-                             alpha=alpha, means=means, norms=norms,
+                             alpha=alpha, means=means if self.center else None,
+                             norms=norms if self.normalize else None,
                              payload=FixedPayload(h=h, hi=hi, lo=lo))
-        R *= alpha
         qm._decoded = R
         R.setflags(write=False)
         return qm
@@ -716,43 +769,50 @@ class FixedRowsQuantizer:
         return size
 
     def _takes(self, X) -> bool:
-        """Whether the lean path codes ``X``: the default options allow it,
-        float32 or float64 rows of a length that needs no padding, at least
-        one row, finite entries whose column statistics fit float32."""
-        if not (self._fast and X.ndim == 2 and X.dtype in (np.float32, np.float64)
-                and X.shape[0] >= 1 and X.shape[1] >= 8 and X.shape[1] % 8 == 0):
-            return False
-        if self.rotate and fmt.rotation_size_problem(X.shape[1], X.shape[0]):
-            return False
-        lo, hi = float(X.min()), float(X.max())
-        # NaN and inf fail here (the general function says why)
-        return max(hi, -lo) * math.sqrt(X.shape[1]) < float(np.finfo(np.float32).max)
+        """Whether the lean path may code ``X``: the default options allow
+        it, float32 or float64 rows of a length that needs no padding, at
+        least one row (its entries are checked in the compiled pass)."""
+        return (self._fast and X.ndim == 2
+                and X.dtype in (np.float32, np.float64) and X.shape[0] >= 1
+                and X.shape[1] >= 8 and X.shape[1] % 8 == 0)
 
     def _static(self, n):
-        """The rotation (None without) and the mean direction in the coded
-        domain (zeros when not centred)."""
+        """The rotation's arrays (:func:`~nqlib.quantizers.coded_domain.\
+rotation_arrays`) and the mean direction in the coded domain (zeros when
+        not centred)."""
         held = self._by_n.get(n)
         if held is None:
             P = RandomHadamard(n, self.seed) if self.rotate else None
             u = (unit_mean_direction(P, n, n) if self.center
                  else np.zeros(n))
-            held = (P, u)
+            held = (rotation_arrays(P, n), u)
             with self._lock:
                 self._by_n[n] = held
         return held
 
     def _plan(self, n, a):
-        """``(h, L_hi, L_lo)``: the fixed mode's plan for ``a`` vectors of
-        length ``n`` (:func:`~nqlib.quantizers.fixed_mode.plan`, which
-        raises when the rate cannot be met)."""
+        """``(h, coded, hi, hi64, lo, lo64)``: the fixed mode's plan for
+        ``a`` vectors of length ``n`` (:func:`~nqlib.quantizers.fixed_mode.\
+plan`, which raises when the rate cannot be met): ``h`` blocks of each row
+        in the high part, the first ``coded`` blocks coded, and each part's
+        template (its bytes zeroed) and scales in float64; None when the
+        shape cannot be rotated."""
         key = (n, a)
-        held = self._plans.get(key)
-        if held is None:
-            template = QuantizedMatrix(
-                shape=(n, a), rate=self.rate, method="nested", mode="fixed",
-                flags=self.flags, seed=self.seed, alpha=1.0, means=None,
-                norms=None, payload=None)
-            held = fixed_mode.plan(template, self.sketch)
+        held = self._plans.get(key, False)
+        if held is False:
+            held = None
+            if not (self.rotate and fmt.rotation_size_problem(n, a)):
+                template = QuantizedMatrix(
+                    shape=(n, a), rate=self.rate, method="nested",
+                    mode="fixed", flags=self.flags, seed=self.seed, alpha=1.0,
+                    means=None, norms=None, payload=None)
+                h, L_hi, L_lo = fixed_mode.plan(template, self.sketch)
+                B = n // 8
+                parts = []
+                for count, L in ((a * h, L_hi), (a * (B - h), L_lo)):
+                    part = fixed_mode.part_for(count, L)
+                    parts += [part, part.betas.astype(np.float64)]
+                held = (h, B if parts[2].L else h, *parts)
             with self._lock:
                 if len(self._plans) >= self.MAX_PLANS:    # the oldest goes
                     self._plans.pop(next(iter(self._plans)))

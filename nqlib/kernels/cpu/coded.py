@@ -312,12 +312,14 @@ def encode_fixed_rows(Y, h, coded, q_hi, betas_hi, L_hi, packed_hi, q_lo,
     :func:`nqlib.quantizers.fixed_mode.encode` (which codes a chunk of rows
     at a time: every block is coded alone, so the words are the same)."""
     a = Y.shape[0]
-    x = np.empty((PART_CHUNK, 8))
-    dec = np.empty((PART_CHUNK, 8))
-    codes = np.empty((PART_CHUNK, 8), np.int64)
-    index = np.empty(PART_CHUNK, np.int64)
-    sqerr = np.empty(PART_CHUNK)
-    words = np.empty(PART_CHUNK, np.uint64)
+    # scratch for the largest chunk either part codes
+    rows = min(PART_CHUNK, a * max(h, coded - h))
+    x = np.empty((rows, 8))
+    dec = np.empty((rows, 8))
+    codes = np.empty((rows, 8), np.int64)
+    index = np.empty(rows, np.int64)
+    sqerr = np.empty(rows)
+    words = np.empty(rows, np.uint64)
     if h > 0:
         _encode_part(Y, R, 0, h, q_hi, betas_hi, L_hi, packed_hi, x, dec,
                      codes, index, sqerr, words)
@@ -329,9 +331,63 @@ def encode_fixed_rows(Y, h, coded, q_hi, betas_hi, L_hi, packed_hi, q_lo,
             R[i, c] = 0.0
 
 
+@njit(cache=True, parallel=True)
+def _scaled_outputs(R, alpha, norms, normalize, rows32):
+    """``R *= alpha`` and, when ``rows32`` has ``R``'s rows, ``rows32 =
+    float32(R * s)`` with the row scales ``s = float64(norm) / sqrt(n_pad)``
+    (1 without ``normalize``): the arithmetic of ``R *= alpha`` in numpy,
+    of :meth:`~nqlib.quantizers.matrix.QuantizedMatrix.row_scales` and of
+    :func:`scaled_rows_float32`."""
+    a, n = R.shape
+    want32 = rows32.shape[0] == a
+    root = np.sqrt(np.float64(n))
+    for i in prange(a):
+        s = np.float64(norms[i]) / root if normalize else 1.0
+        for j in range(n):
+            r = R[i, j] * alpha
+            R[i, j] = r
+            if want32:
+                rows32[i, j] = np.float32(r * s)
+
+
+@njit(cache=True)
+def code_fixed_rows(X, bound, center, normalize, signs, orth_t, p, u, h, coded,
+                    q_hi, betas_hi, L_hi, packed_hi, q_lo, betas_lo, L_lo,
+                    packed_lo, max_alpha, Y, means, norms, R, rows32):
+    """The whole fixed-mode code of the rows ``X`` (a, n) (no padding, no
+    dither, MMSE estimator) in one compiled call: :func:`coded_rows_into`
+    into ``Y``, ``means``, ``norms``; :func:`encode_fixed_rows` into the
+    zeroed ``packed_hi`` / ``packed_lo`` and the decoded rows ``R``;
+    :func:`project_mmse`; the shrinkage ``alpha`` (``float32(num / den)``
+    when ``den > 0``, else 1; 1 when ``|alpha| > max_alpha``); ``R *=
+    alpha``, and the float32 scaled rows into ``rows32`` when it has ``a``
+    rows (:func:`_scaled_outputs`).
+
+    Returns ``(True, alpha)``; ``(False, 1.0)`` with nothing written when
+    some ``|x| * sqrt(n)`` is not below ``bound`` (NaN and inf included):
+    the caller's general path then says why.
+    """
+    a, n = X.shape
+    root = np.sqrt(np.float64(n))
+    for i in range(a):
+        for j in range(n):
+            if not abs(np.float64(X[i, j])) * root < bound:
+                return False, 1.0
+    coded_rows_into(X, center, normalize, signs, orth_t, p, Y, means, norms)
+    encode_fixed_rows(Y, h, coded, q_hi, betas_hi, L_hi, packed_hi, q_lo,
+                      betas_lo, L_lo, packed_lo, R)
+    num, den = project_mmse(R, Y, u, center)
+    alpha = np.float64(np.float32(num / den)) if den > 0 else 1.0
+    if not abs(alpha) <= max_alpha:
+        alpha = 1.0
+    _scaled_outputs(R, alpha, norms, normalize, rows32)
+    return True, alpha
+
+
 # serialised when numba's threading layer is not thread-safe; the driver
 # runs parallel kernels inside, so it is serialised too
 guard_module(globals())
 if not threadsafe():
     encode_fixed_rows = guarded(encode_fixed_rows)
     project_mmse = guarded(project_mmse)
+    code_fixed_rows = guarded(code_fixed_rows)
