@@ -33,8 +33,9 @@ Then the per-layer relative output errors (held-out calibration windows)
 of every system, which kind of layer hurts most (the best nqlib W2 model's
 layers of one kind in the float model), the checkpoint sizes
 (``save_quantized`` of the LDLQ W4 model against a float32 safetensors
-file), greedy generation tokens/s on one CPU thread for float32 and nqlib
-W4 in the same process (interleaved, best of 3), and a profile of where a
+file), greedy generation tokens/s on one CPU thread for float32, nqlib
+W4 and nqlib W4A4 (fixed-mode activations quantized on every call) in the
+same process (interleaved, best of 3), and a profile of where a
 generated token's time goes (torch profiler by operator, and the share
 spent inside the quantized layers).
 
@@ -303,11 +304,12 @@ def checkpoint_sizes(fp32, w4):
     return out
 
 
-def speed(fp32, w4, tok, new_tokens=64, repeats=3):
+def speed(fp32, w4, w4a4, tok, new_tokens=64, repeats=3):
     torch.set_num_threads(1)
     best = {}
     for _ in range(repeats):
-        for name, m in (("float32", fp32), ("nqlib W4", w4)):
+        for name, m in (("float32", fp32), ("nqlib W4", w4),
+                        ("nqlib W4A4", w4a4)):
             tps, _ = lm.greedy_tokens_per_second(m, tok, PROMPT, new_tokens)
             best[name] = max(best.get(name, 0.0), tps)
     return best
@@ -398,9 +400,16 @@ def main():
     sizes = checkpoint_sizes(fp32, w4)
     print("\ncheckpoint sizes (MB):", json.dumps(sizes, indent=1))
     result["checkpoint"] = sizes
-    tps = speed(fp32, w4, tok)
+    # the same weights with 4-bit fixed-mode activations, quantized on
+    # every call (the encoder in the token's time)
+    w4a4 = copy.deepcopy(fp32)
+    lm.quantize_cached(w4a4, QuantConfig(weight_rate=4.0, act_rate=4.0,
+                                         act_mode="fixed"), BODY,
+                       cache_dir=cache, tag="smollm2 body w4a4")
+    tps = speed(fp32, w4, w4a4, tok)
     print("\ngreedy tokens/s, one thread, best of 3:", tps,
-          f"ratio W4/fp32 = {tps['nqlib W4'] / tps['float32']:.3f}")
+          f"ratio W4/fp32 = {tps['nqlib W4'] / tps['float32']:.3f}, "
+          f"W4A4/fp32 = {tps['nqlib W4A4'] / tps['float32']:.3f}")
     result["tokens_per_second"] = tps
     for name, m in (("float32", fp32), ("nqlib W4", w4)):
         summary, table = profile(m, tok)
