@@ -263,3 +263,86 @@ def test_cache_rows_float32_are_computed_once_per_input():
     with pytest.raises(ValueError, match="last quantized"):
         cache.rows_float32(QX)
     assert all(t.shape == (10, 24) for t in y)
+
+
+# ------------------------------------------------- one task, one thread
+@pytest.mark.parametrize("n", [64, 384, 576])
+def test_one_task_loops_are_the_parallel_loops(n):
+    """Kernels whose loop has one task (one row, one chunk of blocks) run it
+    in the calling thread (:func:`nqlib.kernels.cpu.guard.serial`); each
+    row coded alone has the bits it gets inside a batch, which the kernels
+    split over threads: the coded rows, the multiscale encoder, the
+    projection, the scaled rows, and the fused kernels' rotation."""
+    from nqlib.kernels.cpu import fused, nested
+    from nqlib.kernels.cpu.lattice import CHUNK
+
+    rng = np.random.default_rng(n)
+    a = 9
+    X = (rng.standard_normal((a, n)) * 3.0 + 0.5).astype(np.float32)
+    P = RandomHadamard(n, 4)
+    rot = coded_domain.rotation_arrays(P, n)
+
+    def coded_rows(rows):
+        Y = np.empty((len(rows), n))
+        means = np.empty(len(rows), np.float32)
+        norms = np.empty(len(rows), np.float32)
+        coded.coded_rows_into(rows, True, True, *rot, Y, means, norms)
+        return Y, means, norms
+
+    whole = coded_rows(X)
+    alone = [coded_rows(X[i:i + 1]) for i in range(a)]
+    for k in range(3):
+        np.testing.assert_array_equal(
+            _bits(whole[k]), _bits(np.concatenate([r[k] for r in alone])))
+
+    Y = whole[0]
+    u = coded_domain.unit_mean_direction(P, n, n)
+    R = Y.copy()
+    coded._project_rows(R, u, True)
+    for i in range(a):
+        Ri = Y[i:i + 1].copy()
+        coded._project_rows(Ri, u, True)
+        np.testing.assert_array_equal(_bits(R[i:i + 1]), _bits(Ri))
+    rows32 = np.empty((a, n), np.float32)
+    S = R.copy()
+    coded._scaled_outputs(S, 0.93, whole[2], True, rows32)
+    for i in range(a):
+        Si, r32 = R[i:i + 1].copy(), np.empty((1, n), np.float32)
+        coded._scaled_outputs(Si, 0.93, whole[2][i:i + 1], True, r32)
+        np.testing.assert_array_equal(_bits(S[i:i + 1]), _bits(Si))
+        np.testing.assert_array_equal(rows32[i:i + 1], r32)
+
+    # the encoder: more blocks than one chunk, against each chunk alone
+    blocks = np.concatenate([Y.reshape(-1, 8)] * (1 + 2 * CHUNK // (a * n // 8)))
+    m = len(blocks)
+    assert m > 2 * CHUNK
+    betas = np.array([0.4, 0.55, 0.7, 1.0])
+    z = np.zeros((1, 8))
+
+    def encode(x):
+        k = len(x)
+        out = (np.empty((k, 8), np.int64), np.empty(k, np.int64),
+               np.empty(k), np.empty((k, 8)))
+        nested.encode_multiscale_rows(x, 13, betas, z, *out)
+        return out
+
+    full = encode(blocks)
+    for c0 in range(0, m, CHUNK):
+        part = encode(blocks[c0:c0 + CHUNK])
+        for k in range(4):
+            np.testing.assert_array_equal(_bits(full[k][c0:c0 + CHUNK]),
+                                          _bits(part[k]))
+
+    # the fused kernels' float32 rotation, rows alone against the batch
+    signs = np.asarray(P.signs).astype(np.int8)
+    orth = np.ascontiguousarray(P.orthogonal).astype(np.float32)
+    out = np.empty((a, n), np.float32)
+    xsum = np.empty(a, np.float32)
+    fused.rotate_rows(X, signs, orth, int(P.power_of_two), True, out, xsum)
+    for i in range(a):
+        o1, s1 = np.empty((1, n), np.float32), np.empty(1, np.float32)
+        fused.rotate_rows(X[i:i + 1], signs, orth, int(P.power_of_two), True,
+                          o1, s1)
+        np.testing.assert_array_equal(out[i:i + 1].view(np.uint32),
+                                      o1.view(np.uint32))
+        assert s1[0] == xsum[i]

@@ -20,7 +20,7 @@ Book: chapter "The practical quantizer", label ``ch-practical``.
 import numpy as np
 from numba import njit, prange
 
-from nqlib.kernels.cpu.guard import guard_module, guarded, threadsafe
+from nqlib.kernels.cpu.guard import guard_module, guarded, serial, threadsafe
 from nqlib.kernels.cpu.hadamard import butterflies, fwht_row
 from nqlib.kernels.cpu.nested import encode_pack_into
 
@@ -153,71 +153,84 @@ def coded_rows_into(X, center, normalize, signs, orth_t, p, Y, means, norms):
     Sums follow numpy's pairwise order (:func:`pairwise_sum`). ``means``
     and ``norms`` (a,) float32 are written when their step is on.
     """
-    a, n = X.shape
+    a = X.shape[0]
+    if serial(a):
+        for i in range(a):
+            _coded_row(X, i, center, normalize, signs, orth_t, p, Y, means,
+                       norms)
+    else:
+        for i in prange(a):
+            _coded_row(X, i, center, normalize, signs, orth_t, p, Y, means,
+                       norms)
+
+
+@njit(cache=True)
+def _coded_row(X, i, center, normalize, signs, orth_t, p, Y, means, norms):
+    """Row ``i`` of :func:`coded_rows_into`."""
+    n = X.shape[1]
     n_pad = Y.shape[1]
     rotate = signs.shape[0] > 0
     m = n_pad // p
     scale = 1.0 / np.sqrt(np.float64(p))
     root = np.sqrt(np.float64(n_pad))
-    for i in prange(a):
-        y = Y[i]
+    y = Y[i]
+    for j in range(n):
+        y[j] = np.float64(X[i, j])
+    if center:
+        mu = np.float32(pairwise_sum(y, y, 0, n, 0) / n)
+        means[i] = mu
+        mu64 = np.float64(mu)
         for j in range(n):
-            y[j] = np.float64(X[i, j])
-        if center:
-            mu = np.float32(pairwise_sum(y, y, 0, n, 0) / n)
-            means[i] = mu
-            mu64 = np.float64(mu)
-            for j in range(n):
-                y[j] -= mu64
-        if normalize:
-            nrm = np.float32(np.sqrt(pairwise_sum(y, y, 0, n, 2)))
-            norms[i] = nrm
-            s = np.float64(nrm)
-            f = root / s if s > 0 else 0.0
-            for j in range(n):
-                y[j] *= f
-        for j in range(n, n_pad):
-            y[j] = 0.0
-        if not rotate:
-            continue
-        for j in range(n_pad):
-            y[j] *= signs[j]
-        if m == 3:                  # (lengths 3 * 2^k) the same sums, unrolled
-            o00, o01, o02 = orth_t[0, 0], orth_t[0, 1], orth_t[0, 2]
-            o10, o11, o12 = orth_t[1, 0], orth_t[1, 1], orth_t[1, 2]
-            o20, o21, o22 = orth_t[2, 0], orth_t[2, 1], orth_t[2, 2]
-            for k in range(p):
-                o = 3 * k
-                r0, r1, r2 = y[o], y[o + 1], y[o + 2]
-                y[o] = ((0.0 + r0 * o00) + r1 * o10) + r2 * o20
-                y[o + 1] = ((0.0 + r0 * o01) + r1 * o11) + r2 * o21
-                y[o + 2] = ((0.0 + r0 * o02) + r1 * o12) + r2 * o22
-        elif m > 1:
-            run = np.empty(m)
-            for k in range(p):
-                o = k * m
-                for c in range(m):
-                    run[c] = y[o + c]
-                for c in range(m):
-                    acc = 0.0
-                    for t in range(m):
-                        acc += run[t] * orth_t[t, c]
-                    y[o + c] = acc
-        if p > 1:
-            if m == 1:
-                fwht_row(y, scale)
-            else:
-                # the m interleaved sequences at once: a butterfly of span
-                # h pairs the runs of h m coordinates starting at groups
-                # s and s + h (the same additions, stage after stage, as
-                # fwht_row on each sequence alone)
-                h = 1
-                while h < p:
-                    for s in range(0, p, 2 * h):
-                        butterflies(y, s * m, (s + h) * m, h * m)
-                    h *= 2
-                for j in range(n_pad):
-                    y[j] *= scale
+            y[j] -= mu64
+    if normalize:
+        nrm = np.float32(np.sqrt(pairwise_sum(y, y, 0, n, 2)))
+        norms[i] = nrm
+        s = np.float64(nrm)
+        f = root / s if s > 0 else 0.0
+        for j in range(n):
+            y[j] *= f
+    for j in range(n, n_pad):
+        y[j] = 0.0
+    if not rotate:
+        return
+    for j in range(n_pad):
+        y[j] *= signs[j]
+    if m == 3:                  # (lengths 3 * 2^k) the same sums, unrolled
+        o00, o01, o02 = orth_t[0, 0], orth_t[0, 1], orth_t[0, 2]
+        o10, o11, o12 = orth_t[1, 0], orth_t[1, 1], orth_t[1, 2]
+        o20, o21, o22 = orth_t[2, 0], orth_t[2, 1], orth_t[2, 2]
+        for k in range(p):
+            o = 3 * k
+            r0, r1, r2 = y[o], y[o + 1], y[o + 2]
+            y[o] = ((0.0 + r0 * o00) + r1 * o10) + r2 * o20
+            y[o + 1] = ((0.0 + r0 * o01) + r1 * o11) + r2 * o21
+            y[o + 2] = ((0.0 + r0 * o02) + r1 * o12) + r2 * o22
+    elif m > 1:
+        run = np.empty(m)
+        for k in range(p):
+            o = k * m
+            for c in range(m):
+                run[c] = y[o + c]
+            for c in range(m):
+                acc = 0.0
+                for t in range(m):
+                    acc += run[t] * orth_t[t, c]
+                y[o + c] = acc
+    if p > 1:
+        if m == 1:
+            fwht_row(y, scale)
+        else:
+            # the m interleaved sequences at once: a butterfly of span
+            # h pairs the runs of h m coordinates starting at groups
+            # s and s + h (the same additions, stage after stage, as
+            # fwht_row on each sequence alone)
+            h = 1
+            while h < p:
+                for s in range(0, p, 2 * h):
+                    butterflies(y, s * m, (s + h) * m, h * m)
+                h *= 2
+            for j in range(n_pad):
+                y[j] *= scale
 
 
 @njit(cache=True, parallel=True)
@@ -228,13 +241,24 @@ def _project_rows(R, u, center):
     ``center``."""
     if not center:
         return
-    a, n = R.shape
-    for i in prange(a):
-        d = 0.0
-        for j in range(n):
-            d += R[i, j] * u[j]
-        for j in range(n):
-            R[i, j] = R[i, j] - d * u[j]
+    a = R.shape[0]
+    if serial(a):
+        for i in range(a):
+            _project_row(R, i, u)
+    else:
+        for i in prange(a):
+            _project_row(R, i, u)
+
+
+@njit(cache=True, inline="always")
+def _project_row(R, i, u):
+    """Row ``i`` of :func:`_project_rows`."""
+    n = R.shape[1]
+    d = 0.0
+    for j in range(n):
+        d += R[i, j] * u[j]
+    for j in range(n):
+        R[i, j] = R[i, j] - d * u[j]
 
 
 @njit(cache=True)
@@ -338,16 +362,26 @@ def _scaled_outputs(R, alpha, norms, normalize, rows32):
     (1 without ``normalize``): the arithmetic of ``R *= alpha`` in numpy,
     of :meth:`~nqlib.quantizers.matrix.QuantizedMatrix.row_scales` and of
     :func:`scaled_rows_float32`."""
+    a = R.shape[0]
+    if serial(a):
+        for i in range(a):
+            _scaled_row(R, i, alpha, norms, normalize, rows32)
+    else:
+        for i in prange(a):
+            _scaled_row(R, i, alpha, norms, normalize, rows32)
+
+
+@njit(cache=True, inline="always")
+def _scaled_row(R, i, alpha, norms, normalize, rows32):
+    """Row ``i`` of :func:`_scaled_outputs`."""
     a, n = R.shape
     want32 = rows32.shape[0] == a
-    root = np.sqrt(np.float64(n))
-    for i in prange(a):
-        s = np.float64(norms[i]) / root if normalize else 1.0
-        for j in range(n):
-            r = R[i, j] * alpha
-            R[i, j] = r
-            if want32:
-                rows32[i, j] = np.float32(r * s)
+    s = np.float64(norms[i]) / np.sqrt(np.float64(n)) if normalize else 1.0
+    for j in range(n):
+        r = R[i, j] * alpha
+        R[i, j] = r
+        if want32:
+            rows32[i, j] = np.float32(r * s)
 
 
 @njit(cache=True)

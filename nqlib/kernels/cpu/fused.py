@@ -62,7 +62,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from nqlib.kernels.cpu.guard import guard_module, guarded, threadsafe
+from nqlib.kernels.cpu.guard import guard_module, guarded, serial, threadsafe
 from nqlib.kernels.cpu.hadamard import butterflies as _butterflies
 from nqlib.kernels.cpu.lattice import CHUNK, decode_e8_into
 
@@ -817,29 +817,44 @@ def gemv(words, nib, kpl, tab, q_hi, q_lo, h, xs, xr, xc, acc):
     groups of 8 rows of the weight (the broadcast activations shared by
     their rows), the groups left over one at a time."""
     G = words.shape[0]
+    ng = GEMV_GROUPS[xs.shape[0] - 1]
+    multi = G // ng
+    tasks = multi + G - ng * multi
+    if serial(tasks):
+        for t in range(tasks):
+            _gemv_task(t, multi, ng, words, nib, kpl, tab, q_hi, q_lo, h, xs,
+                       xr, xc, acc)
+    else:
+        for t in prange(tasks):
+            _gemv_task(t, multi, ng, words, nib, kpl, tab, q_hi, q_lo, h, xs,
+                       xr, xc, acc)
+
+
+@njit(cache=True)
+def _gemv_task(t, multi, ng, words, nib, kpl, tab, q_hi, q_lo, h, xs, xr, xc,
+               acc):
+    """Task ``t`` of :func:`gemv`: ``ng`` groups from group ``ng t`` (``t <
+    multi``), else one group after them."""
     Bc = words.shape[1]
     R = xs.shape[0]
-    ng = GEMV_GROUPS[R - 1]
-    multi = G // ng
-    for t in prange(multi + G - ng * multi):
-        whole = t < multi
-        g = ng * t if whole else ng * multi + (t - multi)
-        width = ng if whole else 1
-        a8 = np.zeros((R, 8 * width), np.float32)
-        for part in range(2):
-            b0, b1 = (0, h) if part == 0 else (h, Bc)
-            if b1 <= b0:
-                continue
-            q = q_hi if part == 0 else q_lo
-            if whole:
-                _gemv_part(q & 1, R, words, nib, kpl, xs, xr, xc, tab[part], q,
-                           g, b0, b1, a8)
-            else:
-                _gemv_single(q & 1, R, words, nib, kpl, xs, xr, xc, tab[part], q,
-                             g, b0, b1, a8)
-        for r in range(R):
-            for lane in range(8 * width):
-                acc[r, 8 * g + lane] = a8[r, lane]
+    whole = t < multi
+    g = ng * t if whole else ng * multi + (t - multi)
+    width = ng if whole else 1
+    a8 = np.zeros((R, 8 * width), np.float32)
+    for part in range(2):
+        b0, b1 = (0, h) if part == 0 else (h, Bc)
+        if b1 <= b0:
+            continue
+        q = q_hi if part == 0 else q_lo
+        if whole:
+            _gemv_part(q & 1, R, words, nib, kpl, xs, xr, xc, tab[part], q,
+                       g, b0, b1, a8)
+        else:
+            _gemv_single(q & 1, R, words, nib, kpl, xs, xr, xc, tab[part], q,
+                         g, b0, b1, a8)
+    for r in range(R):
+        for lane in range(8 * width):
+            acc[r, 8 * g + lane] = a8[r, lane]
 
 
 @njit(cache=True)
@@ -1177,22 +1192,34 @@ def rotate_rows(x, signs, orth, p, center, out, xsum):
     7). Every path gives the same bits.
     """
     M = x.shape[0]
-    n_pad = out.shape[1]
     m = orth.shape[0]
     scale = np.float32(1.0 / np.sqrt(p))
     # the panels serve the odd factors without a path of their own (for m =
     # 1 and 3 the row paths were measured faster: fewer passes over memory)
     G = M // PANEL if signs.shape[0] > 0 and m != 1 and m != 3 else 0
-    for t in prange(G + M - PANEL * G):
-        if t < G:
-            T = np.empty(PANEL * n_pad, np.float32)
-            T2 = np.empty(PANEL * n_pad, np.float32)
-            means = np.empty(PANEL, np.float32)
-            _rotate_panel(x, PANEL * t, signs, orth, p, center, out, xsum,
-                          scale, T, T2, means)
-        else:
-            _rotate_row(x, PANEL * G + t - G, signs, orth, p, center, out,
-                        xsum, scale)
+    tasks = G + M - PANEL * G
+    if serial(tasks):
+        for t in range(tasks):
+            _rotate_task(x, t, G, signs, orth, p, center, out, xsum, scale)
+    else:
+        for t in prange(tasks):
+            _rotate_task(x, t, G, signs, orth, p, center, out, xsum, scale)
+
+
+@njit(cache=True)
+def _rotate_task(x, t, G, signs, orth, p, center, out, xsum, scale):
+    """Task ``t`` of :func:`rotate_rows`: panel ``t`` (``t < G``), else
+    one of the rows after the ``G`` panels."""
+    if t < G:
+        n_pad = out.shape[1]
+        T = np.empty(PANEL * n_pad, np.float32)
+        T2 = np.empty(PANEL * n_pad, np.float32)
+        means = np.empty(PANEL, np.float32)
+        _rotate_panel(x, PANEL * t, signs, orth, p, center, out, xsum,
+                      scale, T, T2, means)
+    else:
+        _rotate_row(x, PANEL * G + t - G, signs, orth, p, center, out, xsum,
+                    scale)
 
 
 @njit(cache=True)

@@ -21,8 +21,10 @@ from __future__ import annotations
 import functools
 import threading
 
+from numba import njit
+
 __all__ = ["KERNEL_LOCK", "THREADSAFE_LAYERS", "layer", "threadsafe", "guarded",
-           "guard_module"]
+           "guard_module", "serial"]
 
 #: held for the duration of a parallel kernel call when the threading layer
 #: is not thread-safe (re-entrant: a guarded call may not deadlock itself)
@@ -86,3 +88,15 @@ def guard_module(namespace: dict) -> None:
     for name, obj in list(namespace.items()):
         if isinstance(obj, CPUDispatcher) and obj.targetoptions.get("parallel"):
             namespace[name] = guarded(obj)
+
+
+@njit(cache=True, inline="always")
+def serial(tasks):
+    """Whether a parallel kernel runs its loop of ``tasks`` tasks in the
+    calling thread (the same body, in ``range`` rather than ``prange``):
+    when there is one task. Entering a ``prange`` loop wakes numba's thread
+    pool even then -- about a microsecond on an idle machine, far more on a
+    loaded one --, a visible part of a call on one row (a batch-1 layer).
+    (The number of threads is not read here: numba's ``get_num_threads``
+    in compiled code keeps a kernel out of the on-disk cache.)"""
+    return tasks <= 1

@@ -7,7 +7,7 @@ Arrays in, arrays out. Arithmetic follows :mod:`nqlib.kernels.cpu.lattice`.
 import numpy as np
 from numba import njit, prange
 
-from nqlib.kernels.cpu.guard import guard_module, guarded, threadsafe
+from nqlib.kernels.cpu.guard import guard_module, guarded, serial, threadsafe
 from nqlib.kernels.cpu.lattice import (
     CHUNK,
     decode_e8_into,
@@ -952,100 +952,118 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr, dec):
         for j in range(8):
             zmax = max(zmax, abs(z[i, j]))
     nchunks = (m + CHUNK - 1) // CHUNK
-    for c in prange(nchunks):
-        v = np.empty(8)
-        T = np.empty((k, 8))
-        g = np.empty(k)
-        done = np.empty(k, dtype=np.bool_)
-        t = np.empty(8)
-        w8 = np.empty(8)
-        tmp = np.empty(8)
-        u = np.empty(8)
-        y = np.empty(8)
-        r = np.empty(8)
-        crow = np.empty(8, dtype=np.int64)
-        kk = np.empty(8, dtype=np.int64)
-        uk = np.empty(8, dtype=np.int64)
-        XZ = np.empty(16 * LANES)
-        OUT = np.empty((k, 10 * LANES))
-        CAND = np.empty(LANES)
-        GB = np.empty(LANES)
-        TC = np.zeros(8 * LANES)
-        WR = np.empty(9 * LANES)
-        c1 = min(m, (c + 1) * CHUNK)
-        for i0 in range(c * CHUNK, c1, LANES):
-            nw = min(LANES, c1 - i0)
-            xmax = 0.0
-            for lane in range(nw):
-                iz = i0 + lane if zm > 1 else 0
-                for j in range(8):
-                    xmax = max(xmax, abs(x[i0 + lane, j]))
-                    XZ[j * LANES + lane] = x[i0 + lane, j]
-                    XZ[(8 + j) * LANES + lane] = z[iz, j]
-            vector = xmax / bmin + zmax <= LANE_LIMIT      # False for NaN
-            if vector:
-                for s in range(k):
-                    _scale_lanes(XZ, betas[s], nw, OUT[s])
-            if vector:
-                for w in range(nw):
-                    CAND[w] = -1.0
-                    GB[w] = np.inf
-                for s in range(k):
-                    _first_step(OUT[s], np.float64(s), nw, q, CAND, GB, TC)
-                _wrap_lanes(TC, nw, q, WR)
-            for lane in range(nw):
-                i = i0 + lane
-                iz = i if zm > 1 else 0
-                found = -1
-                codes_from = 0           # 1: WR (vector), 2: crow (scalar)
-                if vector and CAND[lane] >= 0.0:
-                    c0 = np.int64(CAND[lane])
-                    if OUT[c0, 9 * LANES + lane] < q or WR[8 * LANES + lane] == 0.0:
-                        # inside q V, or on its boundary without overload
-                        found = c0
-                        codes_from = 1
-                    else:
-                        # on the boundary and overloading: the next candidate
-                        # is the least error inside q V, unless another
-                        # boundary one comes first (then the scalar path)
+    if serial(nchunks):
+        for c in range(nchunks):
+            _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec,
+                          want_dec, bmin, zmax)
+    else:
+        for c in prange(nchunks):
+            _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec,
+                          want_dec, bmin, zmax)
+
+
+@njit(cache=True, error_model="numpy")
+def _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec, bmin,
+                  zmax):
+    """Chunk ``c`` (rows ``c CHUNK`` to ``(c + 1) CHUNK``) of
+    :func:`encode_multiscale_rows`, with its scratch; ``bmin`` the least
+    ``|beta|``, ``zmax`` the largest ``|z|``."""
+    m = x.shape[0]
+    k = betas.shape[0]
+    zm = z.shape[0]
+    v = np.empty(8)
+    T = np.empty((k, 8))
+    g = np.empty(k)
+    done = np.empty(k, dtype=np.bool_)
+    t = np.empty(8)
+    w8 = np.empty(8)
+    tmp = np.empty(8)
+    u = np.empty(8)
+    y = np.empty(8)
+    r = np.empty(8)
+    crow = np.empty(8, dtype=np.int64)
+    kk = np.empty(8, dtype=np.int64)
+    uk = np.empty(8, dtype=np.int64)
+    XZ = np.empty(16 * LANES)
+    OUT = np.empty((k, 10 * LANES))
+    CAND = np.empty(LANES)
+    GB = np.empty(LANES)
+    TC = np.zeros(8 * LANES)
+    WR = np.empty(9 * LANES)
+    c1 = min(m, (c + 1) * CHUNK)
+    for i0 in range(c * CHUNK, c1, LANES):
+        nw = min(LANES, c1 - i0)
+        xmax = 0.0
+        for lane in range(nw):
+            iz = i0 + lane if zm > 1 else 0
+            for j in range(8):
+                xmax = max(xmax, abs(x[i0 + lane, j]))
+                XZ[j * LANES + lane] = x[i0 + lane, j]
+                XZ[(8 + j) * LANES + lane] = z[iz, j]
+        vector = xmax / bmin + zmax <= LANE_LIMIT      # False for NaN
+        if vector:
+            for s in range(k):
+                _scale_lanes(XZ, betas[s], nw, OUT[s])
+        if vector:
+            for w in range(nw):
+                CAND[w] = -1.0
+                GB[w] = np.inf
+            for s in range(k):
+                _first_step(OUT[s], np.float64(s), nw, q, CAND, GB, TC)
+            _wrap_lanes(TC, nw, q, WR)
+        for lane in range(nw):
+            i = i0 + lane
+            iz = i if zm > 1 else 0
+            found = -1
+            codes_from = 0           # 1: WR (vector), 2: crow (scalar)
+            if vector and CAND[lane] >= 0.0:
+                c0 = np.int64(CAND[lane])
+                if OUT[c0, 9 * LANES + lane] < q or WR[8 * LANES + lane] == 0.0:
+                    # inside q V, or on its boundary without overload
+                    found = c0
+                    codes_from = 1
+                else:
+                    # on the boundary and overloading: the next candidate
+                    # is the least error inside q V, unless another
+                    # boundary one comes first (then the scalar path)
+                    for s in range(k):
+                        gs = OUT[s, 8 * LANES + lane]
+                        if OUT[s, 9 * LANES + lane] < q and (
+                                found < 0 or gs < OUT[found, 8 * LANES + lane]):
+                            found = s
+                    if found >= 0:
+                        gb = OUT[found, 8 * LANES + lane]
                         for s in range(k):
                             gs = OUT[s, 8 * LANES + lane]
-                            if OUT[s, 9 * LANES + lane] < q and (
-                                    found < 0 or gs < OUT[found, 8 * LANES + lane]):
-                                found = s
-                        if found >= 0:
-                            gb = OUT[found, 8 * LANES + lane]
-                            for s in range(k):
-                                gs = OUT[s, 8 * LANES + lane]
-                                if s != c0 and OUT[s, 9 * LANES + lane] == q and (
-                                        gs < gb or (gs == gb and s < found)):
-                                    found = -1
-                                    break
-                        if found >= 0:
-                            for j in range(8):
-                                t[j] = OUT[found, j * LANES + lane]
-                            e8_coordinates(t, kk)
-                            for j in range(8):
-                                crow[j] = np.int64(mod_floor(kk[j], q))
-                            codes_from = 2
-                if found < 0:     # every scale overloads, or huge inputs
-                    _encode_block(x, i, q, betas, z, iz, want_dec, codes, index,
-                                  sqerr, dec, v, T, g, done, t, w8, tmp, u, y, r,
-                                  crow, kk, uk)
-                    continue
-                if codes_from == 1:
-                    for j in range(8):
-                        codes[i, j] = np.int64(WR[j * LANES + lane])
-                else:
-                    for j in range(8):
-                        codes[i, j] = crow[j]
-                index[i] = found
-                sqerr[i] = OUT[found, 8 * LANES + lane]
-                if want_dec:
-                    beta = betas[found]
-                    for j in range(8):
-                        dec[i, j] = beta * (OUT[found, j * LANES + lane]
-                                            - z[iz, j])
+                            if s != c0 and OUT[s, 9 * LANES + lane] == q and (
+                                    gs < gb or (gs == gb and s < found)):
+                                found = -1
+                                break
+                    if found >= 0:
+                        for j in range(8):
+                            t[j] = OUT[found, j * LANES + lane]
+                        e8_coordinates(t, kk)
+                        for j in range(8):
+                            crow[j] = np.int64(mod_floor(kk[j], q))
+                        codes_from = 2
+            if found < 0:     # every scale overloads, or huge inputs
+                _encode_block(x, i, q, betas, z, iz, want_dec, codes, index,
+                              sqerr, dec, v, T, g, done, t, w8, tmp, u, y, r,
+                              crow, kk, uk)
+                continue
+            if codes_from == 1:
+                for j in range(8):
+                    codes[i, j] = np.int64(WR[j * LANES + lane])
+            else:
+                for j in range(8):
+                    codes[i, j] = crow[j]
+            index[i] = found
+            sqerr[i] = OUT[found, 8 * LANES + lane]
+            if want_dec:
+                beta = betas[found]
+                for j in range(8):
+                    dec[i, j] = beta * (OUT[found, j * LANES + lane]
+                                        - z[iz, j])
 
 
 @njit(cache=True, parallel=True)

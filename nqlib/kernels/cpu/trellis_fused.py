@@ -72,7 +72,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nqlib.kernels.cpu.fused import HAVE_AVX2, MC, MR, rotate_rows, tile_product
-from nqlib.kernels.cpu.guard import guard_module, guarded, threadsafe
+from nqlib.kernels.cpu.guard import guard_module, guarded, serial, threadsafe
 from nqlib.kernels.cpu.trellis import state_index
 
 #: coordinates per K tile of the batched kernel (a tile of 16 rows is
@@ -463,14 +463,27 @@ def gemv(data, a, keep, seq_len, total_bits, L, mult, shift, qbits, table, beta,
     least ``keep``): one task per group of 8 rows of the weight, each
     weight decoded once for the ``R`` rows."""
     G = acc.shape[1] // 8
+    if serial(G):
+        for g in range(G):
+            _gemv_group(data, a, keep, seq_len, total_bits, L, mult, shift,
+                        qbits, table, beta, g, x, acc)
+    else:
+        for g in prange(G):
+            _gemv_group(data, a, keep, seq_len, total_bits, L, mult, shift,
+                        qbits, table, beta, g, x, acc)
+
+
+@njit(cache=True)
+def _gemv_group(data, a, keep, seq_len, total_bits, L, mult, shift, qbits,
+                table, beta, g, x, acc):
+    """Group ``g`` (rows ``8 g .. 8 g + 7``) of :func:`gemv`."""
     R = x.shape[0]
-    for g in prange(G):
-        a8 = np.zeros((R, 8), np.float32)
-        dot_group(data, a, keep, seq_len, total_bits, L, mult, shift, qbits,
-                  table, beta, 8 * g, x, a8)
-        for r in range(R):
-            for lane in range(8):
-                acc[r, 8 * g + lane] = a8[r, lane]
+    a8 = np.zeros((R, 8), np.float32)
+    dot_group(data, a, keep, seq_len, total_bits, L, mult, shift, qbits,
+              table, beta, 8 * g, x, a8)
+    for r in range(R):
+        for lane in range(8):
+            acc[r, 8 * g + lane] = a8[r, lane]
 
 
 @njit(cache=True, parallel=True)
