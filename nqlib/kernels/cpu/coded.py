@@ -22,7 +22,8 @@ from numba import njit, prange
 
 from nqlib.kernels.cpu.guard import guard_module, guarded, serial, threadsafe
 from nqlib.kernels.cpu.hadamard import butterflies, fwht_row
-from nqlib.kernels.cpu.nested import encode_pack_into
+from nqlib.kernels.cpu.lattice import CHUNK
+from nqlib.kernels.cpu.nested import encode_pack_serial
 
 #: numpy's block length of pairwise summation (``PW_BLOCKSIZE``)
 PAIRWISE_BLOCK = 128
@@ -287,41 +288,56 @@ def scaled_rows_float32(Y, scales, out):
             out[i, j] = np.float32(Y[i, j] * s)
 
 
-#: blocks coded per call of the multiscale encoder in :func:`encode_fixed_rows`
-#: (a multiple of 8, so that every chunk's words start on a byte); its
-#: scratch, 216 bytes a block (216 KiB), stays in the L2 cache and is
-#: recycled by the allocator instead of being fresh memory each call
-PART_CHUNK = 1024
+#: blocks per task of :func:`encode_fixed_rows` (a multiple of 8, so that
+#: every task's words start on a byte of its part; the encoder's own chunk,
+#: so that a task is one chunk of it): its scratch, 216 bytes a block
+#: (54 KiB), stays in the L2 cache
+PART_CHUNK = CHUNK
+
+
+@njit(cache=True, parallel=True)
+def _encode_part(Y, R, b0, b1, q, betas, nbits, packed):
+    """Blocks ``[b0, b1)`` of every row of ``Y`` (a, 8 B), in the order
+    (row, block), coded by the ``nbits``-bit multiscale code into
+    ``packed``, ``PART_CHUNK`` blocks per task, the tasks split over
+    threads (:func:`~nqlib.kernels.cpu.nested.encode_pack_serial`); their
+    decode into the same blocks of ``R``."""
+    total = Y.shape[0] * (b1 - b0)
+    tasks = (total + PART_CHUNK - 1) // PART_CHUNK
+    if serial(tasks):
+        for c in range(tasks):
+            _encode_task(Y, R, b0, b1, q, betas, nbits, packed, c)
+    else:
+        for c in prange(tasks):
+            _encode_task(Y, R, b0, b1, q, betas, nbits, packed, c)
 
 
 @njit(cache=True)
-def _encode_part(Y, R, b0, b1, q, betas, nbits, packed, x, dec, codes, index,
-                 sqerr, words):
-    """Blocks ``[b0, b1)`` of every row of ``Y`` (a, 8 B), in the order
-    (row, block), coded by the ``nbits``-bit multiscale code into
-    ``packed``, ``PART_CHUNK`` blocks at a time
-    (:func:`~nqlib.kernels.cpu.nested.encode_pack_into`; the arguments
-    from ``x`` on are its scratch); their decode into the same blocks of
-    ``R``."""
-    a = Y.shape[0]
+def _encode_task(Y, R, b0, b1, q, betas, nbits, packed, c):
+    """Task ``c`` of :func:`_encode_part`: its blocks gathered, coded,
+    packed at their byte of ``packed``, decoded into ``R``."""
     width = b1 - b0
-    total = a * width
-    z = np.zeros((1, 8))
-    for c0 in range(0, total, PART_CHUNK):
-        c1 = min(total, c0 + PART_CHUNK)
-        for t in range(c0, c1):
-            i = t // width
-            o = 8 * (b0 + t - i * width)
-            for j in range(8):
-                x[t - c0, j] = Y[i, o + j]
-        m = c1 - c0
-        encode_pack_into(x[:m], q, betas, z, nbits, packed[c0 * nbits // 8:],
-                         dec[:m], codes, index, sqerr, words)
-        for t in range(c0, c1):
-            i = t // width
-            o = 8 * (b0 + t - i * width)
-            for j in range(8):
-                R[i, o + j] = dec[t - c0, j]
+    c0 = c * PART_CHUNK
+    c1 = min(Y.shape[0] * width, c0 + PART_CHUNK)
+    m = c1 - c0
+    x = np.empty((m, 8))
+    dec = np.empty((m, 8))
+    codes = np.empty((m, 8), np.int64)
+    index = np.empty(m, np.int64)
+    sqerr = np.empty(m)
+    words = np.empty(m, np.uint64)
+    for t in range(c0, c1):
+        i = t // width
+        o = 8 * (b0 + t - i * width)
+        for j in range(8):
+            x[t - c0, j] = Y[i, o + j]
+    encode_pack_serial(x, q, betas, np.zeros((1, 8)), nbits,
+                       packed[c0 * nbits // 8:], dec, codes, index, sqerr, words)
+    for t in range(c0, c1):
+        i = t // width
+        o = 8 * (b0 + t - i * width)
+        for j in range(8):
+            R[i, o + j] = dec[t - c0, j]
 
 
 @njit(cache=True)
@@ -335,22 +351,11 @@ def encode_fixed_rows(Y, h, coded, q_hi, betas_hi, L_hi, packed_hi, q_lo,
     0 on the blocks from ``coded`` on (dropped). The words and the decode of
     :func:`nqlib.quantizers.fixed_mode.encode` (which codes a chunk of rows
     at a time: every block is coded alone, so the words are the same)."""
-    a = Y.shape[0]
-    # scratch for the largest chunk either part codes
-    rows = min(PART_CHUNK, a * max(h, coded - h))
-    x = np.empty((rows, 8))
-    dec = np.empty((rows, 8))
-    codes = np.empty((rows, 8), np.int64)
-    index = np.empty(rows, np.int64)
-    sqerr = np.empty(rows)
-    words = np.empty(rows, np.uint64)
     if h > 0:
-        _encode_part(Y, R, 0, h, q_hi, betas_hi, L_hi, packed_hi, x, dec,
-                     codes, index, sqerr, words)
+        _encode_part(Y, R, 0, h, q_hi, betas_hi, L_hi, packed_hi)
     if coded > h:
-        _encode_part(Y, R, h, coded, q_lo, betas_lo, L_lo, packed_lo, x, dec,
-                     codes, index, sqerr, words)
-    for i in range(a):
+        _encode_part(Y, R, h, coded, q_lo, betas_lo, L_lo, packed_lo)
+    for i in range(Y.shape[0]):
         for c in range(8 * coded, Y.shape[1]):
             R[i, c] = 0.0
 

@@ -939,18 +939,7 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr, dec):
     :func:`encode_multiscale_rows_scalar`. The same bits as that kernel.
     """
     m = x.shape[0]
-    if dec.shape[0] != 0 and dec.shape[0] != m:
-        raise ValueError("dec must have 0 or as many rows as x")
-    want_dec = dec.shape[0] > 0
-    k = betas.shape[0]
-    zm = z.shape[0]
-    bmin = np.inf
-    for s in range(k):
-        bmin = min(bmin, abs(betas[s]))
-    zmax = 0.0
-    for i in range(zm):
-        for j in range(8):
-            zmax = max(zmax, abs(z[i, j]))
+    want_dec, bmin, zmax = _chunk_setup(x, betas, z, dec)
     nchunks = (m + CHUNK - 1) // CHUNK
     if serial(nchunks):
         for c in range(nchunks):
@@ -960,6 +949,23 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr, dec):
         for c in prange(nchunks):
             _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec,
                           want_dec, bmin, zmax)
+
+
+@njit(cache=True)
+def _chunk_setup(x, betas, z, dec):
+    """``(want_dec, bmin, zmax)`` of :func:`_encode_chunk` for the rows
+    ``x``: whether ``dec`` (0 rows or as many as ``x``, else ValueError) is
+    wanted, the least ``|beta|``, the largest ``|z|``."""
+    if dec.shape[0] != 0 and dec.shape[0] != x.shape[0]:
+        raise ValueError("dec must have 0 or as many rows as x")
+    bmin = np.inf
+    for s in range(betas.shape[0]):
+        bmin = min(bmin, abs(betas[s]))
+    zmax = 0.0
+    for i in range(z.shape[0]):
+        for j in range(8):
+            zmax = max(zmax, abs(z[i, j]))
+    return dec.shape[0] > 0, bmin, zmax
 
 
 @njit(cache=True, error_model="numpy")
@@ -1265,16 +1271,35 @@ def encode_pack_into(x, q, betas, z, nbits, out, dec, codes, index, sqerr,
     rows of ``x`` (at least as long: only their first ``m`` entries are
     used)."""
     m = x.shape[0]
-    codes = codes[:m]
-    index = index[:m]
-    words = words[:m]
-    encode_multiscale_rows(x, q, betas, z, codes, index, sqerr[:m], dec)
+    encode_multiscale_rows(x, q, betas, z, codes[:m], index[:m], sqerr[:m], dec)
+    _pack_codes(codes, index, q, m, nbits, words, out)
+
+
+@njit(cache=True)
+def encode_pack_serial(x, q, betas, z, nbits, out, dec, codes, index, sqerr,
+                       words):
+    """:func:`encode_pack_into` in the calling thread (the encoder's chunks
+    one after the other: the same bits), for callers that split their own
+    work over threads."""
+    m = x.shape[0]
+    want_dec, bmin, zmax = _chunk_setup(x, betas, z, dec)
+    for c in range((m + CHUNK - 1) // CHUNK):
+        _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec,
+                      bmin, zmax)
+    _pack_codes(codes, index, q, m, nbits, words, out)
+
+
+@njit(cache=True)
+def _pack_codes(codes, index, q, m, nbits, words, out):
+    """The words ``index q^8 + sum_j codes[i, j] q^j`` of the first ``m``
+    rows (:func:`mixed_radix_words`' order) into ``words``, packed into
+    ``out`` (:func:`pack_words`)."""
     for i in range(m):
         w = np.uint64(index[i])
         for j in range(7, -1, -1):
             w = w * np.uint64(q) + np.uint64(codes[i, j])
         words[i] = w
-    pack_words(words, nbits, out)
+    pack_words(words[:m], nbits, out)
 
 
 # serialised when numba's threading layer is not thread-safe; the driver
