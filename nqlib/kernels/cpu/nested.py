@@ -163,6 +163,16 @@ def _encode_block(x, i, q, betas, z, iz, want_dec, codes, index, sqerr, dec,
         codes[i, j] = crow[j]
 
 
+@njit(cache=True, inline="always")
+def _block_scratch(k):
+    """The scratch arrays of :func:`_encode_block` for ``k`` scales, in its
+    argument order (``v, T, g, done, t, w, tmp, u, y, r, crow, kk, uk``)."""
+    return (np.empty(8), np.empty((k, 8)), np.empty(k),
+            np.empty(k, dtype=np.bool_), np.empty(8), np.empty(8), np.empty(8),
+            np.empty(8), np.empty(8), np.empty(8), np.empty(8, dtype=np.int64),
+            np.empty(8, dtype=np.int64), np.empty(8, dtype=np.int64))
+
+
 @njit(cache=True, parallel=True)
 def encode_multiscale_rows_scalar(x, q, betas, z, codes, index, sqerr, dec):
     """:func:`encode_multiscale_rows` one block at a time: the same contract
@@ -176,19 +186,7 @@ def encode_multiscale_rows_scalar(x, q, betas, z, codes, index, sqerr, dec):
     zm = z.shape[0]
     nchunks = (m + CHUNK - 1) // CHUNK
     for c in prange(nchunks):
-        v = np.empty(8)
-        T = np.empty((k, 8))
-        g = np.empty(k)
-        done = np.empty(k, dtype=np.bool_)
-        t = np.empty(8)
-        w = np.empty(8)
-        tmp = np.empty(8)
-        u = np.empty(8)
-        y = np.empty(8)
-        r = np.empty(8)
-        crow = np.empty(8, dtype=np.int64)
-        kk = np.empty(8, dtype=np.int64)
-        uk = np.empty(8, dtype=np.int64)
+        v, T, g, done, t, w, tmp, u, y, r, crow, kk, uk = _block_scratch(k)
         for i in range(c * CHUNK, min(m, (c + 1) * CHUNK)):
             iz = i if zm > 1 else 0
             _encode_block(x, i, q, betas, z, iz, want_dec, codes, index, sqerr,
@@ -977,19 +975,7 @@ def _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec, bmin,
     m = x.shape[0]
     k = betas.shape[0]
     zm = z.shape[0]
-    v = np.empty(8)
-    T = np.empty((k, 8))
-    g = np.empty(k)
-    done = np.empty(k, dtype=np.bool_)
-    t = np.empty(8)
-    w8 = np.empty(8)
-    tmp = np.empty(8)
-    u = np.empty(8)
-    y = np.empty(8)
-    r = np.empty(8)
-    crow = np.empty(8, dtype=np.int64)
-    kk = np.empty(8, dtype=np.int64)
-    uk = np.empty(8, dtype=np.int64)
+    v, T, g, done, t, w8, tmp, u, y, r, crow, kk, uk = _block_scratch(k)
     XZ = np.empty(16 * LANES)
     OUT = np.empty((k, 10 * LANES))
     CAND = np.empty(LANES)
