@@ -209,8 +209,9 @@ def coded_rows(A, n_pad, center, normalize, P, out=None):
 def rotation_arrays(P, n_pad):
     """``(signs, O^T, p)`` of ``P`` (None: no rotation) as
     :func:`~nqlib.kernels.cpu.coded.coded_rows_into` takes them (empty
-    signs: no rotation), for rotations drawn as format version
-    ``draws.FIRST_OWN_DRAWS`` and later draw them."""
+    signs: no rotation); for rotations of format version
+    ``draws.FIRST_OWN_DRAWS`` or later, whose arithmetic that kernel
+    follows."""
     if P is None:
         return np.zeros(0), np.ones((1, 1)), n_pad
     return (np.asarray(P.signs, dtype=np.float64),
