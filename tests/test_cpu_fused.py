@@ -635,6 +635,42 @@ def test_quantlinear_numba_path_input_forms():
     assert ql(x.reshape(2, 3, n)[:, :0]).shape == (2, 0, a)
 
 
+@pytest.mark.parametrize("n", (64, 512, 24, 48, 96, 192, 384, 1536, 3072,
+                               40, 100, 576, 896))
+def test_rotation_is_the_float32_oracle_bit_for_bit(n):
+    """Every path of the fused kernels' rotation -- the Hadamard factor
+    alone (m = 1), O_3 with eight windows of 24 floats per SIMD step and
+    the single-window tail (m = 3: 24 ... 3072), the panels of eight rows
+    (m > 3), padded lengths -- has the bits of the numpy oracle that does
+    the documented float32 operations in their order, given the kernel's
+    row sums; with and without centring and rotation, over batches."""
+    from nqlib.kernels.cpu import fused
+    from nqlib.reference.hadamard import rotate_rows_float32
+
+    n_pad = -(-n // 8) * 8
+    P = nqlib.RandomHadamard(n_pad, seed=n)
+    signs = P.signs.astype(np.int8)
+    orth = P.orthogonal.astype(np.float32)
+    rng = np.random.default_rng(n)
+    for M in (1, 8, 9, 17):
+        x = (rng.standard_normal((M, n)) * 10.0 ** rng.uniform(-3, 3, (M, 1))
+             ).astype(np.float32)
+        x[0] = 0.0
+        for center in (True, False):
+            for sg in (signs, signs[:0]):
+                out = np.empty((M, n_pad), np.float32)
+                xsum = np.empty(M, np.float32)
+                fused.rotate_rows(x, sg, orth, P.power_of_two, center, out,
+                                  xsum)
+                ref = rotate_rows_float32(x, xsum, sg, P.power_of_two, orth,
+                                          center)
+                np.testing.assert_array_equal(out.view(np.uint32),
+                                              ref.view(np.uint32))
+                exact = x.sum(axis=1, dtype=np.float64)
+                assert np.all(np.abs(xsum - exact)
+                              <= n * EPS32 * np.abs(x).sum(axis=1))
+
+
 @pytest.mark.parametrize("n", (40, 72, 100, 200, 576, 640, 896, 960))
 def test_rotation_panels_are_the_rows_bits(n):
     """Rows rotated eight at a time, one per SIMD lane (the path of odd

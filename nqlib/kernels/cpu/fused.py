@@ -644,9 +644,7 @@ def _mix3_hadamard8(typingctx, arr, orth, off, count):
         e = _Emit(builder)
         b = builder
         ptr = b.gep(_data(context, b, signature.args[0], arr_v), [off])
-        po = _data(context, b, signature.args[1], orth_v)
-        O = [[e.splat(b.load(b.gep(po, [ir.Constant(_I64, 3 * a + c)])), _V8F)
-              for c in range(3)] for a in range(3)]
+        O = _splat_orth(e, _data(context, b, signature.args[1], orth_v))
         v24 = ir.VectorType(_F32, 24)
         nwin = b.sdiv(count, ir.Constant(_I64, 24))
         zero = ir.Constant(_I64, 0)
@@ -683,6 +681,87 @@ def _mix3_hadamard8(typingctx, arr, orth, off, count):
                     _V8I, list(range(8 * k, 8 * k + 8))))
                 e.store_vec(part, ptr, b.add(at, ir.Constant(_I64, 8 * k)))
             del v24
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+#: floats of :func:`_mix3_hadamard8_x8`'s step: eight windows of 24
+MIX3_STEP = 192
+
+
+def _mix3_x8_codegen(e, ptr, O, count):
+    """The loop of :func:`_mix3_hadamard8_x8` on the floats at ``ptr``
+    (``O`` the splatted factor, :func:`_splat_orth`)."""
+    b = e.b
+    nstep = b.sdiv(count, ir.Constant(_I64, MIX3_STEP))
+    zero = ir.Constant(_I64, 0)
+    one = ir.Constant(_I64, 1)
+    with cgutils.for_range_slice(b, zero, nstep, one, inc=True) as (s, _):
+        at = b.mul(s, ir.Constant(_I64, MIX3_STEP))
+        # vector 3 w + k holds floats 8 k .. 8 k + 7 of window w
+        v = [e.load_vec(ptr, b.add(at, ir.Constant(_I64, 8 * k)), _V8F)
+             for k in range(24)]
+        # E[j], lane w: float j of window w
+        E = []
+        for k in range(3):
+            E += _transposed8(b, [v[3 * w + k] for w in range(8)])
+        # O_3 within every group i (coordinates 3 i + c), the sum from 0 in
+        # increasing c, products and sums rounded apart
+        M = []
+        for i in range(8):
+            for a in range(3):
+                acc = e.vf(0.0)
+                for c in range(3):
+                    acc = b.fadd(acc, b.fmul(O[a][c], E[3 * i + c]))
+                M.append(acc)
+        # butterflies of spans 1, 2, 4 across i: (lo, hi) -> (lo + hi,
+        # lo - hi), as _h8_stages forms them
+        for span in (1, 2, 4):
+            for i in range(8):
+                if i & span:
+                    continue
+                for a in range(3):
+                    lo, hi = M[3 * i + a], M[3 * (i + span) + a]
+                    M[3 * i + a] = b.fadd(lo, hi)
+                    M[3 * (i + span) + a] = b.fsub(lo, hi)
+        for k in range(3):
+            rows = _transposed8(b, M[8 * k:8 * k + 8])
+            for w in range(8):
+                e.store_vec(rows[w], ptr,
+                            b.add(at, ir.Constant(_I64, 24 * w + 8 * k)))
+
+
+def _splat_orth(e, po):
+    """``O[a][c]``: the nine entries of the (3, 3) float32 factor at
+    ``po``, each splatted to 8 lanes."""
+    b = e.b
+    return [[e.splat(b.load(b.gep(po, [ir.Constant(_I64, 3 * a + c)])), _V8F)
+             for c in range(3)] for a in range(3)]
+
+
+@intrinsic
+def _mix3_hadamard8_x8(typingctx, arr, orth, off, count):
+    """:func:`_mix3_hadamard8` on ``arr.flat[off : off + count]``, ``count``
+    a multiple of :data:`MIX3_STEP`, eight windows of 24 floats at a time,
+    one window per SIMD lane: the 8 x 24 block is transposed (three 8 x 8
+    transposes, :func:`_transposed8`) into 24 vectors, coordinate ``3 i +
+    c`` of every window in one, where ``O_3`` and the butterflies of spans
+    1, 2, 4 (across ``i``) are operations on whole vectors -- no shuffle
+    inside a stage -- and transposed back. Per coordinate the same float32
+    operations, in the same order, as :func:`_mix3_hadamard8`: the same
+    bits."""
+    if not (_c_array(arr, types.float32) and _c_array(orth, types.float32)):
+        return None                 # a typing error
+    sig = types.void(arr, orth, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        arr_v, orth_v, off, count = args
+        e = _Emit(builder)
+        ptr = builder.gep(_data(context, builder, signature.args[0], arr_v),
+                          [off])
+        O = _splat_orth(e, _data(context, builder, signature.args[1], orth_v))
+        _mix3_x8_codegen(e, ptr, O, count)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -966,13 +1045,41 @@ def _c_array(ty, dtype) -> bool:
     return isinstance(ty, types.Array) and ty.layout == "C" and ty.dtype == dtype
 
 
+def _transposed8(b, v):
+    """The columns of the 8 x 8 block whose rows are the 8-lane vectors
+    ``v``: three stages of two-vector shuffles (interleave pairs, then pairs
+    of pairs, then the halves); the values move, none is computed."""
+    def shuf(x, y, idx):
+        return b.shuffle_vector(x, y, ir.Constant(_V8I, idx))
+
+    lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    t = []
+    for r in range(0, 8, 2):
+        t += [shuf(v[r], v[r + 1], lo), shuf(v[r], v[r + 1], hi)]
+    # t[2k], t[2k+1]: rows 2k, 2k+1 interleaved (columns 0,1,4,5 / 2,3,6,7)
+    even, odd = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    u = []
+    for h in (0, 4):
+        for k in (0, 1):
+            u += [shuf(t[h + k], t[h + k + 2], even),
+                  shuf(t[h + k], t[h + k + 2], odd)]
+    # u[0..3] (rows 0-3) and u[4..7] (rows 4-7): columns (0, 4), (1, 5),
+    # (2, 6), (3, 7) in their two halves
+    first, second = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    cols = [None] * 8
+    for k, c in enumerate((0, 1, 2, 3)):
+        cols[c] = shuf(u[k], u[k + 4], first)
+        cols[c + 4] = shuf(u[k], u[k + 4], second)
+    return cols
+
+
 @intrinsic
 def _transpose8(typingctx, src, s_off, s_ld, dst, d_off, d_ld):
     """The 8 x 8 block of the float32 array ``src`` whose row ``r`` is
     ``src.flat[s_off + r s_ld : + 8]``, transposed into ``dst``: row ``c``
     of the result goes to ``dst.flat[d_off + c d_ld : + 8]``. Three stages
-    of two-vector shuffles (interleave pairs, then pairs of pairs, then the
-    halves); the values move, none is computed."""
+    of two-vector shuffles (:func:`_transposed8`); the values move, none is
+    computed."""
     if not (_c_array(src, types.float32) and _c_array(dst, types.float32)):
         return None                 # a typing error: contiguous float32 only
     sig = types.void(src, types.int64, types.int64, dst, types.int64,
@@ -985,28 +1092,7 @@ def _transpose8(typingctx, src, s_off, s_ld, dst, d_off, d_ld):
         b = builder
         v = [e.load_vec(ps, b.add(s_off, b.mul(s_ld, ir.Constant(_I64, r))),
                         _V8F) for r in range(8)]
-
-        def shuf(x, y, idx):
-            return b.shuffle_vector(x, y, ir.Constant(_V8I, idx))
-
-        lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
-        t = []
-        for r in range(0, 8, 2):
-            t += [shuf(v[r], v[r + 1], lo), shuf(v[r], v[r + 1], hi)]
-        # t[2k], t[2k+1]: rows 2k, 2k+1 interleaved (columns 0,1,4,5 / 2,3,6,7)
-        even, odd = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-        u = []
-        for h in (0, 4):
-            for k in (0, 1):
-                u += [shuf(t[h + k], t[h + k + 2], even),
-                      shuf(t[h + k], t[h + k + 2], odd)]
-        # u[0..3] (rows 0-3) and u[4..7] (rows 4-7): columns (0, 4), (1, 5),
-        # (2, 6), (3, 7) in their two halves
-        first, second = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-        cols = [None] * 8
-        for k, c in enumerate((0, 1, 2, 3)):
-            cols[c] = shuf(u[k], u[k + 4], first)
-            cols[c + 4] = shuf(u[k], u[k + 4], second)
+        cols = _transposed8(b, v)
         for c in range(8):
             e.store_vec(cols[c], pd, b.add(d_off, b.mul(d_ld, ir.Constant(_I64, c))))
         return context.get_dummy_value()
@@ -1144,7 +1230,9 @@ def _rotate_row(x, r, signs, orth, p, center, out, xsum, scale):
             _hadamard8(y, 0, p)
             _stages_from(y, 0, 8, n_pad, scale, True)
         else:
-            _mix3_hadamard8(y, orth, 0, n_pad)
+            full = n_pad - n_pad % MIX3_STEP
+            _mix3_hadamard8_x8(y, orth, 0, full)
+            _mix3_hadamard8(y, orth, full, n_pad - full)
             _stages_from(y, 0, 24, n_pad, scale, True)
         return
     # (p, m) -> (m, p), the signs applied on the way
@@ -1182,8 +1270,10 @@ def rotate_rows(x, signs, orth, p, center, out, xsum):
     (:func:`_rotate_row`): for ``m = 1`` the Hadamard stages run in place
     (spans 1, 2, 4 in registers, the others on runs of 8 lanes); for ``m =
     3`` (384, 1536, ...) ``O_3`` and the first three stages run in
-    registers on windows of 24 floats (:func:`_mix3_hadamard8`) and the
-    others on runs of 24, 48, ... floats, two stages per pass over the row
+    registers on windows of 24 floats, eight windows at a time, one per
+    SIMD lane (:func:`_mix3_hadamard8_x8`; rows shorter than
+    :data:`MIX3_STEP`: one window at a time, :func:`_mix3_hadamard8`), and
+    the others on runs of 24, 48, ... floats, two stages per pass over the row
     (:func:`_stages_from`); for other ``m`` (576 = 64 x 9, 896 = 128 x 7,
     ...) the row is transposed to (m, p), so that both factors act on
     contiguous runs, and back -- except that these rows go ``PANEL`` at a
