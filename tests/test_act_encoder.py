@@ -230,7 +230,7 @@ def test_fixed_rows_quantizer_is_quantize_columns(n, rate):
                     coder(X)
                 assert str(got.value) == str(exc)
                 continue
-            assert coder._takes(X)
+            assert coder.takes(X)
             got = coder(X)
             _same_matrix(got, want)       # want's rows: the decode of its file
             np.testing.assert_array_equal(got.coded_rows(), QuantizedMatrix.from_bytes(
@@ -256,7 +256,7 @@ def test_fixed_rows_quantizer_hands_the_rest_to_quantize_columns():
     rng = np.random.default_rng(0)
     for X in (rng.standard_normal((4, 100)), rng.standard_normal((4, 256)).astype(
             np.float16)):
-        assert not coder._takes(X)
+        assert not coder.takes(X)
         _same_matrix(coder(X), quantize_columns(X.T, 4.0, seed=5, mode="fixed",
                                                 keep_decoded=True))
     for bad, dtype in ((np.nan, np.float64), (np.inf, np.float64),
@@ -264,7 +264,7 @@ def test_fixed_rows_quantizer_hands_the_rest_to_quantize_columns():
                        (-3e37, np.float32)):
         X = rng.standard_normal((3, 256)).astype(dtype)
         X[1, 7] = bad
-        assert coder._takes(X)          # the shape and dtype: the entries
+        assert coder.takes(X)          # the shape and dtype: the entries
         assert coder.code(X) is None    # are refused by the compiled pass
         with pytest.raises(ValueError) as want:
             quantize_columns(X.T, 4.0, seed=5, mode="fixed")

@@ -611,6 +611,76 @@ def test_bound_linear_rotated_and_the_w4a4_layers_bias(mode):
     assert ql.act_bits_per_entry > 0
 
 
+@pytest.mark.parametrize("n, a, center", [(128, 24, True), (384, 40, True),
+                                           (128, 24, False), (130, 16, True)])
+def test_w4a4_lean_path_is_the_general_path(n, a, center):
+    """A W4A4 layer (fixed-mode activations, the fused CPU product) whose
+    input the cache's lean path takes (``fused_operand``: no quantized
+    matrix is built) gives the bits, the counts and the quantized input of
+    the general path (``quantized`` then ``rows_float32``), over batch
+    shapes, dtypes and strides; where the lean path does not apply (a
+    weight coded in another domain, a length that needs padding) the layer
+    takes the general path. Layers fed the same input quantize it once,
+    and ``quantized`` then returns the matrix of the lean path's code."""
+    from nqlib.nn import ActivationCache, QuantLinear
+
+    lin = _linear(n, a, seed=7)
+    lean = QuantLinear.from_linear(lin, 4.0, act_rate=4.0, act_mode="fixed",
+                                   center=center)
+    general = copy.deepcopy(lean)
+    general.act_cache = ActivationCache()
+    applies = center and n % 8 == 0
+    torch.manual_seed(3)
+    base = torch.randn(12, n)
+    inputs = [base[:5], base.reshape(2, 6, n), base.bfloat16(),
+              torch.cat([base, base], dim=1)[:, ::2]]
+    if n >= 384:          # one row of 128 cannot carry its side information
+        inputs += [base[:1], base[3]]
+    else:
+        for m in (lean, general):
+            with pytest.raises(ValueError, match="cannot be met"):
+                m(base[:1])
+    for x in inputs:
+        x2 = x.reshape(-1, n)
+        got = lean(x)
+        want = general._forward_quantized_acts(x2, fused=True).to(x.dtype)
+        assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], a)
+        np.testing.assert_array_equal(got.float().numpy(),
+                                      want.reshape(got.shape).float().numpy())
+        run = lean.act_cache._local.entry.run
+        assert (run is not None) == applies
+        # the matrix of the lean path's code: the bytes of the general one
+        QX = lean.act_cache.quantized(x2, 4.0, lean._header, "fixed")
+        QG = general.act_cache.quantized(x2, 4.0, general._header, "fixed")
+        assert QX.to_bytes() == QG.to_bytes()
+        np.testing.assert_array_equal(QX.coded_rows(), QG.coded_rows())
+        if applies:
+            rows = lean.act_cache.rows_float32(QX)
+            assert lean.act_cache.fused_operand(
+                x2, 4.0, lean._header, "fixed")[0] is rows
+            np.testing.assert_array_equal(
+                rows, general.act_cache.rows_float32(QG))
+    assert lean.act_bits_per_entry == general.act_bits_per_entry
+    assert lean.act_entries == general.act_entries
+    assert (lean.act_cache.quantized_calls, lean.act_cache.quantized_entries
+            ) == (general.act_cache.quantized_calls,
+                  general.act_cache.quantized_entries)
+    # q, k, v: one input, one quantization
+    others = [copy.deepcopy(lean) for _ in range(2)]
+    for o in others:
+        o.act_cache = lean.act_cache
+    calls = lean.act_cache.quantized_calls
+    x = torch.randn(3, n)
+    outs = [m(x) for m in (lean, *others)]
+    assert lean.act_cache.quantized_calls == calls + 1
+    for y in outs[1:]:
+        np.testing.assert_array_equal(y.numpy(), outs[0].numpy())
+    bad = torch.randn(6, n)
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lean(bad)
+
+
 def test_quantlinear_numba_path_input_forms():
     """The fused CPU path takes a vector, leading dimensions, an input that
     requires grad, a non-contiguous input and an empty batch, with the

@@ -18,6 +18,7 @@ import threading
 import numpy as np
 import torch
 
+from nqlib.matmul import same_domain
 from nqlib.quantizers.matrix import (
     FixedRowsQuantizer,
     QuantizedMatrix,
@@ -77,6 +78,11 @@ class ActivationCache:
     safe. Each thread has its own entry, so concurrent forward passes neither
     see nor evict each other's.
 
+    The fused CPU product of a layer asks for :meth:`fused_operand` (the
+    decoded rows in float32 and the mean term), which for the fixed mode
+    codes the input without building the :class:`~nqlib.QuantizedMatrix`;
+    :meth:`quantized` builds it from the same code when asked for it.
+
     A cache belongs to the layers that hold it (``QuantLinear.act_cache``):
     :func:`~nqlib.nn.quantize_model` gives all the layers of a model one
     cache, a layer built alone gets its own, and nothing is shared across
@@ -97,6 +103,7 @@ class ActivationCache:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._coders = {}        # (rate, seed) -> FixedRowsQuantizer
+        self._lean = {}          # see _lean_coder
         self.quantized_calls = 0
         self.quantized_entries = 0
 
@@ -115,6 +122,48 @@ class ActivationCache:
         with self._lock:
             self.quantized_calls = 0
             self.quantized_entries = 0
+
+    def _key(self, x2, act_rate, qw, act_mode):
+        """``(key, method, mode)``: what an equal input must also share to
+        reuse this thread's entry."""
+        method = qw.method
+        mode = default_act_mode(method) if act_mode is None else act_mode
+        return ((tuple(x2.shape), x2.dtype, x2.device, act_rate, method, mode,
+                 qw.seed), method, mode)
+
+    def _hit(self, key, x2):
+        """This thread's entry when it holds an equal input under ``key``,
+        else None."""
+        entry = getattr(self._local, "entry", None)
+        if (entry is not None and entry.key == key
+                and torch.equal(entry.x, x2.detach())):
+            return entry
+        return None
+
+    def _coder(self, act_rate, seed) -> FixedRowsQuantizer:
+        """The fixed-mode quantizer of rows for ``(act_rate, seed)``, made
+        once and shared by the threads."""
+        coder = self._coders.get((act_rate, seed))
+        if coder is None:
+            coder = FixedRowsQuantizer(act_rate, seed)
+            with self._lock:
+                self._coders[act_rate, seed] = coder
+        return coder
+
+    def _count(self, entries: int) -> None:
+        with self._lock:
+            self.quantized_calls += 1
+            self.quantized_entries += entries
+
+    @staticmethod
+    def _rows_buffer(previous, shape):
+        """The previous entry's float32 rows when they have ``shape`` (free
+        to be written again: that entry is being replaced), else a new
+        array."""
+        buf = None if previous is None else previous.rows
+        if buf is None or buf.shape != shape:
+            buf = np.empty(shape, dtype=np.float32)
+        return buf
 
     def quantized(self, x2: torch.Tensor, act_rate: float, qw: QuantizedMatrix,
                   act_mode: str | None) -> QuantizedMatrix:
@@ -137,58 +186,150 @@ class ActivationCache:
             ``x2.T`` quantized, its decoded rows kept; reused when this
             thread's previous call saw an equal input with the same options.
         """
-        method = qw.method
-        mode = default_act_mode(method) if act_mode is None else act_mode
-        key = (tuple(x2.shape), x2.dtype, x2.device, act_rate, method, mode,
-               qw.seed)
-        hit = getattr(self._local, "entry", None)
-        if hit is not None and hit[0] == key and torch.equal(hit[1], x2.detach()):
-            return hit[2]
+        key, method, mode = self._key(x2, act_rate, qw, act_mode)
+        entry = self._hit(key, x2)
+        if entry is not None:
+            if entry.qm is None:      # made by fused_operand: built now
+                entry.qm = entry.coder.matrix(entry.run)
+            return entry.qm
+        previous = getattr(self._local, "entry", None)
         # float32 inputs stay float32 (the quantizer reads them as float64,
         # the same values); other dtypes become float64 (bfloat16 and float16
         # exactly, like float32)
         xd = x2.detach().to("cpu")
         X = (xd if xd.dtype == torch.float32 else xd.to(torch.float64)).numpy()
-        # the previous entry's float32 rows are free to be written again
-        rows = [hit[3][0] if hit is not None else None, False]
         # keep_decoded: the MMSE step decodes the rows anyway; keeping them
         # saves decoding them again in the product (bit-identical to decoding
         # the bytes)
-        coder = None
+        coder = rows = None
         if method == "nested" and mode == "fixed":
             # the same bits through the lean path of rows quantized on every
             # call (the rotation, plan and codes of a shape worked out once),
             # which also writes the float32 rows of rows_float32
-            coder = self._coders.get((act_rate, qw.seed))
-            if coder is None:
-                coder = FixedRowsQuantizer(act_rate, qw.seed)
-                with self._lock:
-                    self._coders[act_rate, qw.seed] = coder
-            buf = rows[0]
-            if buf is None or buf.shape != X.shape:
-                buf = np.empty(X.shape, dtype=np.float32)
+            coder = self._coder(act_rate, qw.seed)
+            buf = self._rows_buffer(previous, X.shape)
             QX = coder.code(X, rows32=buf)
             if QX is not None:
-                rows[:] = [buf, True]
+                rows = buf
             else:
                 QX = coder(X)       # the general function: its result or error
         else:
             QX = quantize_columns(X.T, act_rate, seed=qw.seed, method=method,
                                   mode=mode, keep_decoded=True)
-        with self._lock:
-            self.quantized_calls += 1
-            self.quantized_entries += X.size
-        self._local.entry = (key, x2.detach().clone(), QX, rows, coder)
+        self._count(X.size)
+        self._local.entry = _Entry(key, x2.detach().clone(), QX, coder,
+                                   None, rows, None)
         return QX
+
+    def fused_operand(self, x2: torch.Tensor, act_rate: float,
+                      qw: QuantizedMatrix, act_mode: str | None):
+        """The quantized input ``x2`` as the fused CPU product takes it, for
+        a weight ``qw`` coded in the same domain: ``(rows, xsum, nbytes)``
+        -- the decoded rows times their row scales in float32 (what
+        :meth:`rows_float32` returns), ``n`` times the rows' means in
+        float32 (zeros when not centred), and the bytes of the quantized
+        input's file (what :meth:`nbytes` returns). None when this path
+        does not apply (another mode, an input the lean fixed-mode path
+        does not take, another coded domain); then :meth:`quantized`
+        gives the matrix (or its error).
+
+        The same quantization as :meth:`quantized` (the same bits, the same
+        counts, the same entry: a later :meth:`quantized` call with an
+        equal input returns the matrix of this one), without building the
+        :class:`~nqlib.QuantizedMatrix` unless a caller asks for it: at
+        batch 1 that object, not the arithmetic, is most of the time.
+        The rows are this thread's, valid until its next quantized input.
+        """
+        key = self._key(x2, act_rate, qw, act_mode)[0]
+        entry = self._hit(key, x2)
+        if entry is None:
+            coder = self._lean_coder(qw, act_rate, act_mode, x2.shape[-1])
+            if coder is None:
+                return None
+            xd = x2.detach()
+            X = (xd if xd.dtype == torch.float32
+                 else xd.to(torch.float64)).numpy()
+            if not coder.takes(X):
+                return None
+            buf = self._rows_buffer(getattr(self._local, "entry", None),
+                                    X.shape)
+            run = coder.run(X, buf)
+            if run is None:
+                return None
+            self._count(X.size)
+            entry = self._local.entry = _Entry(key, x2.detach().clone(), None,
+                                               coder, run, buf, None)
+        elif not (same_domain(entry.qm, qw) if entry.qm is not None else
+                  self._lean_coder(qw, act_rate, act_mode, x2.shape[-1])):
+            return None
+        if entry.xsum is None:
+            entry.xsum = self._xsum(entry)
+        return self._rows(entry), entry.xsum, self._nbytes(entry)
+
+    def _lean_coder(self, qw, act_rate, act_mode, n):
+        """The fixed-mode quantizer of rows of length ``n`` when
+        :meth:`fused_operand` applies to the weight ``qw`` (the nested
+        method in the fixed mode, coded in the domain of ``qw``), else
+        None; worked out once per weight, rate, mode and length."""
+        memo_key = (id(qw), act_rate, act_mode, n)
+        held = self._lean.get(memo_key)
+        if held is not None and held[0] is qw:
+            return held[1]
+        method = qw.method
+        mode = default_act_mode(method) if act_mode is None else act_mode
+        coder = None
+        if method == "nested" and mode == "fixed":
+            coder = self._coder(act_rate, qw.seed)
+            if not same_domain(coder.domain(n), qw):
+                coder = None
+        with self._lock:
+            if len(self._lean) >= _MAX_LEAN:
+                self._lean.clear()
+            self._lean[memo_key] = (qw, coder)
+        return coder
+
+    def _rows(self, entry) -> np.ndarray:
+        """The entry's float32 rows (computed from its matrix the first
+        time, when they were not written with the code)."""
+        from nqlib.kernels.cpu.coded import scaled_rows_float32
+
+        if entry.rows is None:
+            QX = entry.qm
+            Y = QX.coded_rows()
+            buf = np.empty(Y.shape, dtype=np.float32)
+            scaled_rows_float32(Y, np.ascontiguousarray(QX.row_scales()), buf)
+            entry.rows = buf
+        return entry.rows
+
+    @staticmethod
+    def _xsum(entry) -> np.ndarray:
+        """``n`` times the entry's row means, float32 (zeros when not
+        centred): the mean term of the fused product."""
+        if entry.qm is not None:
+            (n, a), center, means = (entry.qm.shape, entry.qm.center,
+                                     entry.qm.means)
+        else:
+            (n, a), center, means = (entry.run.shape, entry.coder.center,
+                                     entry.run.means)
+        return (np.float32(n) * means if center
+                else np.zeros(a, dtype=np.float32))
+
+    @staticmethod
+    def _nbytes(entry) -> int:
+        if entry.qm is None:
+            return entry.coder.run_nbytes(entry.run)
+        if entry.coder is not None:
+            return entry.coder.nbytes(entry.qm)
+        return entry.qm.nbytes
 
     def nbytes(self, QX: QuantizedMatrix) -> int:
         """``QX.nbytes``, the bytes of the quantized input's file (what
         :attr:`QuantLinear.act_bits_per_entry` counts), without serialising
         it again when this thread's last :meth:`quantized` call made ``QX``
         in the fixed mode, whose file length depends on the shape alone."""
-        hit = getattr(self._local, "entry", None)
-        if hit is not None and hit[2] is QX and hit[4] is not None:
-            return hit[4].nbytes(QX)
+        entry = getattr(self._local, "entry", None)
+        if entry is not None and entry.qm is QX:
+            return self._nbytes(entry)
         return QX.nbytes
 
     def rows_float32(self, QX: QuantizedMatrix) -> np.ndarray:
@@ -198,18 +339,27 @@ class ActivationCache:
         computed once for the layers that share the input, in an array that
         the next quantized input of this thread reuses (it must not be kept
         beyond the forward pass)."""
-        from nqlib.kernels.cpu.coded import scaled_rows_float32
-
-        hit = getattr(self._local, "entry", None)
-        if hit is None or hit[2] is not QX:
+        entry = getattr(self._local, "entry", None)
+        if entry is None or entry.qm is not QX:
             raise ValueError("rows_float32 takes the quantized input that this "
                              "thread's last quantized() call returned")
-        rows = hit[3]
-        Y = QX.coded_rows()
-        if not rows[1]:
-            buf = rows[0]
-            if buf is None or buf.shape != Y.shape:
-                buf = np.empty(Y.shape, dtype=np.float32)
-            scaled_rows_float32(Y, np.ascontiguousarray(QX.row_scales()), buf)
-            rows[:] = [buf, True]
-        return rows[0]
+        return self._rows(entry)
+
+
+#: weights, rates, modes and lengths whose answer :meth:`ActivationCache.\
+#: _lean_coder` keeps (then it starts again)
+_MAX_LEAN = 4096
+
+
+class _Entry:
+    """A thread's last quantized input: ``key`` and a copy ``x`` of the
+    input; the matrix ``qm`` (None until asked for, when the entry was made
+    by :meth:`ActivationCache.fused_operand`); the fixed-mode ``coder`` and
+    its ``run`` (None for the general path); the float32 ``rows`` and
+    ``xsum`` of the fused product (None until computed)."""
+
+    __slots__ = ("key", "x", "qm", "coder", "run", "rows", "xsum")
+
+    def __init__(self, key, x, qm, coder, run, rows, xsum):
+        self.key, self.x, self.qm, self.coder = key, x, qm, coder
+        self.run, self.rows, self.xsum = run, rows, xsum

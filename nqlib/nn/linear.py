@@ -468,9 +468,13 @@ class QuantLinear(torch.nn.Module):
         # the output in torch's own (cache-line aligned) memory, in its final
         # shape; both arrays are built here, so the bound kernel call skips
         # the checks (numpy reshapes them to rows: views, cheaper than torch's)
-        out = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
-        self._bound_linear()(xf.numpy().reshape(-1, self.in_features),
-                             out.numpy().reshape(-1, self.out_features))
+        lead = x.shape[:-1]
+        out = torch.empty((*lead, self.out_features), dtype=torch.float32)
+        if len(lead) == 1:
+            self._bound_linear()(xf.numpy(), out.numpy())
+        else:
+            self._bound_linear()(xf.numpy().reshape(-1, self.in_features),
+                                 out.numpy().reshape(-1, self.out_features))
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def _bound_linear(self, name="linear"):
@@ -500,9 +504,13 @@ class QuantLinear(torch.nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has last dimension {x.shape[-1]}, expected "
                              f"{self.in_features}")
-        if self.act_rate is None and self._numba_takes(x):
+        if self._numba_takes(x):
             # the fused CPU kernel, bias included (_use_triton is False here)
-            return self._forward_numba(x)
+            if self.act_rate is None:
+                return self._forward_numba(x)
+            y = self._forward_fused_acts(x)
+            if y is not None:
+                return y
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self._use_triton(x2):  # fused decode-matmul, bias included
@@ -523,6 +531,38 @@ class QuantLinear(torch.nn.Module):
             y = y + self.bias.to(y.device, y.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
+    def _forward_fused_acts(self, x):
+        """``forward`` of a layer with ``act_rate`` by the fused CPU kernel
+        when the activation cache's lean fixed-mode path takes ``x``
+        (:meth:`~nqlib.nn.ActivationCache.fused_operand`: the same
+        quantization as :meth:`_forward_quantized_acts`, without building
+        the quantized matrix): the decoded activation rows meet the raw
+        weight rows in the rotated domain, bias included. None when that
+        path does not apply."""
+        lead = x.shape[:-1]
+        x2 = x if len(lead) == 1 else x.reshape(-1, self.in_features)
+        got = self.act_cache.fused_operand(x2, self.act_rate, self._header,
+                                           self.act_mode)
+        if got is None:
+            return None
+        rows, xsum, nbytes = got
+        self._count_acts(nbytes, rows.size)
+        out = torch.empty((*lead, self.out_features), dtype=torch.float32)
+        o = out.numpy()
+        self._bound_linear("linear_rotated")(
+            rows, xsum, o if len(lead) == 1 else o.reshape(-1, self.out_features))
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def _count_acts(self, nbytes, entries) -> None:
+        """Add a quantized input's file bytes and entries to the layer's
+        activation counts ([bytes, entries], updated in place: cheaper than
+        setting a module's attributes at every call)."""
+        counts = self.__dict__.get("_act_counts")
+        if counts is None:
+            counts = self.__dict__["_act_counts"] = [0, 0]
+        counts[0] += nbytes
+        counts[1] += entries
+
     def _forward_quantized_acts(self, x2, fused=False):
         """``nqlib.inner_products(quantize(x2.T), qweight)``, formed in float32.
 
@@ -540,13 +580,7 @@ class QuantLinear(torch.nn.Module):
             y = torch.zeros(0, self.out_features, device=x2.device)
             return y + self.bias if fused and self.bias is not None else y
         QX = self.act_cache.quantized(x2, self.act_rate, q, self.act_mode)
-        # [bytes, entries] so far, updated in place (cheaper than setting a
-        # module's attributes at every call)
-        counts = self.__dict__.get("_act_counts")
-        if counts is None:
-            counts = self.__dict__["_act_counts"] = [0, 0]
-        counts[0] += self.act_cache.nbytes(QX)
-        counts[1] += x2.numel()
+        self._count_acts(self.act_cache.nbytes(QX), x2.numel())
         if not same_domain(QX, q):
             y = torch.from_numpy(inner_products(QX, self.quantized_weight).astype(
                 np.float32)).to(x2.device)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
@@ -90,7 +91,7 @@ from nqlib.quantizers.rate_control import (
 )
 
 __all__ = ["QuantizedMatrix", "quantize", "quantize_columns", "load",
-           "FixedRowsQuantizer",
+           "FixedRowsQuantizer", "FixedRowsRun", "CodedDomain",
            "decode_codes", "METHODS", "MODES", "OPTION_VALUES", "FORMAT_VERSION",
            "READ_VERSIONS", "MIN_FILE_BITS"]
 
@@ -615,6 +616,37 @@ _F32_MAX = float(np.finfo(np.float32).max)
 #: no float32 rows wanted from :func:`~nqlib.kernels.cpu.coded.code_fixed_rows`
 _NO_ROWS32 = np.zeros((0, 0), dtype=np.float32)
 
+class CodedDomain(NamedTuple):
+    """The attributes of a :class:`QuantizedMatrix` that say in which coded
+    domain its vectors live (those :func:`nqlib.matmul.same_domain`
+    compares)."""
+
+    rotate: bool
+    n_pad: int
+    center: bool
+    version: int
+
+
+class FixedRowsRun(NamedTuple):
+    """What one compiled pass of :class:`FixedRowsQuantizer` wrote (its
+    :meth:`~FixedRowsQuantizer.run`): the arrays of the quantized matrix,
+    before the :class:`QuantizedMatrix` is built around them."""
+
+    #: ``(n, a)``: the matrix's shape (the rows ``X`` are its columns)
+    shape: tuple
+    #: the stored MMSE factor
+    alpha: float
+    #: (a,) float32 (empty when not centred)
+    means: np.ndarray
+    #: (a,) float32 (empty when not normalised)
+    norms: np.ndarray
+    #: (a, n) float64: the decoded rows in the coded domain
+    decoded: np.ndarray
+    #: the words of the two parts
+    packed_hi: np.ndarray
+    packed_lo: np.ndarray
+
+
 class FixedRowsQuantizer:
     """``quantize_columns(X.T, rate, seed=seed, mode="fixed",
     keep_decoded=True, center=center, normalize=normalize, rotate=rotate,
@@ -665,6 +697,8 @@ class FixedRowsQuantizer:
         self._by_n = {}      # n -> (rotation, mean direction)
         self._plans = {}     # (n, a) -> (h, L_hi, L_lo)
         self._sizes = {}     # (n, a) -> bytes of the file
+        self._domains = {}   # n -> what same_domain compares
+        self._kernel = None  # the compiled pass, imported on first use
         self._lock = threading.Lock()   # a layer may be called from threads
 
     def __call__(self, X) -> QuantizedMatrix:
@@ -704,22 +738,34 @@ class FixedRowsQuantizer:
                              f"array of X's shape {X.shape}, got "
                              f"{getattr(rows32, 'dtype', type(rows32))} "
                              f"{np.shape(rows32)}")
-        return self._code(X, rows32) if self._takes(X) else None
+        return self._code(X, rows32) if self.takes(X) else None
 
     def _code(self, X, rows32=None) -> QuantizedMatrix | None:
+        """:meth:`run` then :meth:`matrix`: the quantized rows of ``X``, or
+        None (see :meth:`run`)."""
+        run = self.run(X, rows32)
+        return None if run is None else self.matrix(run)
+
+    def run(self, X, rows32=None) -> FixedRowsRun | None:
         """The compiled pass (:func:`~nqlib.kernels.cpu.coded.\
 code_fixed_rows`) for float32 or float64 rows ``X`` (a, n), ``n`` a
-        multiple of 8, that :meth:`_takes` (or :func:`quantize_columns`'s
-        checks) passed; None when the shape cannot be rotated or an entry is
-        not finite or too large for the float32 side information (the
-        general function says why).
+        multiple of 8, that :meth:`takes` (or :func:`quantize_columns`'s
+        checks) passed, without building the :class:`QuantizedMatrix`
+        (:meth:`matrix` makes it from the result, when it is wanted): its
+        arrays, or None when the shape cannot be rotated or an entry is not
+        finite or too large for the float32 side information (the general
+        function says why).
 
         ``rows32``: None, or an (a, n) C-contiguous float32 array that
         receives the decoded rows times the row scales (the activation rows
-        of the fused CPU product), in the same pass.
+        of the fused CPU product), in the same pass (not checked here: see
+        :meth:`code`).
         """
-        from nqlib.kernels.cpu.coded import code_fixed_rows
+        kernel = self._kernel
+        if kernel is None:
+            from nqlib.kernels.cpu.coded import code_fixed_rows as kernel
 
+            self._kernel = kernel
         a, n = X.shape
         plan = self._plan(n, a)
         if plan is None:
@@ -728,30 +774,59 @@ code_fixed_rows`) for float32 or float64 rows ``X`` (a, n), ``n`` a
         rotation, u = self._static(n)
         if not X.flags.c_contiguous:
             X = np.ascontiguousarray(X)
-        hi = FixedPart(L=hi0.L, q=hi0.q, betas=hi0.betas.copy(),
-                       packed=np.zeros_like(hi0.packed))
-        lo = FixedPart(L=lo0.L, q=lo0.q, betas=lo0.betas.copy(),
-                       packed=np.zeros_like(lo0.packed))
+        packed_hi = np.zeros(hi0.packed.shape, np.uint8)
+        packed_lo = np.zeros(lo0.packed.shape, np.uint8)
         means = np.empty(a if self.center else 0, np.float32)
         norms = np.empty(a if self.normalize else 0, np.float32)
         R = np.empty((a, n))
         # the coded rows go to this thread's scratch, which no array
         # returned here refers to
-        ok, alpha = code_fixed_rows(
+        ok, alpha = kernel(
             X, _F32_MAX, self.center, self.normalize, *rotation, u, h, coded,
-            hi.q, hi64, hi.L, hi.packed, lo.q, lo64, lo.L,
-            lo.packed, MAX_ALPHA, scratch("coded_rows", (a, n), np.float64),
-            means, norms, R, _NO_ROWS32 if rows32 is None else rows32)
+            hi0.q, hi64, hi0.L, packed_hi, lo0.q, lo64, lo0.L, packed_lo,
+            MAX_ALPHA, scratch("coded_rows", (a, n), np.float64), means, norms,
+            R, _NO_ROWS32 if rows32 is None else rows32)
         if not ok:
             return None
+        return FixedRowsRun((n, a), alpha, means, norms, R, packed_hi,
+                            packed_lo)
+
+    def matrix(self, run: FixedRowsRun) -> QuantizedMatrix:
+        """The :class:`QuantizedMatrix` of a :meth:`run` of this quantizer
+        (what :meth:`code` returns; it takes the run's arrays)."""
+        n, a = run.shape
+        h, _, hi0, _, lo0, _ = self._plan(n, a)
+        hi = FixedPart(L=hi0.L, q=hi0.q, betas=hi0.betas.copy(),
+                       packed=run.packed_hi)
+        lo = FixedPart(L=lo0.L, q=lo0.q, betas=lo0.betas.copy(),
+                       packed=run.packed_lo)
         qm = QuantizedMatrix(shape=(n, a), rate=self.rate, method="nested",
                              mode="fixed", flags=self.flags, seed=self.seed,
-                             alpha=alpha, means=means if self.center else None,
-                             norms=norms if self.normalize else None,
+                             alpha=run.alpha,
+                             means=run.means if self.center else None,
+                             norms=run.norms if self.normalize else None,
                              payload=FixedPayload(h=h, hi=hi, lo=lo))
-        qm._decoded = R
-        R.setflags(write=False)
+        qm._decoded = run.decoded
+        run.decoded.setflags(write=False)
         return qm
+
+    def domain(self, n) -> CodedDomain:
+        """The coded domain of the matrices this quantizer makes from rows
+        of length ``n`` (what :func:`nqlib.matmul.same_domain` compares,
+        without making one)."""
+        held = self._domains.get(n)
+        if held is None:
+            held = CodedDomain(self.rotate, fmt.padded_length(n, "nested"),
+                               self.center, FORMAT_VERSION)
+            with self._lock:
+                self._domains[n] = held
+        return held
+
+    def run_nbytes(self, run: FixedRowsRun) -> int:
+        """The file length of the matrix of ``run`` (:meth:`nbytes`), which
+        the first run of a shape builds to measure."""
+        size = self._sizes.get(run.shape)
+        return size if size is not None else self.nbytes(self.matrix(run))
 
     def nbytes(self, qm) -> int:
         """``qm.nbytes`` (the length of its file) for a matrix this
@@ -768,7 +843,7 @@ code_fixed_rows`) for float32 or float64 rows ``X`` (a, n), ``n`` a
                 self._sizes[qm.shape] = size
         return size
 
-    def _takes(self, X) -> bool:
+    def takes(self, X) -> bool:
         """Whether the lean path may code ``X``: the default options allow
         it, float32 or float64 rows of a length that needs no padding, at
         least one row (its entries are checked in the compiled pass)."""
