@@ -61,7 +61,8 @@ def _reference_coded_rows(A, n_pad, center, normalize, P):
     return coded_domain.scaled_padded_rotated(X, n_pad, norms, P), means, norms
 
 
-@pytest.mark.parametrize("n", [8, 24, 40, 64, 96, 130, 384, 576, 1000, 1536])
+@pytest.mark.parametrize("n", [8, 24, 40, 64, 96, 130, 384, 576, 1000, 1536,
+                               2752])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_coded_rows_kernel_is_the_numpy_pipeline(n, dtype):
     rng = np.random.default_rng(n)

@@ -18,7 +18,10 @@ Book: chapter "The practical quantizer", label ``ch-practical``.
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from nqlib.kernels.cpu.guard import guard_module, guarded, serial, threadsafe
 from nqlib.kernels.cpu.hadamard import butterflies, fwht_row
@@ -206,7 +209,10 @@ def _coded_row(X, i, center, normalize, signs, orth_t, p, Y, means, norms):
             y[o] = ((0.0 + r0 * o00) + r1 * o10) + r2 * o20
             y[o + 1] = ((0.0 + r0 * o01) + r1 * o11) + r2 * o21
             y[o + 2] = ((0.0 + r0 * o02) + r1 * o12) + r2 * o22
-    elif m > 1:
+    elif m > 1 and p % 8 == 0:
+        _mix_hadamard_columns(y, orth_t, p, m, scale)
+        return
+    elif m > 1:                 # (p < 8: the scalar methods' lengths)
         run = np.empty(m)
         for k in range(p):
             o = k * m
@@ -232,6 +238,103 @@ def _coded_row(X, i, center, normalize, signs, orth_t, p, Y, means, norms):
                 h *= 2
             for j in range(n_pad):
                 y[j] *= scale
+
+
+_F64 = ir.DoubleType()
+_I64 = ir.IntType(64)
+_V8D = ir.VectorType(_F64, 8)
+#: outputs of :func:`_columns_times` formed together (each load of ``Z``
+#: serves them all)
+COLUMN_GROUP = 8
+
+
+def _c_f64(ty) -> bool:
+    return (isinstance(ty, types.Array) and ty.layout == "C"
+            and ty.dtype == types.float64 and ty.ndim == 2)
+
+
+@intrinsic
+def _columns_times(typingctx, Z, O, W):
+    """``W[c, k] = sum_t Z[t, k] O[t, c]`` for ``Z`` (m, p), ``O`` (m, m),
+    ``W`` (m, p) (C-contiguous float64, ``p`` a multiple of 8): each sum
+    from 0.0 in increasing ``t``, products and sums rounded apart (no fused
+    multiply-add) -- the order of the scalar loop ``w = 0.0; w += z * o``.
+    Eight ``k`` per vector, :data:`COLUMN_GROUP` outputs ``c`` at a time in
+    registers (one load of ``Z`` for all of them)."""
+    if not (_c_f64(Z) and _c_f64(O) and _c_f64(W)):
+        return None                 # a typing error
+    sig = types.void(Z, O, W)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        pz, po, pw = (context.make_array(ty)(context, b, val).data
+                      for ty, val in zip(signature.args, args))
+        shape = cgutils.unpack_tuple(
+            b, context.make_array(signature.args[0])(context, b, args[0]).shape)
+        m, p = shape[0], shape[1]
+        zero = ir.Constant(_I64, 0)
+        one = ir.Constant(_I64, 1)
+        vzero = ir.Constant(_V8D, [0.0] * 8)
+
+        def vec(ptr, at):
+            q = b.bitcast(b.gep(ptr, [at]), _V8D.as_pointer())
+            return q
+
+        def splat(x):
+            v = b.insert_element(ir.Constant(_V8D, ir.Undefined), x, zero)
+            return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(
+                ir.IntType(32), 8), [0] * 8))
+
+        def group(k0, c0, g):
+            acc = [cgutils.alloca_once_value(b, vzero) for _ in range(g)]
+            with cgutils.for_range_slice(b, zero, m, one, inc=True) as (t, _):
+                z = b.load(vec(pz, b.add(b.mul(t, p), k0)), align=8)
+                row = b.mul(t, m)
+                for j in range(g):
+                    o = b.load(b.gep(po, [b.add(row, b.add(c0, ir.Constant(
+                        _I64, j)))]))
+                    b.store(b.fadd(b.load(acc[j]), b.fmul(z, splat(o))),
+                            acc[j])
+            for j in range(g):
+                at = b.add(b.mul(b.add(c0, ir.Constant(_I64, j)), p), k0)
+                b.store(b.load(acc[j]), vec(pw, at), align=8)
+
+        nk = b.sdiv(p, ir.Constant(_I64, 8))
+        ng = b.sdiv(m, ir.Constant(_I64, COLUMN_GROUP))
+        with cgutils.for_range_slice(b, zero, nk, one, inc=True) as (kb, _):
+            k0 = b.mul(kb, ir.Constant(_I64, 8))
+            with cgutils.for_range_slice(b, zero, ng, one, inc=True) as (gi, _):
+                group(k0, b.mul(gi, ir.Constant(_I64, COLUMN_GROUP)),
+                      COLUMN_GROUP)
+            rest = b.mul(ng, ir.Constant(_I64, COLUMN_GROUP))
+            with cgutils.for_range_slice(b, rest, m, one, inc=True) as (c, _):
+                group(k0, c, 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _mix_hadamard_columns(y, orth_t, p, m, scale):
+    """In place on ``y`` (``p m`` coordinates, ``p`` a multiple of 8; entry
+    ``(k, c)`` of a (p, m) matrix at ``k m + c``): each run of ``m`` times
+    ``orth_t``, then the Walsh--Hadamard transform of each of the ``m``
+    interleaved sequences scaled by ``scale`` -- the arithmetic of
+    :func:`_coded_row`'s interleaved loops, on the transposed (m, p)
+    matrix: output ``c`` of a run is ``sum_t y_t orth_t[t, c]`` from 0.0 in
+    increasing ``t``, formed for all ``p`` runs side by side
+    (:func:`_columns_times`), and each sequence is then a contiguous row
+    for :func:`fwht_row` (the same butterflies, the same bits)."""
+    Z = np.empty((m, p))
+    for t in range(m):
+        for k in range(p):
+            Z[t, k] = y[k * m + t]
+    W = np.empty((m, p))
+    _columns_times(Z, orth_t, W)
+    for c in range(m):
+        fwht_row(W[c], scale)
+        for k in range(p):
+            y[k * m + c] = W[c, k]
 
 
 @njit(cache=True, parallel=True)
