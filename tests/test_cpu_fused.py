@@ -705,6 +705,23 @@ def test_quantlinear_numba_path_input_forms():
     assert ql(x.reshape(2, 3, n)[:, :0]).shape == (2, 0, a)
 
 
+def _rotation_case(n):
+    """``(n_pad, P, signs, orth, rows)`` for rows of length ``n``: the
+    rotation of the padded length, its factors as the fused kernels take
+    them, and ``rows(M)``, M random float32 rows whose scales span six
+    decades."""
+    n_pad = -(-n // 8) * 8
+    P = nqlib.RandomHadamard(n_pad, seed=n)
+    rng = np.random.default_rng(n)
+
+    def rows(M):
+        return (rng.standard_normal((M, n))
+                * 10.0 ** rng.uniform(-3, 3, (M, 1))).astype(np.float32)
+
+    return (n_pad, P, P.signs.astype(np.int8),
+            P.orthogonal.astype(np.float32), rows)
+
+
 @pytest.mark.parametrize("n", (64, 512, 24, 48, 96, 192, 384, 1536, 3072,
                                40, 100, 576, 896))
 def test_rotation_is_the_float32_oracle_bit_for_bit(n):
@@ -717,14 +734,9 @@ def test_rotation_is_the_float32_oracle_bit_for_bit(n):
     from nqlib.kernels.cpu import fused
     from nqlib.reference.hadamard import rotate_rows_float32
 
-    n_pad = -(-n // 8) * 8
-    P = nqlib.RandomHadamard(n_pad, seed=n)
-    signs = P.signs.astype(np.int8)
-    orth = P.orthogonal.astype(np.float32)
-    rng = np.random.default_rng(n)
+    n_pad, P, signs, orth, rows = _rotation_case(n)
     for M in (1, 8, 9, 17):
-        x = (rng.standard_normal((M, n)) * 10.0 ** rng.uniform(-3, 3, (M, 1))
-             ).astype(np.float32)
+        x = rows(M)
         x[0] = 0.0
         for center in (True, False):
             for sg in (signs, signs[:0]):
@@ -749,15 +761,10 @@ def test_rotation_panels_are_the_rows_bits(n):
     entries, lengths that need padding, with and without centring."""
     from nqlib.kernels.cpu import fused
 
-    n_pad = -(-n // 8) * 8
-    P = nqlib.RandomHadamard(n_pad, seed=n)
+    n_pad, P, signs, orth, rows = _rotation_case(n)
     assert n_pad // P.power_of_two > 3
-    signs = P.signs.astype(np.int8)
-    orth = P.orthogonal.astype(np.float32)
-    rng = np.random.default_rng(n)
     for M in (8, 9, 17, 33):
-        x = (rng.standard_normal((M, n)) * 10.0 ** rng.uniform(-3, 3, (M, 1))
-             ).astype(np.float32)
+        x = rows(M)
         x[1] = 0.0
         x[2, 3] = np.nan
         x[M - 1, 0] = np.inf
