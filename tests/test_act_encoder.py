@@ -243,6 +243,13 @@ def test_fixed_rows_quantizer_is_quantize_columns(n, rate):
             np.testing.assert_array_equal(
                 rows32, (got.coded_rows() * got.row_scales()[:, None]).astype(
                     np.float32))
+            # the pass without the object, then the object; the domain and
+            # the file length known without it
+            run = coder.run(X, rows32)
+            assert coder.run_nbytes(run) == len(got.to_bytes())
+            _same_matrix(coder.matrix(run), want)
+            assert coder.domain(n) == (got.rotate, got.n_pad, got.center,
+                                       got.version)
 
 
 def test_fixed_rows_quantizer_hands_the_rest_to_quantize_columns():

@@ -616,6 +616,7 @@ _F32_MAX = float(np.finfo(np.float32).max)
 #: no float32 rows wanted from :func:`~nqlib.kernels.cpu.coded.code_fixed_rows`
 _NO_ROWS32 = np.zeros((0, 0), dtype=np.float32)
 
+
 class CodedDomain(NamedTuple):
     """The attributes of a :class:`QuantizedMatrix` that say in which coded
     domain its vectors live (those :func:`nqlib.matmul.same_domain`
