@@ -32,42 +32,82 @@ from nqlib.kernels.cpu.nested import encode_pack_serial
 PAIRWISE_BLOCK = 128
 
 
+def _lane_sums_intrinsic(mode):
+    """The intrinsic ``_lane_sums<mode>(a, b, start, count)``: the eight
+    accumulators of numpy's pairwise leaf over ``count`` (a multiple of 8,
+    at least 8) values from flat index ``start`` of the C-contiguous
+    float64 vectors ``a`` and ``b`` -- accumulator ``k`` starts at value
+    ``start + k`` and adds values ``start + k + 8, start + k + 16, ...`` in
+    that order -- as a tuple of eight floats, on one 8-lane vector. The
+    values are ``a[i]`` (``mode`` 0), ``a[i] * b[i]`` (1) or ``a[i] *
+    a[i]`` (2), each product rounded before it is added."""
+    def _lane_sums(typingctx, a, b, start, count):
+        if not all(isinstance(t, types.Array) and t.layout == "C" and t.ndim == 1
+                   and t.dtype == types.float64 for t in (a, b)):
+            return None             # a typing error
+        sig = types.UniTuple(types.float64, 8)(a, b, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            bld = builder
+            pa, pb = (context.make_array(ty)(context, bld, val).data
+                      for ty, val in zip(signature.args[:2], args[:2]))
+            start, count = args[2], args[3]
+            pa = bld.gep(pa, [start])
+            pb = bld.gep(pb, [start])
+
+            def value(at):
+                va = bld.load(bld.bitcast(bld.gep(pa, [at]), _V8D.as_pointer()),
+                              align=8)
+                if mode == 0:
+                    return va
+                if mode == 1:
+                    vb = bld.load(bld.bitcast(bld.gep(pb, [at]),
+                                              _V8D.as_pointer()), align=8)
+                    return bld.fmul(va, vb)
+                return bld.fmul(va, va)
+
+            acc = cgutils.alloca_once_value(bld, value(ir.Constant(_I64, 0)))
+            nvec = bld.sdiv(count, ir.Constant(_I64, 8))
+            with cgutils.for_range_slice(bld, ir.Constant(_I64, 1), nvec,
+                                         ir.Constant(_I64, 1), inc=True) as (i, _):
+                at = bld.mul(i, ir.Constant(_I64, 8))
+                bld.store(bld.fadd(bld.load(acc), value(at)), acc)
+            v = bld.load(acc)
+            lanes = [bld.extract_element(v, ir.Constant(ir.IntType(32), k))
+                     for k in range(8)]
+            return context.make_tuple(bld, signature.return_type, lanes)
+
+        return sig, codegen
+
+    return intrinsic(_lane_sums)
+
+
+_lane_sums0, _lane_sums1, _lane_sums2 = (_lane_sums_intrinsic(m) for m in range(3))
+
+
 @njit(cache=True)
 def _pairwise_leaf(a, b, start, n, mode):
     """numpy's pairwise sum of a run of at most ``PAIRWISE_BLOCK`` values:
-    eight accumulators over the multiple of 8, added as a balanced tree,
-    then the rest one by one. The values are ``a[i]`` (``mode`` 0),
-    ``a[i] * b[i]`` (1) or ``a[i] * a[i]`` (2), each product rounded as
-    numpy rounds the product array before summing it."""
+    eight accumulators over the multiple of 8 (on one SIMD vector,
+    :func:`_lane_sums_intrinsic`), added as a balanced tree, then the rest
+    one by one. The values are ``a[i]`` (``mode`` 0), ``a[i] * b[i]`` (1)
+    or ``a[i] * a[i]`` (2), each product rounded as numpy rounds the
+    product array before summing it."""
     if n < 8:
         res = -0.0
         for i in range(start, start + n):
             res += _value(a, b, i, mode)
         return res
-    r0 = _value(a, b, start, mode)
-    r1 = _value(a, b, start + 1, mode)
-    r2 = _value(a, b, start + 2, mode)
-    r3 = _value(a, b, start + 3, mode)
-    r4 = _value(a, b, start + 4, mode)
-    r5 = _value(a, b, start + 5, mode)
-    r6 = _value(a, b, start + 6, mode)
-    r7 = _value(a, b, start + 7, mode)
-    i = start + 8
-    end8 = start + n - n % 8
-    while i < end8:
-        r0 += _value(a, b, i, mode)
-        r1 += _value(a, b, i + 1, mode)
-        r2 += _value(a, b, i + 2, mode)
-        r3 += _value(a, b, i + 3, mode)
-        r4 += _value(a, b, i + 4, mode)
-        r5 += _value(a, b, i + 5, mode)
-        r6 += _value(a, b, i + 6, mode)
-        r7 += _value(a, b, i + 7, mode)
-        i += 8
-    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < start + n:
+    n8 = n - n % 8
+    if mode == 0:
+        r = _lane_sums0(a, b, start, n8)
+    elif mode == 1:
+        r = _lane_sums1(a, b, start, n8)
+    else:
+        r = _lane_sums2(a, b, start, n8)
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    for i in range(start + n8, start + n):
         res += _value(a, b, i, mode)
-        i += 1
     return res
 
 
@@ -345,23 +385,49 @@ def _project_rows(R, u, center):
     ``center``."""
     if not center:
         return
-    a = R.shape[0]
-    if serial(a):
-        for i in range(a):
-            _project_row(R, i, u)
+    groups = (R.shape[0] + 7) // 8
+    if serial(groups):
+        for g in range(groups):
+            _project_group(R, g, u)
     else:
-        for i in prange(a):
-            _project_row(R, i, u)
+        for g in prange(groups):
+            _project_group(R, g, u)
+
+
+@njit(cache=True)
+def _project_group(R, g, u):
+    """Rows ``8 g .. 8 g + 7`` of :func:`_project_rows`: the eight sums
+    ``R u`` side by side (eight independent chains of additions, each in
+    increasing index from 0.0: a row's sum alone waits on the latency of
+    every addition), then each row's update."""
+    a, n = R.shape
+    i0 = 8 * g
+    if i0 + 8 > a:
+        for i in range(i0, a):
+            d = 0.0
+            for j in range(n):
+                d += R[i, j] * u[j]
+            _project_update(R, i, d, u)
+        return
+    d0 = d1 = d2 = d3 = d4 = d5 = d6 = d7 = 0.0
+    for j in range(n):
+        uj = u[j]
+        d0 += R[i0, j] * uj
+        d1 += R[i0 + 1, j] * uj
+        d2 += R[i0 + 2, j] * uj
+        d3 += R[i0 + 3, j] * uj
+        d4 += R[i0 + 4, j] * uj
+        d5 += R[i0 + 5, j] * uj
+        d6 += R[i0 + 6, j] * uj
+        d7 += R[i0 + 7, j] * uj
+    for k, d in enumerate((d0, d1, d2, d3, d4, d5, d6, d7)):
+        _project_update(R, i0 + k, d, u)
 
 
 @njit(cache=True, inline="always")
-def _project_row(R, i, u):
-    """Row ``i`` of :func:`_project_rows`."""
-    n = R.shape[1]
-    d = 0.0
-    for j in range(n):
-        d += R[i, j] * u[j]
-    for j in range(n):
+def _project_update(R, i, d, u):
+    """``R[i] = R[i] - d u``, each product rounded first."""
+    for j in range(R.shape[1]):
         R[i, j] = R[i, j] - d * u[j]
 
 
