@@ -23,6 +23,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from nqlib.kernels.cpu.fused import MIX3_STEP, mix3_butterflies_f64
 from nqlib.kernels.cpu.guard import guard_module, guarded, serial, threadsafe
 from nqlib.kernels.cpu.hadamard import butterflies, fwht_row
 from nqlib.kernels.cpu.lattice import CHUNK
@@ -194,6 +195,12 @@ def coded_rows_into(X, center, normalize, signs, orth_t, p, Y, means, norms):
       :func:`nqlib.kernels.cpu.hadamard.fwht_row`, on all ``m`` sequences
       at once when ``m > 1``).
 
+    Every path has these bits: for ``m = 3`` the mixing and the spans 1, 2
+    and 4 run on eight windows of 24 values at a time, one per SIMD lane
+    (:func:`nqlib.kernels.cpu.fused.mix3_butterflies_f64`, rows of a
+    multiple of 192); for ``m > 3`` on the transposed (m, p) matrix
+    (:func:`_mix_hadamard_columns`).
+
     Sums follow numpy's pairwise order (:func:`pairwise_sum`). ``means``
     and ``norms`` (a,) float32 are written when their step is on.
     """
@@ -239,7 +246,12 @@ def _coded_row(X, i, center, normalize, signs, orth_t, p, Y, means, norms):
         return
     for j in range(n_pad):
         y[j] *= signs[j]
-    if m == 3:                  # (lengths 3 * 2^k) the same sums, unrolled
+    h = 1                       # the first Hadamard span left to do
+    if m == 3 and n_pad % MIX3_STEP == 0:
+        # O^T and the spans 1, 2, 4 on eight windows of 24 values at a time
+        mix3_butterflies_f64(y, orth_t, n_pad)
+        h = 8
+    elif m == 3:                # (lengths 3 * 2^k) the same sums, unrolled
         o00, o01, o02 = orth_t[0, 0], orth_t[0, 1], orth_t[0, 2]
         o10, o11, o12 = orth_t[1, 0], orth_t[1, 1], orth_t[1, 2]
         o20, o21, o22 = orth_t[2, 0], orth_t[2, 1], orth_t[2, 2]
@@ -271,7 +283,6 @@ def _coded_row(X, i, center, normalize, signs, orth_t, p, Y, means, norms):
             # h pairs the runs of h m coordinates starting at groups
             # s and s + h (the same additions, stage after stage, as
             # fwht_row on each sequence alone)
-            h = 1
             while h < p:
                 for s in range(0, p, 2 * h):
                     butterflies(y, s * m, (s + h) * m, h * m)

@@ -690,17 +690,19 @@ def _mix3_hadamard8(typingctx, arr, orth, off, count):
 MIX3_STEP = 192
 
 
-def _mix3_x8_codegen(e, ptr, O, count):
+def _mix3_x8_codegen(e, ptr, O, count, vty=_V8F):
     """The loop of :func:`_mix3_hadamard8_x8` on the floats at ``ptr``
-    (``O`` the splatted factor, :func:`_splat_orth`)."""
+    (``O`` the splatted factor, :func:`_splat_orth`; ``vty`` the 8-lane
+    vector type: float32, or float64 for :func:`mix3_butterflies_f64`)."""
     b = e.b
+    vzero = ir.Constant(vty, [ir.Constant(vty.element, 0.0)] * 8)
     nstep = b.sdiv(count, ir.Constant(_I64, MIX3_STEP))
     zero = ir.Constant(_I64, 0)
     one = ir.Constant(_I64, 1)
     with cgutils.for_range_slice(b, zero, nstep, one, inc=True) as (s, _):
         at = b.mul(s, ir.Constant(_I64, MIX3_STEP))
         # vector 3 w + k holds floats 8 k .. 8 k + 7 of window w
-        v = [e.load_vec(ptr, b.add(at, ir.Constant(_I64, 8 * k)), _V8F)
+        v = [e.load_vec(ptr, b.add(at, ir.Constant(_I64, 8 * k)), vty)
              for k in range(24)]
         # E[j], lane w: float j of window w
         E = []
@@ -711,7 +713,7 @@ def _mix3_x8_codegen(e, ptr, O, count):
         M = []
         for i in range(8):
             for a in range(3):
-                acc = e.vf(0.0)
+                acc = vzero
                 for c in range(3):
                     acc = b.fadd(acc, b.fmul(O[a][c], E[3 * i + c]))
                 M.append(acc)
@@ -762,6 +764,40 @@ def _mix3_hadamard8_x8(typingctx, arr, orth, off, count):
                           [off])
         O = _splat_orth(e, _data(context, builder, signature.args[1], orth_v))
         _mix3_x8_codegen(e, ptr, O, count)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_V8D = ir.VectorType(ir.DoubleType(), 8)
+
+
+@intrinsic
+def mix3_butterflies_f64(typingctx, arr, orth_t, count):
+    """The float64 twin of :func:`_mix3_hadamard8_x8` for the coded rows of
+    activations (:func:`nqlib.kernels.cpu.coded.coded_rows_into`, ``m =
+    3``): on ``arr[:count]`` (float64, ``count`` a multiple of
+    :data:`MIX3_STEP`), each group of 3 coordinates times ``orth_t``
+    (``O^T``: output ``c`` is ``sum_t y_t orth_t[t, c]`` from 0.0 in
+    increasing ``t``, products and sums rounded apart), then the butterflies
+    of spans 1, 2 and 4 groups; eight windows of 24 values at a time, one
+    per SIMD lane. The operations of the coded rows' scalar loops, in their
+    order: the same bits."""
+    f64 = types.float64
+    if not (isinstance(arr, types.Array) and arr.layout == "C"
+            and arr.dtype == f64 and arr.ndim == 1
+            and isinstance(orth_t, types.Array) and orth_t.layout == "C"
+            and orth_t.dtype == f64 and orth_t.ndim == 2):
+        return None                 # a typing error
+    sig = types.void(arr, orth_t, types.int64)
+
+    def codegen(context, builder, signature, args):
+        pa, po, count = _pointers(context, builder, signature, args)
+        e = _Emit(builder)
+        # O[a][c] = orth_t[c, a]
+        O = [[e.splat(builder.load(builder.gep(po, [ir.Constant(_I64, 3 * c + a)])),
+                      _V8D) for c in range(3)] for a in range(3)]
+        _mix3_x8_codegen(e, pa, O, count, _V8D)
         return context.get_dummy_value()
 
     return sig, codegen
