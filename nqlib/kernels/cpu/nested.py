@@ -985,6 +985,10 @@ def _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec, bmin,
     c1 = min(m, (c + 1) * CHUNK)
     for i0 in range(c * CHUNK, c1, LANES):
         nw = min(LANES, c1 - i0)
+        # the vector steps run on a multiple of 8 lanes (whole SIMD
+        # vectors, not the scalar loop of a remainder), the lanes past nw
+        # on zeros; lanes are independent, and those are not read
+        nv = min(LANES, (nw + 7) // 8 * 8)
         xmax = 0.0
         for lane in range(nw):
             iz = i0 + lane if zm > 1 else 0
@@ -992,17 +996,20 @@ def _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec, bmin,
                 xmax = max(xmax, abs(x[i0 + lane, j]))
                 XZ[j * LANES + lane] = x[i0 + lane, j]
                 XZ[(8 + j) * LANES + lane] = z[iz, j]
+        for lane in range(nw, nv):
+            for j in range(16):
+                XZ[j * LANES + lane] = 0.0
         vector = xmax / bmin + zmax <= LANE_LIMIT      # False for NaN
         if vector:
             for s in range(k):
-                _scale_lanes(XZ, betas[s], nw, OUT[s])
+                _scale_lanes(XZ, betas[s], nv, OUT[s])
         if vector:
-            for w in range(nw):
+            for w in range(nv):
                 CAND[w] = -1.0
                 GB[w] = np.inf
             for s in range(k):
-                _first_step(OUT[s], np.float64(s), nw, q, CAND, GB, TC)
-            _wrap_lanes(TC, nw, q, WR)
+                _first_step(OUT[s], np.float64(s), nv, q, CAND, GB, TC)
+            _wrap_lanes(TC, nv, q, WR)
         for lane in range(nw):
             i = i0 + lane
             iz = i if zm > 1 else 0
