@@ -264,6 +264,17 @@ def test_cache_rows_float32_are_computed_once_per_input():
     with pytest.raises(ValueError, match="last quantized"):
         cache.rows_float32(QX)
     assert all(t.shape == (10, 24) for t in y)
+    # the general path (variable mode; a padded length) reuses it too
+    for n in (64, 60):
+        rows_v = []
+        for _ in range(2):
+            xv = torch.randn(10, n)
+            QV = cache.quantized(xv, 4.0, layers[0]._header, "variable")
+            rows_v.append(cache.rows_float32(QV))
+            np.testing.assert_array_equal(
+                rows_v[-1],
+                (QV.coded_rows() * QV.row_scales()[:, None]).astype(np.float32))
+        assert rows_v[1] is rows_v[0]
 
 
 # ------------------------------------------------- one task, one thread

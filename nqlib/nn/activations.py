@@ -156,11 +156,19 @@ class ActivationCache:
             self.quantized_entries += entries
 
     @staticmethod
-    def _rows_buffer(previous, shape):
-        """The previous entry's float32 rows when they have ``shape`` (free
-        to be written again: that entry is being replaced), else a new
-        array."""
-        buf = None if previous is None else previous.rows
+    def _free_rows(previous):
+        """The float32 rows array of the entry being replaced (its rows, or
+        the spare it had not written yet), free to be written again; None
+        when it had none."""
+        if previous is None:
+            return None
+        return previous.rows if previous.rows is not None else previous.spare
+
+    @classmethod
+    def _rows_buffer(cls, previous, shape):
+        """The replaced entry's float32 rows array when it has ``shape``,
+        else a new array."""
+        buf = cls._free_rows(previous)
         if buf is None or buf.shape != shape:
             buf = np.empty(shape, dtype=np.float32)
         return buf
@@ -202,6 +210,7 @@ class ActivationCache:
         # saves decoding them again in the product (bit-identical to decoding
         # the bytes)
         coder = rows = None
+        spare = self._free_rows(previous)
         if method == "nested" and mode == "fixed":
             # the same bits through the lean path of rows quantized on every
             # call (the rotation, plan and codes of a shape worked out once),
@@ -210,7 +219,7 @@ class ActivationCache:
             buf = self._rows_buffer(previous, X.shape)
             QX = coder.code(X, rows32=buf)
             if QX is not None:
-                rows = buf
+                rows, spare = buf, None
             else:
                 QX = coder(X)       # the general function: its result or error
         else:
@@ -218,7 +227,7 @@ class ActivationCache:
                                   mode=mode, keep_decoded=True)
         self._count(X.size)
         self._local.entry = _Entry(key, x2.detach().clone(), QX, coder,
-                                   None, rows, None)
+                                   None, rows, None, spare)
         return QX
 
     def fused_operand(self, x2: torch.Tensor, act_rate: float,
@@ -258,7 +267,7 @@ class ActivationCache:
                 return None
             self._count(X.size)
             entry = self._local.entry = _Entry(key, x2.detach().clone(), None,
-                                               coder, run, buf, None)
+                                               coder, run, buf, None, None)
         elif not (same_domain(entry.qm, qw) if entry.qm is not None else
                   self._lean_coder(qw, act_rate, act_mode, x2.shape[-1])):
             return None
@@ -296,9 +305,11 @@ class ActivationCache:
         if entry.rows is None:
             QX = entry.qm
             Y = QX.coded_rows()
-            buf = np.empty(Y.shape, dtype=np.float32)
+            buf = entry.spare
+            if buf is None or buf.shape != Y.shape:
+                buf = np.empty(Y.shape, dtype=np.float32)
             scaled_rows_float32(Y, np.ascontiguousarray(QX.row_scales()), buf)
-            entry.rows = buf
+            entry.rows, entry.spare = buf, None
         return entry.rows
 
     @staticmethod
@@ -356,10 +367,11 @@ class _Entry:
     input; the matrix ``qm`` (None until asked for, when the entry was made
     by :meth:`ActivationCache.fused_operand`); the fixed-mode ``coder`` and
     its ``run`` (None for the general path); the float32 ``rows`` and
-    ``xsum`` of the fused product (None until computed)."""
+    ``xsum`` of the fused product (None until computed), and ``spare``, the
+    replaced entry's rows array, which computing ``rows`` may reuse."""
 
-    __slots__ = ("key", "x", "qm", "coder", "run", "rows", "xsum")
+    __slots__ = ("key", "x", "qm", "coder", "run", "rows", "xsum", "spare")
 
-    def __init__(self, key, x, qm, coder, run, rows, xsum):
+    def __init__(self, key, x, qm, coder, run, rows, xsum, spare):
         self.key, self.x, self.qm, self.coder = key, x, qm, coder
-        self.run, self.rows, self.xsum = run, rows, xsum
+        self.run, self.rows, self.xsum, self.spare = run, rows, xsum, spare
