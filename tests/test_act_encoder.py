@@ -283,13 +283,16 @@ def test_fixed_rows_quantizer_hands_the_rest_to_quantize_columns():
     X = rng.standard_normal((3, 64))
     for rows32 in (np.empty((3, 64)), np.empty((3, 63), np.float32),
                    np.empty((64, 3), np.float32).T, [[0.0] * 64] * 3):
-        with pytest.raises(ValueError, match="rows32 must be"):
-            coder.code(X, rows32=rows32)
+        for method in (coder.code, coder.run):
+            with pytest.raises(ValueError, match="rows32 must be"):
+                method(X, rows32=rows32)
     frozen = np.empty((3, 64), np.float32)
     frozen.setflags(write=False)
-    with pytest.raises(ValueError, match="rows32 must be"):
-        coder.code(X, rows32=frozen)
-    assert coder.code(rng.standard_normal((3, 60))) is None   # padded: no
+    for method in (coder.code, coder.run):
+        with pytest.raises(ValueError, match="rows32 must be"):
+            method(X, rows32=frozen)
+        assert method(rng.standard_normal((3, 60))) is None   # padded: no
+        assert method(X.astype(np.float16)) is None           # not taken
     # the length of a shape's file is the same for any data
     sizes = {len(coder(X).to_bytes()) for X in
              (np.zeros((5, 128)), rng.standard_normal((5, 128)) * 1e3,

@@ -730,6 +730,14 @@ class FixedRowsQuantizer:
             row_scales()[:, None]`` rounded to float32, the activation rows
             of the fused CPU product), when the result is not None.
         """
+        run = self.run(X, rows32)
+        return None if run is None else self.matrix(run)
+
+    def run(self, X, rows32=None) -> FixedRowsRun | None:
+        """:meth:`code` without building the :class:`QuantizedMatrix`: the
+        arrays of the compiled pass (:meth:`matrix` makes the matrix from
+        them, when it is wanted), or None as :meth:`code` returns None.
+        ``rows32`` is checked as :meth:`code` checks it."""
         X = np.asarray(X)
         if rows32 is not None and not (
                 isinstance(rows32, np.ndarray) and rows32.dtype == np.float32
@@ -739,29 +747,24 @@ class FixedRowsQuantizer:
                              f"array of X's shape {X.shape}, got "
                              f"{getattr(rows32, 'dtype', type(rows32))} "
                              f"{np.shape(rows32)}")
-        return self._code(X, rows32) if self.takes(X) else None
+        return self._run(X, rows32) if self.takes(X) else None
 
-    def _code(self, X, rows32=None) -> QuantizedMatrix | None:
-        """:meth:`run` then :meth:`matrix`: the quantized rows of ``X``, or
-        None (see :meth:`run`)."""
-        run = self.run(X, rows32)
+    def _code(self, X) -> QuantizedMatrix | None:
+        """The quantized rows of ``X`` that :func:`quantize_columns`'s checks
+        passed (:meth:`_run` then :meth:`matrix`), or None (see
+        :meth:`_run`)."""
+        run = self._run(X)
         return None if run is None else self.matrix(run)
 
-    def run(self, X, rows32=None) -> FixedRowsRun | None:
+    def _run(self, X, rows32=None) -> FixedRowsRun | None:
         """The compiled pass (:func:`~nqlib.kernels.cpu.coded.\
 code_fixed_rows`) for float32 or float64 rows ``X`` (a, n), ``n`` a
         multiple of 8, that :meth:`takes` (or :func:`quantize_columns`'s
-        checks) passed, without building the :class:`QuantizedMatrix`
-        (:meth:`matrix` makes it from the result, when it is wanted): its
-        arrays, or None when the shape cannot be rotated or an entry is not
-        finite or too large for the float32 side information (the general
-        function says why).
-
-        ``rows32``: None, or an (a, n) C-contiguous float32 array that
-        receives the decoded rows times the row scales (the activation rows
-        of the fused CPU product), in the same pass (not checked here: see
-        :meth:`code`).
-        """
+        checks) passed: its arrays, or None when the shape cannot be rotated
+        or an entry is not finite or too large for the float32 side
+        information (the general function says why). ``rows32``: None, or
+        an (a, n) C-contiguous float32 array that receives the decoded rows
+        times the row scales, in the same pass (checked by :meth:`run`)."""
         kernel = self._kernel
         if kernel is None:
             from nqlib.kernels.cpu.coded import code_fixed_rows as kernel
