@@ -542,14 +542,14 @@ def _scale_lanes(XZ, beta, nw, OUT):
 
 
 @njit(cache=True, error_model="numpy")
-def _wrap_lanes(T, nw, q, OUT):
+def _wrap_lanes(T, nw, q, OUT, full):
     """:func:`~nqlib.kernels.cpu.lattice.wrap_e8_into` for lanes ``0 .. nw -
     1`` of the E8 points ``T`` (coordinate ``j`` of lane ``w`` at ``j LANES
     + w``): the codes ``k mod q`` (``k = G^-1 t``) into ``OUT`` (row ``j``,
-    as floats) and the overload flag into row 8 (1.0: the decoder, which
-    sees ``y = G c``, would not return ``t``). The same operations as the
-    scalar helpers, written out coordinate by coordinate (see
-    :func:`_scale_lanes`); integers are exact in float64 here."""
+    as floats) and, when ``full``, the overload flag into row 8 (1.0: the
+    decoder, which sees ``y = G c``, would not return ``t``). The same
+    operations as the scalar helpers, written out coordinate by coordinate
+    (see :func:`_scale_lanes`); integers are exact in float64 here."""
     qf = np.float64(q)
     for w in range(nw):
         t0 = T[w]
@@ -583,6 +583,16 @@ def _wrap_lanes(T, nw, q, OUT):
         c5 = k5 - qf * np.floor(k5 / qf)
         c6 = k6 - qf * np.floor(k6 / qf)
         c7 = k7 - qf * np.floor(k7 / qf)
+        OUT[w] = c0
+        OUT[1 * LANES + w] = c1
+        OUT[2 * LANES + w] = c2
+        OUT[3 * LANES + w] = c3
+        OUT[4 * LANES + w] = c4
+        OUT[5 * LANES + w] = c5
+        OUT[6 * LANES + w] = c6
+        OUT[7 * LANES + w] = c7
+        if not full:
+            continue
         h = 0.5 * c7
         y0 = (2.0 * c0 - c1) + h
         y1 = (c1 - c2) + h
@@ -823,14 +833,6 @@ def _wrap_lanes(T, nw, q, OUT):
         bad += 1.0 if m5 * qf != c5 - k5 else 0.0
         bad += 1.0 if m6 * qf != c6 - k6 else 0.0
         bad += 1.0 if m7 * qf != c7 - k7 else 0.0
-        OUT[w] = c0
-        OUT[1 * LANES + w] = c1
-        OUT[2 * LANES + w] = c2
-        OUT[3 * LANES + w] = c3
-        OUT[4 * LANES + w] = c4
-        OUT[5 * LANES + w] = c5
-        OUT[6 * LANES + w] = c6
-        OUT[7 * LANES + w] = c7
         OUT[8 * LANES + w] = bad
 
 
@@ -981,7 +983,10 @@ def _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec, bmin,
     CAND = np.empty(LANES)
     GB = np.empty(LANES)
     TC = np.zeros(8 * LANES)
-    WR = np.empty(9 * LANES)
+    WR = np.empty(8 * LANES)
+    TB = np.zeros(8 * LANES)
+    WB = np.empty(9 * LANES)
+    POS = np.empty(LANES, np.int64)
     c1 = min(m, (c + 1) * CHUNK)
     for i0 in range(c * CHUNK, c1, LANES):
         nw = min(LANES, c1 - i0)
@@ -1009,7 +1014,24 @@ def _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec, bmin,
                 GB[w] = np.inf
             for s in range(k):
                 _first_step(OUT[s], np.float64(s), nv, q, CAND, GB, TC)
-            _wrap_lanes(TC, nv, q, WR)
+            # the codes of every lane's candidate; the full overload test
+            # only for the candidates on the boundary of q V (often a
+            # quarter of the lanes), gathered side by side
+            _wrap_lanes(TC, nv, q, WR, False)
+            nb = 0
+            for w in range(nw):
+                c0 = np.int64(CAND[w])
+                if c0 >= 0 and OUT[c0, 9 * LANES + w] == q:
+                    for j in range(8):
+                        TB[j * LANES + nb] = TC[j * LANES + w]
+                    POS[w] = nb
+                    nb += 1
+            if nb > 0:
+                nbv = min(LANES, (nb + 7) // 8 * 8)
+                for w in range(nb, nbv):
+                    for j in range(8):
+                        TB[j * LANES + w] = 0.0
+                _wrap_lanes(TB, nbv, q, WB, True)
         for lane in range(nw):
             i = i0 + lane
             iz = i if zm > 1 else 0
@@ -1017,7 +1039,8 @@ def _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec, bmin,
             codes_from = 0           # 1: WR (vector), 2: crow (scalar)
             if vector and CAND[lane] >= 0.0:
                 c0 = np.int64(CAND[lane])
-                if OUT[c0, 9 * LANES + lane] < q or WR[8 * LANES + lane] == 0.0:
+                if (OUT[c0, 9 * LANES + lane] < q
+                        or WB[8 * LANES + POS[lane]] == 0.0):
                     # inside q V, or on its boundary without overload
                     found = c0
                     codes_from = 1
