@@ -212,7 +212,7 @@ LANE_LIMIT = 2.0 ** 40
 
 
 @njit(cache=True, error_model="numpy")
-def _scale_lanes(XZ, beta, nw, OUT):
+def _scale_lanes(XZ, beta, nw, OUT, dither):
     """One scale for lanes ``0 .. nw - 1``: ``XZ`` holds the blocks
     (coordinate ``j`` of lane ``w`` at ``j LANES + w``) and then their dither
     (at ``(8 + j) LANES + w``); writes the fine point ``Q(x / beta + z)``
@@ -232,14 +232,14 @@ def _scale_lanes(XZ, beta, nw, OUT):
         x5 = XZ[5 * LANES + w]
         x6 = XZ[6 * LANES + w]
         x7 = XZ[7 * LANES + w]
-        z0 = XZ[8 * LANES + w]
-        z1 = XZ[9 * LANES + w]
-        z2 = XZ[10 * LANES + w]
-        z3 = XZ[11 * LANES + w]
-        z4 = XZ[12 * LANES + w]
-        z5 = XZ[13 * LANES + w]
-        z6 = XZ[14 * LANES + w]
-        z7 = XZ[15 * LANES + w]
+        z0 = XZ[8 * LANES + w] if dither else 0.0
+        z1 = XZ[9 * LANES + w] if dither else 0.0
+        z2 = XZ[10 * LANES + w] if dither else 0.0
+        z3 = XZ[11 * LANES + w] if dither else 0.0
+        z4 = XZ[12 * LANES + w] if dither else 0.0
+        z5 = XZ[13 * LANES + w] if dither else 0.0
+        z6 = XZ[14 * LANES + w] if dither else 0.0
+        z7 = XZ[15 * LANES + w] if dither else 0.0
         v0 = x0 / beta + z0
         v1 = x1 / beta + z1
         v2 = x2 / beta + z2
@@ -881,7 +881,7 @@ def e8_points_rows(x, inv_beta, z, out2):
                     small &= abs(vj) <= LANE_LIMIT      # False for NaN
                     XZ[j * LANES + lane] = vj
             if small:
-                _scale_lanes(XZ, 1.0, nw, OUT)
+                _scale_lanes(XZ, 1.0, nw, OUT, False)
                 for lane in range(nw):
                     for j in range(8):
                         out2[i0 + lane, j] = np.int32(2.0 * OUT[j * LANES + lane])
@@ -987,6 +987,10 @@ def _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec, bmin,
     TB = np.zeros(8 * LANES)
     WB = np.empty(9 * LANES)
     POS = np.empty(LANES, np.int64)
+    # a zero dither (all of it: zmax is 0) is left out of the search: the
+    # same bits (``x / beta + 0`` and ``x / beta`` differ only in the sign
+    # of a zero, which the nearest point does not see)
+    dither = zmax > 0.0
     c1 = min(m, (c + 1) * CHUNK)
     for i0 in range(c * CHUNK, c1, LANES):
         nw = min(LANES, c1 - i0)
@@ -996,18 +1000,21 @@ def _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec, bmin,
         nv = min(LANES, (nw + 7) // 8 * 8)
         xmax = 0.0
         for lane in range(nw):
-            iz = i0 + lane if zm > 1 else 0
             for j in range(8):
                 xmax = max(xmax, abs(x[i0 + lane, j]))
                 XZ[j * LANES + lane] = x[i0 + lane, j]
-                XZ[(8 + j) * LANES + lane] = z[iz, j]
+        if dither:
+            for lane in range(nw):
+                iz = i0 + lane if zm > 1 else 0
+                for j in range(8):
+                    XZ[(8 + j) * LANES + lane] = z[iz, j]
         for lane in range(nw, nv):
             for j in range(16):
                 XZ[j * LANES + lane] = 0.0
         vector = xmax / bmin + zmax <= LANE_LIMIT      # False for NaN
         if vector:
             for s in range(k):
-                _scale_lanes(XZ, betas[s], nv, OUT[s])
+                _scale_lanes(XZ, betas[s], nv, OUT[s], dither)
         if vector:
             for w in range(nv):
                 CAND[w] = -1.0
