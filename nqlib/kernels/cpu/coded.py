@@ -500,18 +500,23 @@ def _encode_task(Y, R, b0, b1, q, betas, nbits, packed, c):
     c0 = c * PART_CHUNK
     c1 = min(Y.shape[0] * width, c0 + PART_CHUNK)
     m = c1 - c0
-    x = np.empty((m, 8))
-    dec = np.empty((m, 8))
-    codes = np.empty((m, 8), np.int64)
-    index = np.empty(m, np.int64)
-    sqerr = np.empty(m)
+    # views of three allocations (a task of a batch-1 row has few blocks)
+    f = np.empty(17 * m + 8)
+    x = f[:8 * m].reshape(m, 8)
+    dec = f[8 * m:16 * m].reshape(m, 8)
+    sqerr = f[16 * m:17 * m]
+    z = f[17 * m:].reshape(1, 8)
+    z[:] = 0.0
+    i = np.empty(9 * m, np.int64)
+    codes = i[:8 * m].reshape(m, 8)
+    index = i[8 * m:]
     words = np.empty(m, np.uint64)
     for t in range(c0, c1):
         i = t // width
         o = 8 * (b0 + t - i * width)
         for j in range(8):
             x[t - c0, j] = Y[i, o + j]
-    encode_pack_serial(x, q, betas, np.zeros((1, 8)), nbits,
+    encode_pack_serial(x, q, betas, z, nbits,
                        packed[c0 * nbits // 8:], dec, codes, index, sqerr, words)
     for t in range(c0, c1):
         i = t // width

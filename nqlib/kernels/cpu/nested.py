@@ -166,11 +166,14 @@ def _encode_block(x, i, q, betas, z, iz, want_dec, codes, index, sqerr, dec,
 @njit(cache=True, inline="always")
 def _block_scratch(k):
     """The scratch arrays of :func:`_encode_block` for ``k`` scales, in its
-    argument order (``v, T, g, done, t, w, tmp, u, y, r, crow, kk, uk``)."""
-    return (np.empty(8), np.empty((k, 8)), np.empty(k),
-            np.empty(k, dtype=np.bool_), np.empty(8), np.empty(8), np.empty(8),
-            np.empty(8), np.empty(8), np.empty(8), np.empty(8, dtype=np.int64),
-            np.empty(8, dtype=np.int64), np.empty(8, dtype=np.int64))
+    argument order (``v, T, g, done, t, w, tmp, u, y, r, crow, kk, uk``):
+    views of three allocations (a call on a few blocks, e.g. one row of a
+    batch-1 layer, would otherwise spend much of its time allocating)."""
+    f = np.empty(56 + 9 * k)
+    i = np.empty(24, dtype=np.int64)
+    return (f[0:8], f[56:56 + 8 * k].reshape(k, 8), f[56 + 8 * k:56 + 9 * k],
+            np.empty(k, dtype=np.bool_), f[8:16], f[16:24], f[24:32],
+            f[32:40], f[40:48], f[48:56], i[0:8], i[8:16], i[16:24])
 
 
 @njit(cache=True, parallel=True)
@@ -978,14 +981,18 @@ def _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec, bmin,
     k = betas.shape[0]
     zm = z.shape[0]
     v, T, g, done, t, w8, tmp, u, y, r, crow, kk, uk = _block_scratch(k)
-    XZ = np.empty(16 * LANES)
-    OUT = np.empty((k, 10 * LANES))
-    CAND = np.empty(LANES)
-    GB = np.empty(LANES)
-    TC = np.zeros(8 * LANES)
-    WR = np.empty(8 * LANES)
-    TB = np.zeros(8 * LANES)
-    WB = np.empty(9 * LANES)
+    # the lanes' arrays, views of one allocation
+    buf = np.empty((51 + 10 * k) * LANES)
+    XZ = buf[:16 * LANES]
+    CAND = buf[16 * LANES:17 * LANES]
+    GB = buf[17 * LANES:18 * LANES]
+    TC = buf[18 * LANES:26 * LANES]
+    WR = buf[26 * LANES:34 * LANES]
+    TB = buf[34 * LANES:42 * LANES]
+    WB = buf[42 * LANES:51 * LANES]
+    OUT = buf[51 * LANES:].reshape(k, 10 * LANES)
+    TC[:] = 0.0
+    TB[:] = 0.0
     POS = np.empty(LANES, np.int64)
     # a zero dither (all of it: zmax is 0) is left out of the search: the
     # same bits (``x / beta + 0`` and ``x / beta`` differ only in the sign
