@@ -934,8 +934,9 @@ def encode_multiscale_rows(x, q, betas, z, codes, index, sqerr, dec):
     (:func:`_scale_lanes`). In the order (error, index) the candidates
     outside ``q V`` (bound ``> q``) overload and are skipped; the first one
     left (:func:`_first_step`) is kept when it is inside (``< q``) or, on
-    the boundary (``= q``), when the full overload test of all lanes at once
-    (:func:`_wrap_lanes`) passes it. When it fails, the next candidate is
+    the boundary (``= q``), when the full overload test (:func:`_wrap_lanes`,
+    run at once on the boundary lanes gathered side by side) passes it.
+    When it fails, the next candidate is
     the least error inside ``q V`` unless another boundary one comes first;
     that case, blocks with no candidate left and inputs too large for the
     lanes go through :func:`_encode_block`, as every block does in
