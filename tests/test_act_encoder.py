@@ -94,6 +94,39 @@ def test_vectorised_encoder_on_the_boundary_of_qV(q):
             _assert_same(pts, q, betas, z)
 
 
+def _boundary_points(q, rng, count):
+    """``count`` E8 points with ``max <t, r> = q`` (on the boundary of
+    ``q V``) and as many with ``max <t, r> < q``."""
+    t = rng.integers(-q, q + 1, (200_000, 8)).astype(np.float64)
+    t[:, 0] -= np.where(t.sum(1) % 2 == 1, np.sign(t[:, 0] + 0.5), 0)
+    a = np.abs(t)
+    two = np.sort(a, axis=1)[:, -2:].sum(1)
+    neg = (t < 0).sum(1)
+    top = np.maximum(two, 0.5 * (a.sum(1) - 2 * a.min(1) * (neg % 2)))
+    on, inside = t[top == q][:count], t[top < q][:count]
+    assert len(on) == count and len(inside) == count
+    return on, inside
+
+
+@pytest.mark.parametrize("q", [3, 6, 13])
+@pytest.mark.parametrize("m", [1, 7, 9, 32, 37, 64])
+def test_vectorised_encoder_boundary_lanes_in_any_position(q, m):
+    """The full overload test runs on the boundary lanes gathered side by
+    side: every lane on the boundary, none, only the last lane of each
+    group (of 32) or of a partial one, and alternate lanes, at counts that
+    fill a group partly, once, or more than once."""
+    rng = np.random.default_rng(q * 100 + m)
+    on, inside = _boundary_points(q, rng, m)
+    last = inside.copy()
+    last[31::32] = on[31::32]
+    last[-1] = on[-1]
+    alternate = inside.copy()
+    alternate[::2] = on[::2]
+    for x in (on, inside, last, alternate):
+        for betas in (np.array([1.0]), np.array([1.0, 1.5, 3.0])):
+            _assert_same(x, q, betas, np.zeros((1, 8)))
+
+
 def test_vectorised_encoder_equal_errors_keep_the_lowest_index():
     """Repeated scales give equal errors: the lowest index wins, as in the
     scalar kernel and the oracle."""
