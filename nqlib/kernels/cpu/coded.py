@@ -507,9 +507,9 @@ def _encode_task(Y, R, b0, b1, q, betas, nbits, packed, c):
     sqerr = f[16 * m:17 * m]
     z = f[17 * m:].reshape(1, 8)
     z[:] = 0.0
-    i = np.empty(9 * m, np.int64)
-    codes = i[:8 * m].reshape(m, 8)
-    index = i[8 * m:]
+    g = np.empty(9 * m, np.int64)
+    codes = g[:8 * m].reshape(m, 8)
+    index = g[8 * m:]
     words = np.empty(m, np.uint64)
     for t in range(c0, c1):
         i = t // width

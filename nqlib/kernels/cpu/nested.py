@@ -218,9 +218,10 @@ LANE_LIMIT = 2.0 ** 40
 def _scale_lanes(XZ, beta, nw, OUT, dither):
     """One scale for lanes ``0 .. nw - 1``: ``XZ`` holds the blocks
     (coordinate ``j`` of lane ``w`` at ``j LANES + w``) and then their dither
-    (at ``(8 + j) LANES + w``); writes the fine point ``Q(x / beta + z)``
-    (coordinate ``j`` at ``j LANES + w``), the granular error (row 8) and
-    ``max <t, r>`` over the roots (row 9) into ``OUT``. Flat arrays with
+    (at ``(8 + j) LANES + w``; read only when ``dither``, else taken as 0);
+    writes the fine point ``Q(x / beta + z)`` (coordinate ``j`` at ``j
+    LANES + w``), the granular error (row 8) and ``max <t, r>`` over the
+    roots (row 9) into ``OUT``. Flat arrays with
     constant row offsets: LLVM then checks their overlap once. Written out
     coordinate by coordinate (no inner loop, no branch) so that LLVM runs
     the loop over the lanes on SIMD registers: the operations of
