@@ -23,7 +23,14 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from nqlib.kernels.cpu.fused import MIX3_STEP, mix3_butterflies_f64
+from nqlib.kernels.cpu.fused import (
+    MIX3_STEP,
+    V8D,
+    Emit,
+    array_pointers,
+    c_array,
+    mix3_butterflies_f64,
+)
 from nqlib.kernels.cpu.guard import guard_module, guarded, serial, threadsafe
 from nqlib.kernels.cpu.hadamard import butterflies, fwht_row
 from nqlib.kernels.cpu.lattice import CHUNK
@@ -43,28 +50,23 @@ def _lane_sums_intrinsic(mode):
     values are ``a[i]`` (``mode`` 0), ``a[i] * b[i]`` (1) or ``a[i] *
     a[i]`` (2), each product rounded before it is added."""
     def _lane_sums(typingctx, a, b, start, count):
-        if not all(isinstance(t, types.Array) and t.layout == "C" and t.ndim == 1
-                   and t.dtype == types.float64 for t in (a, b)):
+        if not all(c_array(t, types.float64) and t.ndim == 1 for t in (a, b)):
             return None             # a typing error
         sig = types.UniTuple(types.float64, 8)(a, b, types.int64, types.int64)
 
         def codegen(context, builder, signature, args):
             bld = builder
-            pa, pb = (context.make_array(ty)(context, bld, val).data
-                      for ty, val in zip(signature.args[:2], args[:2]))
-            start, count = args[2], args[3]
+            e = Emit(bld)
+            pa, pb, start, count = array_pointers(context, bld, signature, args)
             pa = bld.gep(pa, [start])
             pb = bld.gep(pb, [start])
 
             def value(at):
-                va = bld.load(bld.bitcast(bld.gep(pa, [at]), _V8D.as_pointer()),
-                              align=8)
+                va = e.load_vec(pa, at, V8D)
                 if mode == 0:
                     return va
                 if mode == 1:
-                    vb = bld.load(bld.bitcast(bld.gep(pb, [at]),
-                                              _V8D.as_pointer()), align=8)
-                    return bld.fmul(va, vb)
+                    return bld.fmul(va, e.load_vec(pb, at, V8D))
                 return bld.fmul(va, va)
 
             acc = cgutils.alloca_once_value(bld, value(ir.Constant(_I64, 0)))
@@ -291,17 +293,10 @@ def _coded_row(X, i, center, normalize, signs, orth_t, p, Y, means, norms):
                 y[j] *= scale
 
 
-_F64 = ir.DoubleType()
 _I64 = ir.IntType(64)
-_V8D = ir.VectorType(_F64, 8)
 #: outputs of :func:`_columns_times` formed together (each load of ``Z``
 #: serves them all)
 COLUMN_GROUP = 8
-
-
-def _c_f64(ty) -> bool:
-    return (isinstance(ty, types.Array) and ty.layout == "C"
-            and ty.dtype == types.float64 and ty.ndim == 2)
 
 
 @intrinsic
@@ -312,43 +307,34 @@ def _columns_times(typingctx, Z, O, W):
     multiply-add) -- the order of the scalar loop ``w = 0.0; w += z * o``.
     Eight ``k`` per vector, :data:`COLUMN_GROUP` outputs ``c`` at a time in
     registers (one load of ``Z`` for all of them)."""
-    if not (_c_f64(Z) and _c_f64(O) and _c_f64(W)):
+    if not all(c_array(t, types.float64) and t.ndim == 2 for t in (Z, O, W)):
         return None                 # a typing error
     sig = types.void(Z, O, W)
 
     def codegen(context, builder, signature, args):
         b = builder
-        pz, po, pw = (context.make_array(ty)(context, b, val).data
-                      for ty, val in zip(signature.args, args))
+        e = Emit(b)
+        pz, po, pw = array_pointers(context, b, signature, args)
         shape = cgutils.unpack_tuple(
             b, context.make_array(signature.args[0])(context, b, args[0]).shape)
         m, p = shape[0], shape[1]
         zero = ir.Constant(_I64, 0)
         one = ir.Constant(_I64, 1)
-        vzero = ir.Constant(_V8D, [0.0] * 8)
-
-        def vec(ptr, at):
-            q = b.bitcast(b.gep(ptr, [at]), _V8D.as_pointer())
-            return q
-
-        def splat(x):
-            v = b.insert_element(ir.Constant(_V8D, ir.Undefined), x, zero)
-            return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(
-                ir.IntType(32), 8), [0] * 8))
+        vzero = ir.Constant(V8D, [0.0] * 8)
 
         def group(k0, c0, g):
             acc = [cgutils.alloca_once_value(b, vzero) for _ in range(g)]
             with cgutils.for_range_slice(b, zero, m, one, inc=True) as (t, _):
-                z = b.load(vec(pz, b.add(b.mul(t, p), k0)), align=8)
+                z = e.load_vec(pz, b.add(b.mul(t, p), k0), V8D)
                 row = b.mul(t, m)
                 for j in range(g):
                     o = b.load(b.gep(po, [b.add(row, b.add(c0, ir.Constant(
                         _I64, j)))]))
-                    b.store(b.fadd(b.load(acc[j]), b.fmul(z, splat(o))),
+                    b.store(b.fadd(b.load(acc[j]), b.fmul(z, e.splat(o, V8D))),
                             acc[j])
             for j in range(g):
                 at = b.add(b.mul(b.add(c0, ir.Constant(_I64, j)), p), k0)
-                b.store(b.load(acc[j]), vec(pw, at), align=8)
+                e.store_vec(b.load(acc[j]), pw, at)
 
         nk = b.sdiv(p, ir.Constant(_I64, 8))
         ng = b.sdiv(m, ir.Constant(_I64, COLUMN_GROUP))

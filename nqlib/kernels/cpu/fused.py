@@ -86,6 +86,8 @@ _I64 = ir.IntType(64)
 _F32 = ir.FloatType()
 _V8I = ir.VectorType(_I32, 8)
 _V8F = ir.VectorType(_F32, 8)
+#: 8 float64 lanes (the coded rows' intrinsics)
+V8D = ir.VectorType(ir.DoubleType(), 8)
 
 
 def _avx2() -> bool:
@@ -106,8 +108,9 @@ def _avx2() -> bool:
 HAVE_AVX2 = _avx2()
 
 
-class _Emit:
-    """Small helpers around an llvmlite IR builder for 8-lane vectors."""
+class Emit:
+    """Small helpers around an llvmlite IR builder for 8-lane vectors (the
+    intrinsics of this module and of :mod:`nqlib.kernels.cpu.coded`)."""
 
     def __init__(self, builder):
         self.b = builder
@@ -173,7 +176,9 @@ class _Emit:
         return self.b.load(p, align=1)
 
 
-def _data(context, builder, ty, val):
+def array_data(context, builder, ty, val):
+    """The data pointer of the array argument ``val`` (numba type ``ty``)
+    of an intrinsic."""
     return context.make_array(ty)(context, builder, val).data
 
 
@@ -253,15 +258,15 @@ def _gemv_codegen(odd_q, R, NG, pf):
     def codegen(context, builder, sig, args):
         words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc = args
         t = sig.args
-        e = _Emit(builder)
-        pw = _data(context, builder, t[0], words)
-        pn = _data(context, builder, t[1], nib)
-        pk = _data(context, builder, t[2], kpl)
-        pxs = _data(context, builder, t[3], xs)
-        pxr = _data(context, builder, t[4], xr)
-        pxc = _data(context, builder, t[5], xc)
-        ptab = _data(context, builder, t[6], tab)
-        pacc = _data(context, builder, t[11], acc)
+        e = Emit(builder)
+        pw = array_data(context, builder, t[0], words)
+        pn = array_data(context, builder, t[1], nib)
+        pk = array_data(context, builder, t[2], kpl)
+        pxs = array_data(context, builder, t[3], xs)
+        pxr = array_data(context, builder, t[4], xr)
+        pxc = array_data(context, builder, t[5], xc)
+        ptab = array_data(context, builder, t[6], tab)
+        pacc = array_data(context, builder, t[11], acc)
         Bc = _shape(context, builder, t[0], words, 1)
         coded = _shape(context, builder, t[3], xs, 1)
         tabv = e.load_vec(ptab, ir.Constant(_I64, 0), _V8F)
@@ -410,12 +415,12 @@ def _decode_codegen(odd_q):
     def codegen(context, builder, sig, args):
         words, nib, kpl, tab, q, g, b0, b1, buf, lane0, kb0 = args
         t = sig.args
-        e = _Emit(builder)
-        pw = _data(context, builder, t[0], words)
-        pn = _data(context, builder, t[1], nib)
-        pk = _data(context, builder, t[2], kpl)
-        ptab = _data(context, builder, t[3], tab)
-        pbuf = _data(context, builder, t[8], buf)
+        e = Emit(builder)
+        pw = array_data(context, builder, t[0], words)
+        pn = array_data(context, builder, t[1], nib)
+        pk = array_data(context, builder, t[2], kpl)
+        ptab = array_data(context, builder, t[3], tab)
+        pbuf = array_data(context, builder, t[8], buf)
         Bc = _shape(context, builder, t[0], words, 1)
         tabv = e.load_vec(ptab, ir.Constant(_I64, 0), _V8F)
         q32 = builder.trunc(q, _I32)
@@ -477,10 +482,10 @@ def _tile_codegen(mr):
     def codegen(context, builder, sig, args):
         buf, nk, x, sm, sk, k0, m0, C, n0, ep, xsum, first, last = args
         t = sig.args
-        e = _Emit(builder)
-        pbuf = _data(context, builder, t[0], buf)
-        px = _data(context, builder, t[2], x)
-        pc = _data(context, builder, t[7], C)
+        e = Emit(builder)
+        pbuf = array_data(context, builder, t[0], buf)
+        px = array_data(context, builder, t[2], x)
+        pc = array_data(context, builder, t[7], C)
         ldc = _shape(context, builder, t[7], C, 1)
         rows = [builder.gep(px, [builder.add(
             builder.mul(builder.add(m0, ir.Constant(_I64, r)), sm),
@@ -499,8 +504,8 @@ def _tile_codegen(mr):
                 for half, w in enumerate((w0, w1)):
                     s = slots[r][half]
                     builder.store(e.fma(w, xv, builder.load(s)), s)
-        pep = _data(context, builder, t[9], ep)
-        pxs = _data(context, builder, t[10], xsum)
+        pep = array_data(context, builder, t[9], ep)
+        pxs = array_data(context, builder, t[10], xsum)
         lde = _shape(context, builder, t[9], ep, 1)
         is_first = builder.icmp_signed("!=", first, zero)
         is_last = builder.icmp_signed("!=", last, zero)
@@ -546,9 +551,9 @@ def _butterflies4_intrinsic(scaled):
 
         def codegen(context, builder, signature, args):
             arr_v, off, span, scale = args
-            e = _Emit(builder)
+            e = Emit(builder)
             b = builder
-            ptr = b.gep(_data(context, b, signature.args[0], arr_v), [off])
+            ptr = b.gep(array_data(context, b, signature.args[0], arr_v), [off])
             ps = [b.gep(ptr, [b.mul(span, ir.Constant(_I64, k))])
                   for k in range(4)]
             sv = e.splat(scale, _V8F)
@@ -595,8 +600,8 @@ def _hadamard8(typingctx, arr, off, count):
 
     def codegen(context, builder, signature, args):
         arr_v, off, count = args
-        e = _Emit(builder)
-        ptr = builder.gep(_data(context, builder, signature.args[0], arr_v), [off])
+        e = Emit(builder)
+        ptr = builder.gep(array_data(context, builder, signature.args[0], arr_v), [off])
         nvec = builder.sdiv(count, ir.Constant(_I64, 8))
         zero = ir.Constant(_I64, 0)
         one = ir.Constant(_I64, 1)
@@ -641,10 +646,10 @@ def _mix3_hadamard8(typingctx, arr, orth, off, count):
 
     def codegen(context, builder, signature, args):
         arr_v, orth_v, off, count = args
-        e = _Emit(builder)
+        e = Emit(builder)
         b = builder
-        ptr = b.gep(_data(context, b, signature.args[0], arr_v), [off])
-        O = _splat_orth(e, _data(context, b, signature.args[1], orth_v))
+        ptr = b.gep(array_data(context, b, signature.args[0], arr_v), [off])
+        O = _splat_orth(e, array_data(context, b, signature.args[1], orth_v))
         v24 = ir.VectorType(_F32, 24)
         nwin = b.sdiv(count, ir.Constant(_I64, 24))
         zero = ir.Constant(_I64, 0)
@@ -734,12 +739,14 @@ def _mix3_x8_codegen(e, ptr, O, count, vty=_V8F):
                             b.add(at, ir.Constant(_I64, 24 * w + 8 * k)))
 
 
-def _splat_orth(e, po):
-    """``O[a][c]``: the nine entries of the (3, 3) float32 factor at
-    ``po``, each splatted to 8 lanes."""
+def _splat_orth(e, po, vty=_V8F, transposed=False):
+    """``O[a][c]``: the nine entries of the (3, 3) factor at ``po`` (of
+    ``vty``'s element type; ``transposed``: ``po`` holds ``O^T``), each
+    splatted to the 8 lanes of ``vty``."""
     b = e.b
-    return [[e.splat(b.load(b.gep(po, [ir.Constant(_I64, 3 * a + c)])), _V8F)
-             for c in range(3)] for a in range(3)]
+    return [[e.splat(b.load(b.gep(po, [ir.Constant(
+        _I64, 3 * c + a if transposed else 3 * a + c)])), vty)
+        for c in range(3)] for a in range(3)]
 
 
 @intrinsic
@@ -753,23 +760,20 @@ def _mix3_hadamard8_x8(typingctx, arr, orth, off, count):
     inside a stage -- and transposed back. Per coordinate the same float32
     operations, in the same order, as :func:`_mix3_hadamard8`: the same
     bits."""
-    if not (_c_array(arr, types.float32) and _c_array(orth, types.float32)):
+    if not (c_array(arr, types.float32) and c_array(orth, types.float32)):
         return None                 # a typing error
     sig = types.void(arr, orth, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
         arr_v, orth_v, off, count = args
-        e = _Emit(builder)
-        ptr = builder.gep(_data(context, builder, signature.args[0], arr_v),
+        e = Emit(builder)
+        ptr = builder.gep(array_data(context, builder, signature.args[0], arr_v),
                           [off])
-        O = _splat_orth(e, _data(context, builder, signature.args[1], orth_v))
+        O = _splat_orth(e, array_data(context, builder, signature.args[1], orth_v))
         _mix3_x8_codegen(e, ptr, O, count)
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-_V8D = ir.VectorType(ir.DoubleType(), 8)
 
 
 @intrinsic
@@ -783,21 +787,16 @@ def mix3_butterflies_f64(typingctx, arr, orth_t, count):
     of spans 1, 2 and 4 groups; eight windows of 24 values at a time, one
     per SIMD lane. The operations of the coded rows' scalar loops, in their
     order: the same bits."""
-    f64 = types.float64
-    if not (isinstance(arr, types.Array) and arr.layout == "C"
-            and arr.dtype == f64 and arr.ndim == 1
-            and isinstance(orth_t, types.Array) and orth_t.layout == "C"
-            and orth_t.dtype == f64 and orth_t.ndim == 2):
+    if not (c_array(arr, types.float64) and arr.ndim == 1
+            and c_array(orth_t, types.float64) and orth_t.ndim == 2):
         return None                 # a typing error
     sig = types.void(arr, orth_t, types.int64)
 
     def codegen(context, builder, signature, args):
-        pa, po, count = _pointers(context, builder, signature, args)
-        e = _Emit(builder)
-        # O[a][c] = orth_t[c, a]
-        O = [[e.splat(builder.load(builder.gep(po, [ir.Constant(_I64, 3 * c + a)])),
-                      _V8D) for c in range(3)] for a in range(3)]
-        _mix3_x8_codegen(e, pa, O, count, _V8D)
+        pa, po, count = array_pointers(context, builder, signature, args)
+        e = Emit(builder)
+        O = _splat_orth(e, po, V8D, transposed=True)
+        _mix3_x8_codegen(e, pa, O, count, V8D)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -1068,16 +1067,16 @@ def gemm(words, nib, kpl, tab, q_hi, q_lo, h, x, C, ep, xsum, nthreads):
 PANEL = 8
 
 
-def _pointers(context, builder, signature, args):
+def array_pointers(context, builder, signature, args):
     """The data pointer of each array argument of an intrinsic (the
     argument itself for the others)."""
-    return [_data(context, builder, ty, val) if isinstance(ty, types.Array)
+    return [array_data(context, builder, ty, val) if isinstance(ty, types.Array)
             else val for ty, val in zip(signature.args, args)]
 
 
-def _c_array(ty, dtype) -> bool:
+def c_array(ty, dtype) -> bool:
     """Whether the numba type ``ty`` is a C-contiguous array of ``dtype``
-    (what the intrinsics below index through its data pointer)."""
+    (what an intrinsic indexes through its data pointer)."""
     return isinstance(ty, types.Array) and ty.layout == "C" and ty.dtype == dtype
 
 
@@ -1116,15 +1115,15 @@ def _transpose8(typingctx, src, s_off, s_ld, dst, d_off, d_ld):
     of the result goes to ``dst.flat[d_off + c d_ld : + 8]``. Three stages
     of two-vector shuffles (:func:`_transposed8`); the values move, none is
     computed."""
-    if not (_c_array(src, types.float32) and _c_array(dst, types.float32)):
+    if not (c_array(src, types.float32) and c_array(dst, types.float32)):
         return None                 # a typing error: contiguous float32 only
     sig = types.void(src, types.int64, types.int64, dst, types.int64,
                      types.int64)
 
     def codegen(context, builder, signature, args):
-        ps, s_off, s_ld, pd, d_off, d_ld = _pointers(context, builder,
+        ps, s_off, s_ld, pd, d_off, d_ld = array_pointers(context, builder,
                                                       signature, args)
-        e = _Emit(builder)
+        e = Emit(builder)
         b = builder
         v = [e.load_vec(ps, b.add(s_off, b.mul(s_ld, ir.Constant(_I64, r))),
                         _V8F) for r in range(8)]
@@ -1142,14 +1141,14 @@ def _center_signs8(typingctx, T, means, signs, n):
     for ``k < n`` (8 lanes: one row each; ``signs`` int8, ``means`` 8
     float32): the float32 operations of ``(x - mean) * sign``, lane by
     lane."""
-    if not (_c_array(T, types.float32) and _c_array(means, types.float32)
-            and _c_array(signs, types.int8)):
+    if not (c_array(T, types.float32) and c_array(means, types.float32)
+            and c_array(signs, types.int8)):
         return None                 # a typing error
     sig = types.void(T, means, signs, types.int64)
 
     def codegen(context, builder, signature, args):
-        pt, pm, psg, n = _pointers(context, builder, signature, args)
-        e = _Emit(builder)
+        pt, pm, psg, n = array_pointers(context, builder, signature, args)
+        e = Emit(builder)
         b = builder
         mv = e.load_vec(pm, ir.Constant(_I64, 0), _V8F)
         with cgutils.for_range_slice(b, ir.Constant(_I64, 0), n,
@@ -1169,14 +1168,14 @@ def _mix8(typingctx, T, T2, orth, p):
     + 8] = sum_c orth[a, c] T.flat[8 (i m + c) : + 8]`` for ``i < p``, ``a
     < m`` (``orth`` (m, m) float32), the sum from 0 in increasing ``c``,
     products and sums rounded apart (no fused multiply-add)."""
-    if not (_c_array(T, types.float32) and _c_array(T2, types.float32)
-            and _c_array(orth, types.float32) and orth.ndim == 2):
+    if not (c_array(T, types.float32) and c_array(T2, types.float32)
+            and c_array(orth, types.float32) and orth.ndim == 2):
         return None                 # a typing error
     sig = types.void(T, T2, orth, types.int64)
 
     def codegen(context, builder, signature, args):
-        pt, pt2, po, p = _pointers(context, builder, signature, args)
-        e = _Emit(builder)
+        pt, pt2, po, p = array_pointers(context, builder, signature, args)
+        e = Emit(builder)
         b = builder
         m = _shape(context, b, signature.args[2], args[2], 0)
         zero = ir.Constant(_I64, 0)
