@@ -164,11 +164,10 @@ class ActivationCache:
             return None
         return previous.rows if previous.rows is not None else previous.spare
 
-    @classmethod
-    def _rows_buffer(cls, previous, shape):
-        """The replaced entry's float32 rows array when it has ``shape``,
-        else a new array."""
-        buf = cls._free_rows(previous)
+    @staticmethod
+    def _rows_buffer(buf, shape):
+        """``buf`` (a float32 rows array free to be written, or None) when
+        it has ``shape``, else a new array."""
         if buf is None or buf.shape != shape:
             buf = np.empty(shape, dtype=np.float32)
         return buf
@@ -216,7 +215,7 @@ class ActivationCache:
             # call (the rotation, plan and codes of a shape worked out once),
             # which also writes the float32 rows of rows_float32
             coder = self._coder(act_rate, qw.seed)
-            buf = self._rows_buffer(previous, X.shape)
+            buf = self._rows_buffer(spare, X.shape)
             QX = coder.code(X, rows32=buf)
             if QX is not None:
                 rows, spare = buf, None
@@ -258,8 +257,8 @@ class ActivationCache:
             xd = x2.detach()
             X = (xd if xd.dtype == torch.float32
                  else xd.to(torch.float64)).numpy()
-            buf = self._rows_buffer(getattr(self._local, "entry", None),
-                                    X.shape)
+            buf = self._rows_buffer(
+                self._free_rows(getattr(self._local, "entry", None)), X.shape)
             run = coder.run(X, buf)      # None: not taken (see code)
             if run is None:
                 return None
@@ -303,9 +302,7 @@ class ActivationCache:
         if entry.rows is None:
             QX = entry.qm
             Y = QX.coded_rows()
-            buf = entry.spare
-            if buf is None or buf.shape != Y.shape:
-                buf = np.empty(Y.shape, dtype=np.float32)
+            buf = self._rows_buffer(entry.spare, Y.shape)
             scaled_rows_float32(Y, np.ascontiguousarray(QX.row_scales()), buf)
             entry.rows, entry.spare = buf, None
         return entry.rows
