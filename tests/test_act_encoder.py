@@ -70,6 +70,16 @@ def test_vectorised_encoder_equals_scalar_and_oracle(q, m):
         assert len(used) >= 3          # several scales: every path runs
 
 
+def _facet_bound(t):
+    """``max <t, r>`` over the roots ``r`` of E8, for the rows ``t`` (E8
+    points): the two largest ``|t_j|``, or half the sum of ``|t_j|`` (less
+    twice the least one when an odd number of coordinates is negative)."""
+    a = np.abs(t)
+    two = np.sort(a, axis=1)[:, -2:].sum(1)
+    neg = (t < 0).sum(1)
+    return np.maximum(two, 0.5 * (a.sum(1) - 2 * a.min(1) * (neg % 2)))
+
+
 @pytest.mark.parametrize("q", [2, 3, 4, 6, 7, 8, 14])
 def test_vectorised_encoder_on_the_boundary_of_qV(q):
     """Fine points exactly on the boundary of ``q V`` (``max <t, r> = q``),
@@ -81,10 +91,7 @@ def test_vectorised_encoder_on_the_boundary_of_qV(q):
     h = rng.integers(-q, q, (40_000, 8)) + 0.5
     h[:, 0] -= np.where((h - 0.5).sum(1) % 2 == 1, 1.0, 0.0)
     t = np.vstack([d, h])
-    a = np.abs(t)
-    two = np.sort(a, axis=1)[:, -2:].sum(1)
-    neg = (t < 0).sum(1)
-    top = np.maximum(two, 0.5 * (a.sum(1) - 2 * a.min(1) * (neg % 2)))
+    top = _facet_bound(t)
     assert np.sum(top == q) > 50
     pts = np.vstack([t[top == q][:2000], t[top == q - 1][:500],
                      t[top == q + 1][:500]])
@@ -99,10 +106,7 @@ def _boundary_points(q, rng, count):
     ``q V``) and as many with ``max <t, r> < q``."""
     t = rng.integers(-q, q + 1, (200_000, 8)).astype(np.float64)
     t[:, 0] -= np.where(t.sum(1) % 2 == 1, np.sign(t[:, 0] + 0.5), 0)
-    a = np.abs(t)
-    two = np.sort(a, axis=1)[:, -2:].sum(1)
-    neg = (t < 0).sum(1)
-    top = np.maximum(two, 0.5 * (a.sum(1) - 2 * a.min(1) * (neg % 2)))
+    top = _facet_bound(t)
     on, inside = t[top == q][:count], t[top < q][:count]
     assert len(on) == count and len(inside) == count
     return on, inside
