@@ -994,7 +994,6 @@ def _encode_chunk(x, c, q, betas, z, codes, index, sqerr, dec, want_dec, bmin,
     WB = buf[42 * LANES:51 * LANES]
     OUT = buf[51 * LANES:].reshape(k, 10 * LANES)
     TC[:] = 0.0
-    TB[:] = 0.0
     POS = np.empty(LANES, np.int64)
     # a zero dither (all of it: zmax is 0) is left out of the search: the
     # same bits (``x / beta + 0`` and ``x / beta`` differ only in the sign
