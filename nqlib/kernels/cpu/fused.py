@@ -256,19 +256,12 @@ def _gemv_codegen(odd_q, R, NG, pf):
     for longer rows, ``pf`` blocks ahead in the same group."""
 
     def codegen(context, builder, sig, args):
-        words, nib, kpl, xs, xr, xc, tab, q, g, b0, b1, acc = args
         t = sig.args
         e = Emit(builder)
-        pw = array_data(context, builder, t[0], words)
-        pn = array_data(context, builder, t[1], nib)
-        pk = array_data(context, builder, t[2], kpl)
-        pxs = array_data(context, builder, t[3], xs)
-        pxr = array_data(context, builder, t[4], xr)
-        pxc = array_data(context, builder, t[5], xc)
-        ptab = array_data(context, builder, t[6], tab)
-        pacc = array_data(context, builder, t[11], acc)
-        Bc = _shape(context, builder, t[0], words, 1)
-        coded = _shape(context, builder, t[3], xs, 1)
+        (pw, pn, pk, pxs, pxr, pxc, ptab, q, g, b0, b1,
+         pacc) = array_pointers(context, builder, sig, args)
+        Bc = _shape(context, builder, t[0], args[0], 1)
+        coded = _shape(context, builder, t[3], args[3], 1)
         tabv = e.load_vec(ptab, ir.Constant(_I64, 0), _V8F)
         q32 = builder.trunc(q, _I32)
         accp = builder.bitcast(pacc, _V8F.as_pointer())
@@ -413,15 +406,11 @@ def _decode_codegen(odd_q):
     ``buf[16 (8 (b - kb0) + j) + lane0 + l]``."""
 
     def codegen(context, builder, sig, args):
-        words, nib, kpl, tab, q, g, b0, b1, buf, lane0, kb0 = args
         t = sig.args
         e = Emit(builder)
-        pw = array_data(context, builder, t[0], words)
-        pn = array_data(context, builder, t[1], nib)
-        pk = array_data(context, builder, t[2], kpl)
-        ptab = array_data(context, builder, t[3], tab)
-        pbuf = array_data(context, builder, t[8], buf)
-        Bc = _shape(context, builder, t[0], words, 1)
+        (pw, pn, pk, ptab, q, g, b0, b1, pbuf, lane0,
+         kb0) = array_pointers(context, builder, sig, args)
+        Bc = _shape(context, builder, t[0], args[0], 1)
         tabv = e.load_vec(ptab, ir.Constant(_I64, 0), _V8F)
         q32 = builder.trunc(q, _I32)
         c_pi1, c_pi0 = ((e.vf(C_WHOLE), e.vf(C_HALF)) if odd_q
