@@ -235,16 +235,17 @@ def _same_matrix(q1, q2):
     assert not q1.coded_rows().flags.writeable
 
 
+@pytest.mark.parametrize("stream", (False, True))
 @pytest.mark.parametrize("n", (8, 64, 384, 576, 1536))
 @pytest.mark.parametrize("rate", (4.0, 3.3, 2.0, 1.0))
-def test_fixed_rows_quantizer_is_quantize_columns(n, rate):
+def test_fixed_rows_quantizer_is_quantize_columns(n, rate, stream):
     """The lean path of activations quantized on every call (which
     ``quantize_columns`` itself takes with ``keep_decoded=True``) gives the
     matrix of the general, chunked path bit for bit (file, shrinkage, side
     information) and the decode of that file: float32 and float64 rows,
     batches that take one word length or two, rates where blocks are
-    dropped (sketching), zero and constant rows; errors are the general
-    function's."""
+    dropped (sketching), zero and constant rows, a file's rate or a
+    stream's; errors are the general function's."""
     from nqlib.quantizers.matrix import (
         FixedRowsQuantizer,
         QuantizedMatrix,
@@ -252,7 +253,7 @@ def test_fixed_rows_quantizer_is_quantize_columns(n, rate):
     )
 
     rng = np.random.default_rng([n, int(10 * rate)])
-    coder = FixedRowsQuantizer(rate, seed=11)
+    coder = FixedRowsQuantizer(rate, seed=11, stream=stream)
     for a in (1, 3, 17, 64):
         for dtype in (np.float32, np.float64):
             X = (rng.standard_normal((a, n)) * rng.uniform(0.1, 5)
@@ -261,7 +262,8 @@ def test_fixed_rows_quantizer_is_quantize_columns(n, rate):
                 X[1] = 0.0
                 X[2] = 2.5
             try:
-                want = quantize_columns(X.T, rate, seed=11, mode="fixed")
+                want = quantize_columns(X.T, rate, seed=11, mode="fixed",
+                                        stream=stream)
             except ValueError as exc:     # a rate the shape cannot meet
                 with pytest.raises(ValueError) as got:
                     coder(X)
@@ -284,6 +286,7 @@ def test_fixed_rows_quantizer_is_quantize_columns(n, rate):
             # the file length known without it
             run = coder.run(X, rows32)
             assert coder.run_nbytes(run) == len(got.to_bytes())
+            assert coder.stream_nbytes(run) == got.stream_nbytes
             _same_matrix(coder.matrix(run), want)
             assert coder.domain(n) == (got.rotate, got.n_pad, got.center,
                                        got.version)

@@ -26,7 +26,7 @@ from nqlib.quantizers.cpu_layout import (
     e8_doubled_points,
     supports,
 )
-from nqlib.quantizers.matrix import decode_codes
+from nqlib.quantizers.matrix import decode_codes, quantize_columns
 from nqlib.reference.fused import decode_cpu_layout
 
 torch = pytest.importorskip("torch")
@@ -364,7 +364,8 @@ def test_w4a4_fused_equals_matmul_of_quantized_operands(act_mode, M):
     assert ql.cpu_layout is not None
     x = torch.randn(M, n) * 3 + 1
     y = ql(x)
-    QX = nqlib.quantize(x.double().numpy().T, 4.0, seed=11, mode=act_mode)
+    QX = quantize_columns(x.double().numpy().T, 4.0, seed=11, mode=act_mode,
+                          stream=True)
     ref = nqlib.inner_products(QX, ql.quantized_weight) + lin.bias.detach().numpy()
     np.testing.assert_allclose(y.numpy(), ref, rtol=0,
                                atol=64 * EPS32 * np.abs(ref).max())
@@ -633,13 +634,15 @@ def test_w4a4_lean_path_is_the_general_path(n, a, center):
     torch.manual_seed(3)
     base = torch.randn(12, n)
     inputs = [base[:5], base.reshape(2, 6, n), base.bfloat16(),
-              torch.cat([base, base], dim=1)[:, ::2]]
-    if n >= 384:          # one row of 128 cannot carry its side information
-        inputs += [base[:1], base[3]]
-    else:
-        for m in (lean, general):
-            with pytest.raises(ValueError, match="cannot be met"):
-                m(base[:1])
+              torch.cat([base, base], dim=1)[:, ::2], base[:1], base[3]]
+    # at a quarter bit per entry one row cannot carry its side
+    # information (the count, alpha, mean and norm of a call of the stream)
+    low = QuantLinear.from_linear(lin, 4.0, act_rate=0.25, act_mode="fixed",
+                                  center=center)
+    with pytest.raises(ValueError, match="cannot be met"):
+        low(base[:1])                                   # the lean path
+    with pytest.raises(ValueError, match="cannot be met"):
+        low._forward_quantized_acts(base[:1], fused=True)   # the general one
     for x in inputs:
         x2 = x.reshape(-1, n)
         got = lean(x)

@@ -2,7 +2,7 @@
 
 * ``QuantLinear.from_linear`` computes ``x @ W_hat.T + b`` with ``W_hat`` the
   dequantized QuantizedMatrix; with ``act_rate`` it computes
-  ``nqlib.inner_products(quantize(x.T), qweight) + b``;
+  ``nqlib.inner_products(quantize_columns(x.T, stream=True), qweight) + b``;
 * the state dict holds the compressed bytes: a save/load round trip gives the
   same bytes and outputs, a tampered buffer fails to load with a clear error;
 * ``quantize_model`` replaces exactly the layers it should and reports their
@@ -30,6 +30,7 @@ from nqlib.nn import (  # noqa: E402
     quantize_model,
 )
 from nqlib.quantizers.ldlq import quantize_ldlq  # noqa: E402
+from nqlib.quantizers.matrix import quantize_columns  # noqa: E402
 
 IN, OUT = 128, 48
 
@@ -85,13 +86,14 @@ def test_quantized_activations_equal_nqlib_matmul(bias, method, act_mode, rate):
     x = inputs(rows=64, seed=4)
     y = ql(x)
     kw = {} if method.startswith("rtn") else {"mode": act_mode}
-    QX = nqlib.quantize(x.double().numpy().T, rate, seed=5, method=method, **kw)
+    QX = quantize_columns(x.double().numpy().T, rate, seed=5, method=method,
+                          stream=True, **kw)
     C = nqlib.inner_products(QX, ql.quantized_weight)  # (rows, OUT)
     if bias:
         C = C + lin.bias.detach().double().numpy()
     np.testing.assert_allclose(y.double().numpy(), C, rtol=1e-5,
                                atol=1e-5 * np.abs(C).max())
-    assert ql.act_bits_per_entry == pytest.approx(QX.bits_per_entry)
+    assert ql.act_bits_per_entry == pytest.approx(QX.stream_bits_per_entry)
     assert ql.act_entries == x.numel()
     # the activations really are quantized: not the float product
     exact = (x @ lin.weight.detach().T).numpy()
@@ -107,7 +109,8 @@ def test_shared_input_is_quantized_once_and_inplace_writes_are_seen():
     x = inputs(rows=32, seed=9)
 
     def reference(layer, ql, xx):
-        QX = nqlib.quantize(xx.double().numpy().T, 4.0, seed=1, mode="variable")
+        QX = quantize_columns(xx.double().numpy().T, 4.0, seed=1,
+                              mode="variable", stream=True)
         bias = layer.bias.detach().numpy()
         return nqlib.inner_products(QX, ql.quantized_weight) + bias
 

@@ -420,7 +420,8 @@ def test_private_quantize_has_the_public_defaults():
 
     pub = inspect.signature(nqlib.quantize).parameters
     priv = inspect.signature(matrix.quantize_columns).parameters
-    extra = {"keep_decoded": False, "code_words": True}   # its own options
+    extra = {"keep_decoded": False, "code_words": True,   # its own options
+             "stream": False}
     assert {k: v.default for k, v in pub.items()} == {
         k: v.default for k, v in priv.items() if k not in extra}
     assert {k: priv[k].default for k in extra} == extra

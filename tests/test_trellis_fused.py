@@ -32,7 +32,7 @@ import nqlib
 from nqlib.kernels.cpu import trellis_fused as tf
 from nqlib.matmul import same_domain
 from nqlib.quantizers import trellis as tq
-from nqlib.quantizers.matrix import decode_codes
+from nqlib.quantizers.matrix import decode_codes, quantize_columns
 from nqlib.quantizers.payloads import TrellisPayload
 from nqlib.quantizers.trellis_layout import TrellisLayout, supports, trellis_layout
 
@@ -353,7 +353,8 @@ def test_quantized_activations_meet_the_stream(M):
     assert ql.cpu_layout is not None
     x = torch.randn(M, n) * 3 + 1
     y = ql(x)
-    QX = nqlib.quantize(x.double().numpy().T, 4.0, seed=0, mode="fixed")
+    QX = quantize_columns(x.double().numpy().T, 4.0, seed=0, mode="fixed",
+                          stream=True)
     assert same_domain(QX, ql.quantized_weight)  # the fused path
     ref = (nqlib.inner_products(QX, ql.quantized_weight)
            + ql.bias.detach().numpy())

@@ -2,7 +2,11 @@
 
 A :class:`~nqlib.nn.QuantLinear` built with ``act_rate`` quantizes its input
 on every call, with the weight's method and seed, so that both operands
-share the rotation and their product is formed in the rotated domain. The
+share the rotation and their product is formed in the rotated domain.
+``act_rate`` is the rate of the stream of inputs (``quantize_columns(...,
+stream=True)``): each call's codes, means, norms and per-call fields count,
+the stream's configuration (the file's header, the fixed mode's code
+parameters) is sent once, so one token gets as fine a code as a batch. The
 quantized input is kept in an :class:`ActivationCache`: layers fed the same
 tensor (an attention block's query, key and value) quantize it once.
 
@@ -145,7 +149,7 @@ class ActivationCache:
         once and shared by the threads."""
         coder = self._coders.get((act_rate, seed))
         if coder is None:
-            coder = FixedRowsQuantizer(act_rate, seed)
+            coder = FixedRowsQuantizer(act_rate, seed, stream=True)
             with self._lock:
                 self._coders[act_rate, seed] = coder
         return coder
@@ -223,7 +227,7 @@ class ActivationCache:
                 QX = coder(X)       # the general function: its result or error
         else:
             QX = quantize_columns(X.T, act_rate, seed=qw.seed, method=method,
-                                  mode=mode, keep_decoded=True)
+                                  mode=mode, keep_decoded=True, stream=True)
         self._count(X.size)
         self._local.entry = _Entry(key, x2.detach().clone(), QX, coder,
                                    None, rows, None, spare)
@@ -235,8 +239,9 @@ class ActivationCache:
         a weight ``qw`` coded in the same domain: ``(rows, xsum, nbytes)``
         -- the decoded rows times their row scales in float32 (what
         :meth:`rows_float32` returns), ``n`` times the rows' means in
-        float32 (zeros when not centred), and the bytes of the quantized
-        input's file (what :meth:`nbytes` returns). None when this path
+        float32 (zeros when not centred), and the bytes the quantized input
+        costs as one call of the layer's stream of inputs (its matrix's
+        :attr:`~nqlib.QuantizedMatrix.stream_nbytes`). None when this path
         does not apply (another mode, an input the lean fixed-mode path
         does not take, another coded domain); then :meth:`quantized`
         gives the matrix (or its error).
@@ -323,20 +328,8 @@ class ActivationCache:
     @staticmethod
     def _nbytes(entry) -> int:
         if entry.qm is None:
-            return entry.coder.run_nbytes(entry.run)
-        if entry.coder is not None:
-            return entry.coder.nbytes(entry.qm)
-        return entry.qm.nbytes
-
-    def nbytes(self, QX: QuantizedMatrix) -> int:
-        """``QX.nbytes``, the bytes of the quantized input's file (what
-        :attr:`QuantLinear.act_bits_per_entry` counts), without serialising
-        it again when this thread's last :meth:`quantized` call made ``QX``
-        in the fixed mode, whose file length depends on the shape alone."""
-        entry = getattr(self._local, "entry", None)
-        if entry is not None and entry.qm is QX:
-            return self._nbytes(entry)
-        return QX.nbytes
+            return entry.coder.stream_nbytes(entry.run)
+        return entry.qm.stream_nbytes
 
     def rows_float32(self, QX: QuantizedMatrix) -> np.ndarray:
         """``QX.coded_rows() * QX.row_scales()[:, None]`` in float32 (the

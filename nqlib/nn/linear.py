@@ -50,7 +50,10 @@ class QuantLinear(torch.nn.Module):
     bias : torch.Tensor or None
     act_rate : float or None
         Quantize the inputs of every call at this rate (same method and seed
-        as the weight; for the rtn baselines the integer bit width).
+        as the weight; for the rtn baselines the integer bit width). It is
+        the rate of the stream of inputs (``quantize_columns(...,
+        stream=True)``): each call's codes, means, norms and per-call fields
+        count, not the configuration that every call shares.
     act_mode : {"variable", "fixed"}, optional
         Mode of the activation quantizer, as ``mode`` of
         :func:`nqlib.quantize` for the weight's method (None: that method's
@@ -554,7 +557,7 @@ class QuantLinear(torch.nn.Module):
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def _count_acts(self, nbytes, entries) -> None:
-        """Add a quantized input's file bytes and entries to the layer's
+        """Add a quantized input's stream bytes and entries to the layer's
         activation counts ([bytes, entries], updated in place: cheaper than
         setting a module's attributes at every call)."""
         counts = self.__dict__.get("_act_counts")
@@ -580,7 +583,7 @@ class QuantLinear(torch.nn.Module):
             y = torch.zeros(0, self.out_features, device=x2.device)
             return y + self.bias if fused and self.bias is not None else y
         QX = self.act_cache.quantized(x2, self.act_rate, q, self.act_mode)
-        self._count_acts(self.act_cache.nbytes(QX), x2.numel())
+        self._count_acts(QX.stream_nbytes, x2.numel())
         if not same_domain(QX, q):
             y = torch.from_numpy(inner_products(QX, self.quantized_weight).astype(
                 np.float32)).to(x2.device)
@@ -609,8 +612,10 @@ class QuantLinear(torch.nn.Module):
     @property
     def act_bits_per_entry(self):
         """Achieved activation rate of the calls so far: ``8 * bytes /
-        entries`` over every input quantized by :meth:`forward` (None before
-        the first call, or without ``act_rate``)."""
+        entries`` over every input quantized by :meth:`forward`, each
+        input's bytes those it costs as one call of the stream
+        (:attr:`nqlib.QuantizedMatrix.stream_nbytes`; None before the first
+        call, or without ``act_rate``)."""
         counts = self.__dict__.get("_act_counts") or [0, 0]
         return 8.0 * counts[0] / counts[1] if counts[1] else None
 

@@ -24,12 +24,12 @@ from nqlib.quantizers.rate_control import code_budget_bits
 __all__ = ["encode_ecsq", "decode_ecsq", "encode_rtn", "decode_rtn"]
 
 
-def encode_ecsq(qm, Y) -> Encoding:
+def encode_ecsq(qm, Y, stream=False) -> Encoding:
     """Uniform scalar quantization of the coded rows ``Y`` (a, n) of ``qm``,
     entropy coded; the step set by rate control so the code fits the
     budget."""
     a, n = Y.shape
-    budget = code_budget_bits(qm, ECSQ_PAYLOAD_BYTES) - 32
+    budget = code_budget_bits(qm, ECSQ_PAYLOAD_BYTES, stream=stream) - 32
     target = budget / Y.size
     flat = Y.ravel()
     rng = np.random.default_rng([qm.seed, 0x6563])

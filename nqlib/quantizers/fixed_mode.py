@@ -61,16 +61,19 @@ def encode_part(blocks, z, L, backend, packed=None, dec=None) -> FixedPart:
     return FixedPart(L=L, q=code.q, betas=betas, packed=packed)
 
 
-def plan(qm, sketch):
+def plan(qm, sketch, stream=False):
     """``(h, L_hi, L_lo)`` for ``qm`` (its shape, flags and rate): the first
     ``h`` blocks of every vector get ``L_hi``-bit words, the others
     ``L_lo``-bit words (0: dropped, when ``sketch``); ValueError when the
-    rate cannot be met."""
+    rate cannot be met. ``stream``: the rate is a stream's
+    (:func:`~nqlib.quantizers.rate_control.code_budget_bits`; the plan is
+    then part of the stream's configuration, not of what a call sends)."""
     from nqlib.quantizers.ratecurve import fixed_plan
 
     n_pad, a = qm.n_pad, qm.shape[1]
     B = n_pad // 8
-    budget = code_budget_bits(qm, FIXED_PAYLOAD_BYTES, slack=RATE_TOLERANCE)
+    budget = code_budget_bits(qm, 0 if stream else FIXED_PAYLOAD_BYTES,
+                              slack=RATE_TOLERANCE, stream=stream)
     per_block = budget / (a * B)
     try:
         L_hi, L_lo, theta = fixed_plan(min(per_block, 64.0), sketch=sketch)
@@ -102,12 +105,12 @@ def part_for(count, L) -> FixedPart:
                      packed=np.zeros(-(-count * L // 8), np.uint8))
 
 
-def encode(qm, Y, backend, sketch) -> Encoding:
+def encode(qm, Y, backend, sketch, stream=False) -> Encoding:
     """Fixed-length words per 8-block of the coded rows ``Y`` (a, n_pad) of
-    ``qm`` (see the module's description)."""
+    ``qm`` (see the module's description); ``stream`` as in :func:`plan`."""
     a, n_pad = Y.shape
     B = n_pad // 8
-    h, L_hi, L_lo = plan(qm, sketch)
+    h, L_hi, L_lo = plan(qm, sketch, stream)
     blocks = Y.reshape(a, B, 8)
     zb = (dither(qm.seed, n_pad, a, a * B, qm.dither_key).reshape(a, B, 8)
           if qm.dither else None)

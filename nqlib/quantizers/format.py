@@ -42,7 +42,8 @@ from nqlib.quantizers.payloads import (
 )
 
 __all__ = ["METHODS", "MODES", "ESTIMATORS", "FORMAT_VERSION", "READ_VERSIONS",
-           "serialize", "parse", "side_information_bits"]
+           "serialize", "parse", "side_information_bits",
+           "stream_side_information_bits", "stream_nbytes", "STREAM_CALL_BYTES"]
 
 METHODS = ("nested", "rtn", "rtn-hadamard", "ecsq")
 MODES = ("variable", "fixed", "trellis")
@@ -463,6 +464,48 @@ def parse(data: bytes) -> dict:
                          f"to {MIN_FILE_BITS} bits per entry")
     return dict(fields, means=means, norms=norms, payload=payload,
                 dither_key=dither_key, version=version)
+
+
+#: Streams. A layer that quantizes its input on every call sends a stream of
+#: matrices of one length ``n`` and one set of options. Most of a file is
+#: then the stream's configuration, the same for every call and sent once:
+#: magic, version, method, mode, flags, ``n``, seed, rate, the fixed mode's
+#: code parameters (a function of ``n``, the count ``a`` and the rate), the
+#: CRC (a check, not information) and the padding. What one call must send
+#: is the rest: ``a`` and ``alpha`` (STREAM_CALL_BYTES), the dither key, the
+#: means and norms, and the payload's data-dependent fields and words.
+STREAM_CALL_BYTES = 4 + 4
+
+
+def stream_side_information_bits(shape, flags: int, payload_call_bytes: int) -> int:
+    """Bits that one call of a stream (see :data:`STREAM_CALL_BYTES`) sends
+    besides the payload's variable part: the count ``a``, ``alpha``, the
+    dither key, the means, the norms and the payload's per-call fields
+    (``payload_call_bytes``)."""
+    a = shape[1]
+    side = (4 * a * (bool(flags & FLAG_CENTER) + bool(flags & FLAG_NORMALIZE))
+            + 8 * bool(flags & FLAG_DITHER))
+    return 8 * (STREAM_CALL_BYTES + side + payload_call_bytes)
+
+
+def stream_nbytes(qm) -> int:
+    """Bytes that ``qm`` costs as one call of a stream (see
+    :data:`STREAM_CALL_BYTES`): its file without the stream's
+    configuration."""
+    p = qm.payload
+    if isinstance(p, FixedPayload):      # the split and parts: configuration
+        call = p.hi.packed.size + p.lo.packed.size
+    elif isinstance(p, VariablePayload):
+        call = VARIABLE_PAYLOAD_BYTES + p.words.nbytes
+    elif isinstance(p, EcsqPayload):
+        call = ECSQ_PAYLOAD_BYTES + p.words.nbytes
+    elif isinstance(p, TrellisPayload):
+        call = TRELLIS_PAYLOAD_BYTES + p.packed.size
+    elif isinstance(p, RtnPayload):      # bits and group: configuration
+        call = p.scales.nbytes + p.packed.size
+    else:
+        raise TypeError(f"not a payload: {type(p).__name__}")
+    return stream_side_information_bits(qm.shape, qm.flags, call) // 8
 
 
 def side_information_bits(shape, flags: int, payload_fixed_bytes: int) -> int:

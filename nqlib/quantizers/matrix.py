@@ -201,6 +201,21 @@ class QuantizedMatrix:
         included."""
         return 8.0 * self.nbytes / self.entries
 
+    @property
+    def stream_nbytes(self) -> int:
+        """Bytes this matrix costs as one call of a stream of matrices of
+        its length and options (the inputs a layer quantizes on every
+        call; :func:`quantize_columns` with ``stream=True``): the file
+        without the stream's configuration, which is sent once (see
+        :data:`~nqlib.quantizers.format.STREAM_CALL_BYTES`)."""
+        return fmt.stream_nbytes(self)
+
+    @property
+    def stream_bits_per_entry(self) -> float:
+        """Achieved rate as one call of a stream: ``8 * stream_nbytes / (n
+        * a)``."""
+        return 8.0 * self.stream_nbytes / self.entries
+
     def __repr__(self) -> str:
         n, a = self.shape
         mode = f", mode={self.mode!r}" if self.method == "nested" else ""
@@ -483,8 +498,8 @@ def quantize_columns(A, rate, *, seed=0, mode=None, method="nested",
                      estimator=None, dither=False, center=None, normalize=None,
                      rotate=None, sketch=None, group_size=None, state_bits=None,
                      backend="auto", keep_decoded=False,
-                     code_words=True) -> QuantizedMatrix:
-    """:func:`quantize`, with two more options.
+                     code_words=True, stream=False) -> QuantizedMatrix:
+    """:func:`quantize`, with three more options.
 
     Parameters
     ----------
@@ -504,6 +519,20 @@ rotate, sketch, group_size, state_bits, backend
         except the words and the shrinkage, for
         :func:`nqlib.quantizers.ldlq.quantize_ldlq`, which chooses the
         words itself.
+    stream : bool
+        ``A`` is one call of a stream of matrices with its length and
+        options -- the inputs a layer quantizes on every call, a batch of
+        tokens at a time -- and ``rate`` is the stream's: it counts what
+        each call sends (the codes, the means and norms, the count of
+        columns, ``alpha``, the payload's data-dependent fields), not the
+        stream's configuration, which is sent once (format marks, method,
+        options, length, seed, rate, the fixed mode's code parameters; see
+        :data:`~nqlib.quantizers.format.STREAM_CALL_BYTES`).
+        :attr:`QuantizedMatrix.stream_bits_per_entry` is then at most the
+        rate (plus ``RATE_TOLERANCE`` in the fixed mode), and a single
+        column gets as fine a code as a large batch's: without it, the file
+        of one token of 576 entries spends about 40% of a 4-bit rate on
+        its header. The file itself is complete and reads like any other.
 
     Returns
     -------
@@ -562,7 +591,8 @@ rotate, sketch, group_size, state_bits, backend
         # quantizer that the layers keep (the same bytes as below; None
         # cannot happen after the checks above, and would take that path)
         qm = FixedRowsQuantizer(rate, seed, center=center, normalize=normalize,
-                                rotate=rotate, sketch=sketch)._code(A.T)
+                                rotate=rotate, sketch=sketch,
+                                stream=stream)._code(A.T)
         if qm is not None:
             return qm
     Xp, means, norms = coded_rows(
@@ -573,13 +603,13 @@ rotate, sketch, group_size, state_bits, backend
                          norms=norms, payload=None,
                          dither_key=dither_key(A) if flags & FLAG_DITHER else 0)
     if method == "nested" and mode == "variable":
-        enc = variable_mode.encode(qm, Xp, backend, sketch)
+        enc = variable_mode.encode(qm, Xp, backend, sketch, stream)
     elif method == "nested" and mode == "trellis":
-        enc = trellis_mode.encode(qm, Xp, sketch, state_bits)
+        enc = trellis_mode.encode(qm, Xp, sketch, state_bits, stream)
     elif method == "nested":
-        enc = fixed_mode.encode(qm, Xp, backend, sketch)
+        enc = fixed_mode.encode(qm, Xp, backend, sketch, stream)
     else:
-        enc = baselines.encode_ecsq(qm, Xp)
+        enc = baselines.encode_ecsq(qm, Xp, stream)
     qm.payload = enc.payload
     if not code_words:  # the plan only (fixed mode codes lazily: nothing coded)
         return qm
@@ -651,7 +681,7 @@ class FixedRowsRun(NamedTuple):
 class FixedRowsQuantizer:
     """``quantize_columns(X.T, rate, seed=seed, mode="fixed",
     keep_decoded=True, center=center, normalize=normalize, rotate=rotate,
-    sketch=sketch)`` for rows ``X`` (a, n), without dither and with the
+    sketch=sketch, stream=stream)`` for rows ``X`` (a, n), without dither and with the
     MMSE estimator: the same :class:`QuantizedMatrix`, bit for bit, with
     what depends only on ``n`` and ``a`` (the rotation, the mean direction,
     the payload plan, the codes) worked out once. Its compiled passes are
@@ -674,13 +704,16 @@ class FixedRowsQuantizer:
         The shared seed.
     center, normalize, rotate, sketch : bool or None
         As in :func:`quantize` (None: the fixed mode's defaults).
+    stream : bool
+        As in :func:`quantize_columns`: ``rate`` is a stream's, for the
+        inputs of a layer (what :class:`nqlib.nn.ActivationCache` uses).
     """
 
     #: row counts whose plan is kept (the batch sizes of a model's calls)
     MAX_PLANS = 64
 
     def __init__(self, rate, seed=0, *, center=None, normalize=None,
-                 rotate=None, sketch=None):
+                 rotate=None, sketch=None, stream=False):
         self.rate = check_rate(rate, "nested")
         self.seed = _checks.check_int(seed, "seed", minimum=0)
         if self.seed >= 2**64:
@@ -693,6 +726,7 @@ class FixedRowsQuantizer:
         self.center = bool(opts["center"])
         self.normalize = bool(opts["normalize"])
         self.rotate = bool(opts["rotate"])
+        self.stream = bool(stream)
         self.flags = (FLAG_CENTER * self.center | FLAG_NORMALIZE * self.normalize
                       | FLAG_ROTATE * self.rotate | FLAG_MMSE)
         self._by_n = {}      # n -> (rotation, mean direction)
@@ -712,7 +746,8 @@ class FixedRowsQuantizer:
                                     mode="fixed", keep_decoded=True,
                                     center=self.center,
                                     normalize=self.normalize,
-                                    rotate=self.rotate, sketch=self.sketch)
+                                    rotate=self.rotate, sketch=self.sketch,
+                                    stream=self.stream)
         return qm
 
     def code(self, X, rows32=None) -> QuantizedMatrix | None:
@@ -826,6 +861,13 @@ code_fixed_rows`) for float32 or float64 rows ``X`` (a, n), ``n`` a
                 self._domains[n] = held
         return held
 
+    def stream_nbytes(self, run: FixedRowsRun) -> int:
+        """The bytes that the matrix of ``run`` costs as one call of a
+        stream (its :attr:`QuantizedMatrix.stream_nbytes`), without making
+        the matrix."""
+        return fmt.stream_side_information_bits(
+            run.shape, self.flags, run.packed_hi.size + run.packed_lo.size) // 8
+
     def run_nbytes(self, run: FixedRowsRun) -> int:
         """The file length of the matrix of ``run`` (:meth:`nbytes`), which
         the first run of a shape builds to measure."""
@@ -885,7 +927,8 @@ plan`, which raises when the rate cannot be met): ``h`` blocks of each row
                     shape=(n, a), rate=self.rate, method="nested",
                     mode="fixed", flags=self.flags, seed=self.seed, alpha=1.0,
                     means=None, norms=None, payload=None)
-                h, L_hi, L_lo = fixed_mode.plan(template, self.sketch)
+                h, L_hi, L_lo = fixed_mode.plan(template, self.sketch,
+                                                self.stream)
                 B = n // 8
                 parts = []
                 for count, L in ((a * h, L_hi), (a * (B - h), L_lo)):

@@ -25,6 +25,7 @@ from nqlib.quantizers.format import (
     MIN_RATE,
     MODES,
     side_information_bits,
+    stream_side_information_bits,
 )
 
 __all__ = ["check_rate", "check_choice", "check_state_bits", "resolve_options",
@@ -155,12 +156,16 @@ def resolve_options(method: str, **given) -> dict:
     return out
 
 
-def code_budget_bits(qm, payload_fixed_bytes, slack=0.0) -> int:
+def code_budget_bits(qm, payload_fixed_bytes, slack=0.0, stream=False) -> int:
     """Bits left for the codes of ``qm`` at its target rate (plus ``slack``
     bits per entry) once the side information and the payload's
     ``payload_fixed_bytes`` fixed fields are counted; ValueError when
-    nothing is left."""
-    overhead = side_information_bits(qm.shape, qm.flags, payload_fixed_bytes)
+    nothing is left. With ``stream`` the rate is a stream's (see
+    :data:`~nqlib.quantizers.format.STREAM_CALL_BYTES`): only what one call
+    sends is counted, ``payload_fixed_bytes`` then the payload's per-call
+    fields."""
+    overhead = (stream_side_information_bits if stream else side_information_bits)(
+        qm.shape, qm.flags, payload_fixed_bytes)
     budget = math.floor((qm.rate + slack) * qm.entries)
     code = budget - overhead
     if code <= 0:

@@ -46,7 +46,7 @@ def e8_points(blocks, beta, z, backend, out=None):
     return out
 
 
-def encode(qm, Y, backend, sketch) -> Encoding:
+def encode(qm, Y, backend, sketch, stream=False) -> Encoding:
     """Entropy-coded E8 points of the coded rows ``Y`` (a, n_pad) of ``qm``;
     ``beta`` set so the code fits the budget.
 
@@ -58,7 +58,7 @@ def encode(qm, Y, backend, sketch) -> Encoding:
 
     a, n_pad = Y.shape
     B = n_pad // 8
-    budget = code_budget_bits(qm, VARIABLE_PAYLOAD_BYTES) - 32
+    budget = code_budget_bits(qm, VARIABLE_PAYLOAD_BYTES, stream=stream) - 32
     keep = B
     r_star = variable_tangent()
     if sketch and budget / (a * n_pad) < r_star:
