@@ -58,10 +58,15 @@ class QuantConfig:
         baselines.
     act_rate : float or None
         Quantize every selected layer's input at this rate on the fly, or
-        None to keep activations in float.
+        None to keep activations in float. The rate of the stream of a
+        layer's inputs: each call's codes, means, norms and per-call fields
+        count (see :class:`~nqlib.nn.QuantLinear`).
     act_mode : str or None
         Mode of the activation quantizer (None: the method's default,
         ``"variable"`` for the nested methods); only with ``act_rate``.
+        For one token per call (generation) ``"fixed"`` keeps more of the
+        rate for the codes: a variable-mode call also sends its entropy
+        coder's parameters (24 bytes, 0.33 bit per entry at 576).
     seed : int
         Shared seed of the weight and activation quantizers (rotation).
     damp : float or None
