@@ -76,7 +76,7 @@ def test_one_column_of_a_stream_is_coded_like_a_batch(mode, n):
     law; at least 0.8 of it here). In the fixed mode they have about the
     error of the same columns quantized together: a call's count and alpha
     cost 64 bits, 0.17 bit per entry at 384 (about 1.3 x the error). The
-    variable mode's call also sends its coder's parameters (24 bytes) and
+    variable mode's call also sends its coder's parameters (28 bytes) and
     loses more."""
     A = _columns(n, 32, 7)
     energy = float(np.mean(A**2))

@@ -66,7 +66,7 @@ class QuantConfig:
         ``"variable"`` for the nested methods); only with ``act_rate``.
         For one token per call (generation) ``"fixed"`` keeps more of the
         rate for the codes: a variable-mode call also sends its entropy
-        coder's parameters (24 bytes, 0.33 bit per entry at 576).
+        coder's parameters (28 bytes, 0.39 bit per entry at 576).
     seed : int
         Shared seed of the weight and activation quantizers (rotation).
     damp : float or None
