@@ -482,10 +482,8 @@ def stream_side_information_bits(shape, flags: int, payload_call_bytes: int) -> 
     besides the payload's variable part: the count ``a``, ``alpha``, the
     dither key, the means, the norms and the payload's per-call fields
     (``payload_call_bytes``)."""
-    a = shape[1]
-    side = (4 * a * (bool(flags & FLAG_CENTER) + bool(flags & FLAG_NORMALIZE))
-            + 8 * bool(flags & FLAG_DITHER))
-    return 8 * (STREAM_CALL_BYTES + side + payload_call_bytes)
+    return 8 * (STREAM_CALL_BYTES + _call_side_bytes(shape, flags)
+                + payload_call_bytes)
 
 
 def stream_nbytes(qm) -> int:
@@ -512,7 +510,13 @@ def side_information_bits(shape, flags: int, payload_fixed_bytes: int) -> int:
     """Bits of a file besides the payload's variable part: magic, version,
     header, alpha, dither key, means, norms, the payload's fixed fields
     (``payload_fixed_bytes``) and the CRC."""
-    a = shape[1]
-    side = (4 * a * (bool(flags & FLAG_CENTER) + bool(flags & FLAG_NORMALIZE))
-            + 8 * bool(flags & FLAG_DITHER))
+    side = _call_side_bytes(shape, flags)
     return 8 * (len(MAGIC) + 1 + HEADER.size + 4 + side + payload_fixed_bytes + 4)
+
+
+def _call_side_bytes(shape, flags: int) -> int:
+    """Bytes of the dither key, the means and the norms of a matrix of
+    ``shape``."""
+    a = shape[1]
+    return (4 * a * (bool(flags & FLAG_CENTER) + bool(flags & FLAG_NORMALIZE))
+            + 8 * bool(flags & FLAG_DITHER))
