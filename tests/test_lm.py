@@ -326,3 +326,51 @@ def test_one_gguf_reader_parses_each_file_once(tmp_path):
         np.testing.assert_array_equal(first.tensors[0].data, np.arange(4))
     assert gguf.GGUFReader is original
     assert gguf.GGUFReader(paths[0]) is not first
+
+
+def _tiny_llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_stepwise_perplexity_is_the_windows_one_for_a_float_model():
+    """Fed one token per call with the key-value cache, a float model
+    predicts what it predicts from the whole window."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 50, (96,), generator=torch.Generator().manual_seed(1))
+    want = lm.perplexity(model, ids, context=32)
+    assert math.isclose(lm.stepwise_perplexity(model, ids, context=32), want,
+                        rel_tol=1e-5)
+    with pytest.raises(ValueError, match="window"):
+        lm.stepwise_perplexity(model, ids[:10], context=32)
+
+
+def test_stepwise_perplexity_quantizes_one_token_per_call():
+    """A W4A4 model fed one token per call quantizes every layer input one
+    token at a time (each call one row, counted as a stream: at most the
+    rate), unlike the window pass (one call per window)."""
+    model = _tiny_llama(2)
+    quantize_(model, QuantConfig(weight_rate=4.0, act_rate=4.0, act_mode="fixed"),
+              filter_fn=lambda module, fqn: fqn != "lm_head")
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    ids = torch.randint(0, 50, (64,), generator=torch.Generator().manual_seed(3))
+    cache = qls[0].act_cache
+    cache.reset_counts()
+    # per block four distinct inputs (q, k and v share theirs, as do gate
+    # and up), of 128, 128, 128 and 256 entries; two blocks, two windows
+    per_token = 2 * (3 * 128 + 256)
+    window = lm.perplexity(model, ids, context=32)
+    assert cache.quantized_calls == 2 * 2 * 4            # a window per call
+    assert cache.quantized_entries == 2 * 32 * per_token
+    cache.reset_counts()
+    step = lm.stepwise_perplexity(model, ids, context=32)
+    assert cache.quantized_calls == 2 * 31 * 2 * 4       # a token per call
+    assert cache.quantized_entries == 2 * 31 * per_token
+    assert math.isfinite(step) and math.isfinite(window)
+    for m in qls:
+        assert m.act_bits_per_entry <= 4.0 + 0.02 + 1e-12
