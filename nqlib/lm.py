@@ -221,42 +221,37 @@ def perplexity(model, ids: torch.Tensor, context: int = 512) -> float:
     -------
     float
     """
-    total, count = 0.0, 0
-    for w in windows(ids, context):
-        logits = model(w[None]).logits[0, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(
-            logits, w[1:], reduction="sum"))
-        count += context - 1
-    return math.exp(total / count)
+    return _perplexity(model, ids, context, stepwise=False)
 
 
 @torch.no_grad()
 def stepwise_perplexity(model, ids: torch.Tensor, context: int = 512) -> float:
-    """:func:`perplexity` with the model fed one token per call, as
-    generation runs it: the key-value cache (``cache=``, ``use_cache=True``)
+    """:func:`perplexity` (the same arguments and windows) with the model
+    fed one token per call, as generation runs it: the key-value cache
+    (``cache=``, ``use_cache=True``: a causal LM of ``transformers``)
     carries each window's past, and every layer sees one token per call --
-    so layers that quantize their inputs quantize one token at a time.
-    A model without such layers gives :func:`perplexity` to float
-    round-off.
-
-    Parameters
-    ----------
-    model : causal LM of ``transformers`` (``.logits`` and ``.cache``)
-    ids : torch.LongTensor, 1-D
-    context : int
-
-    Returns
-    -------
-    float
+    so layers that quantize their inputs quantize one token at a time. A
+    model without such layers gives :func:`perplexity` to float round-off.
     """
+    return _perplexity(model, ids, context, stepwise=True)
+
+
+def _perplexity(model, ids, context, stepwise):
+    """``exp`` of the mean next-token negative log-likelihood over the
+    windows, each summed in one call or token by token."""
+    loss = torch.nn.functional.cross_entropy
     total, count = 0.0, 0
     for w in windows(ids, context):
-        cache = None
-        for t in range(context - 1):
-            out = model(w[None, t:t + 1], cache=cache, use_cache=True)
-            cache = out.cache
-            total += float(torch.nn.functional.cross_entropy(
-                out.logits[0, -1:].float(), w[t + 1:t + 2], reduction="sum"))
+        if not stepwise:
+            logits = model(w[None]).logits[0, :-1].float()
+            total += float(loss(logits, w[1:], reduction="sum"))
+        else:
+            cache = None
+            for t in range(context - 1):
+                out = model(w[None, t:t + 1], cache=cache, use_cache=True)
+                cache = out.cache
+                total += float(loss(out.logits[0, -1:].float(), w[t + 1:t + 2],
+                                    reduction="sum"))
         count += context - 1
     return math.exp(total / count)
 

@@ -3,27 +3,13 @@ it times are the layers' (the activation code of a stream, its scales), and
 its one-scale comparison really is one scale, at a distortion above the
 designed codes'."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("act_encoder_bench",
-                                                      BENCH / "act_encoder.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+def bench(load_benchmark):
+    return load_benchmark("act_encoder")
 
 
 def test_parts_are_the_layers_activation_code(bench):

@@ -3,27 +3,13 @@ once read the payload as a dict after the payloads became dataclasses):
 each section at a tiny size, and the decoder it times gives the library's
 values."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("trellis_bench",
-                                                      BENCH / "trellis.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+def bench(load_benchmark):
+    return load_benchmark("trellis")
 
 
 def test_decode_section_times_the_library_decoder(bench):
