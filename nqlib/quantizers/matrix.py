@@ -533,6 +533,9 @@ rotate, sketch, group_size, state_bits, backend
         column gets as fine a code as a large batch's: without it, the file
         of one token of 576 entries spends about 40% of a 4-bit rate on
         its header. The file itself is complete and reads like any other.
+        The rtn baselines' code does not depend on it (their rate is a bit
+        width); :attr:`QuantizedMatrix.stream_nbytes` counts them all the
+        same.
 
     Returns
     -------
