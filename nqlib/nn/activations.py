@@ -178,7 +178,8 @@ class ActivationCache:
 
     def quantized(self, x2: torch.Tensor, act_rate: float, qw: QuantizedMatrix,
                   act_mode: str | None) -> QuantizedMatrix:
-        """``quantize(x2.T, act_rate)`` with the weight's method and seed.
+        """``quantize_columns(x2.T, act_rate, stream=True)`` with the
+        weight's method and seed (the rate of the layer's stream of inputs).
 
         Parameters
         ----------

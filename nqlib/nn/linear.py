@@ -570,7 +570,8 @@ class QuantLinear(torch.nn.Module):
         counts[1] += entries
 
     def _forward_quantized_acts(self, x2, fused=False):
-        """``nqlib.inner_products(quantize(x2.T), qweight)``, formed in float32.
+        """``nqlib.inner_products(quantize_columns(x2.T, stream=True), qweight)``,
+        formed in float32.
 
         The activations are quantized once per input tensor (layers fed the
         same tensor, like an attention block's query, key and value, share
