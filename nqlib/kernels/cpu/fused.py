@@ -130,9 +130,11 @@ class Emit:
         return ir.Constant(_V8F, [ir.Constant(_F32, float(v)) for v in vals])
 
     def splat(self, val, vty):
+        """``val`` in every lane of a vector of type ``vty`` (any length)."""
         undef = ir.Constant(vty, ir.Undefined)
         v = self.b.insert_element(undef, val, ir.Constant(_I32, 0))
-        return self.b.shuffle_vector(v, undef, ir.Constant(_V8I, [0] * 8))
+        return self.b.shuffle_vector(
+            v, undef, ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
 
     def fma(self, a, x, c):
         fn = cgutils.get_or_insert_function(
@@ -167,9 +169,9 @@ class Emit:
         p = self.b.bitcast(self.b.gep(ptr, [index]), vty.as_pointer())
         return self.b.load(p, align=4)
 
-    def store_vec(self, val, ptr, index):
+    def store_vec(self, val, ptr, index, align=4):
         p = self.b.bitcast(self.b.gep(ptr, [index]), val.type.as_pointer())
-        self.b.store(val, p, align=4)
+        self.b.store(val, p, align=align)
 
     def load_i32_unaligned(self, ptr_i8, index):
         p = self.b.bitcast(self.b.gep(ptr_i8, [index]), _I32.as_pointer())

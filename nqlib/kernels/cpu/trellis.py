@@ -23,7 +23,8 @@ without ``fastmath``, so it computes what the scalar loop computes, bit for
 bit. The cost arrays are padded (:func:`slot`) so that the ``2^k`` rows of
 predecessors, ``2^(L-k)`` states apart, do not fall into one L1 cache set.
 
-Arrays in, arrays out; no imports from the rest of nqlib but the guard.
+Arrays in, arrays out; no imports from the rest of nqlib but the guard and
+the IR helpers of :mod:`nqlib.kernels.cpu.fused`.
 Book: chapter "Beyond E8: trellis codes", label ``ch-trellis``.
 """
 
@@ -35,6 +36,7 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
+from nqlib.kernels.cpu.fused import Emit, array_data
 from nqlib.kernels.cpu.guard import guard_module
 
 MASK32 = np.uint64(0xFFFFFFFF)
@@ -118,22 +120,12 @@ def _ir_slot(b, s):
     return b.add(s, b.shl(b.lshr(s, _c64(PAD_SHIFT)), _c64(PAD_LOG)))
 
 
-def _data(context, builder, ty, val):
-    return context.make_array(ty)(context, builder, val).data
-
-
-def _splat(b, val, vty):
-    undef = ir.Constant(vty, ir.Undefined)
-    v = b.insert_element(undef, val, ir.Constant(_I32, 0))
-    return b.shuffle_vector(v, undef, ir.Constant(_V8I, [0] * LANES))
-
-
 def _vload(b, ptr, at):
-    return b.load(b.bitcast(b.gep(ptr, [at]), _V8F.as_pointer()), align=4)
+    return Emit(b).load_vec(ptr, at, _V8F)
 
 
 def _vstore(b, val, ptr, at):
-    b.store(val, b.bitcast(b.gep(ptr, [at]), val.type.as_pointer()), align=1)
+    Emit(b).store_vec(val, ptr, at, align=1)
 
 
 def _keep_smaller(b, c, m, a, h):
@@ -164,11 +156,12 @@ def _step_codegen(k):
         old, new, values, xt, arg, c0, G, nb = args
         t = sig.args
         b = builder
-        po = _data(context, b, t[0], old)
-        pn = _data(context, b, t[1], new)
-        pv = _data(context, b, t[2], values)
-        pa = _data(context, b, t[4], arg)
-        xs = _splat(b, xt, _V8F)
+        em = Emit(b)
+        po = array_data(context, b, t[0], old)
+        pn = array_data(context, b, t[1], new)
+        pv = array_data(context, b, t[2], values)
+        pa = array_data(context, b, t[4], arg)
+        xs = em.splat(xt, _V8F)
         # the minimising h rides along as a float (exact below 2^24): its
         # selects are the same blends as the minimum's, and one conversion
         # to bytes ends the block
@@ -204,13 +197,13 @@ def _step_codegen(k):
             with cgutils.for_range_slice(b, one, _c64(K), one, inc=True) as (h, _):
                 c = _vload(b, po, _ir_slot(b, b.add(b.mul(G, h), g)))
                 m, a = _keep_smaller(b, c, b.load(m_slot), b.load(a_slot),
-                                     _splat(b, b.uitofp(h, _F32), _V8F))
+                                     em.splat(b.uitofp(h, _F32), _V8F))
                 b.store(m, m_slot)
                 b.store(a, a_slot)
             m = b.load(m_slot)
             _vstore(b, b.fptoui(b.load(a_slot), _V8B), pa, g)
             for lane in range(LANES):
-                ml = _splat(b, b.extract_element(m, ir.Constant(_I32, lane)), _V8F)
+                ml = em.splat(b.extract_element(m, ir.Constant(_I32, lane)), _V8F)
                 s0 = b.mul(b.add(g, _c64(lane)), _c64(K))
                 with cgutils.for_range(b, _c64(K // LANES)) as q:
                     o = b.add(s0, b.mul(q.index, _c64(LANES)))

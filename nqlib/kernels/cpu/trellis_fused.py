@@ -71,7 +71,15 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from nqlib.kernels.cpu.fused import HAVE_AVX2, MC, MR, rotate_rows, tile_product
+from nqlib.kernels.cpu.fused import (
+    HAVE_AVX2,
+    MC,
+    MR,
+    Emit,
+    array_data,
+    rotate_rows,
+    tile_product,
+)
 from nqlib.kernels.cpu.guard import guard_module, guarded, serial, threadsafe
 from nqlib.kernels.cpu.trellis import state_index
 
@@ -185,17 +193,6 @@ def lane_setup(data, a, keep, per_col, total_bits, L, r0, i, t0, t1, lanes,
 
 
 # ------------------------------------------------------- vector decoding
-def _data(context, builder, ty, val):
-    return context.make_array(ty)(context, builder, val).data
-
-
-def _splat(b, val, vty):
-    undef = ir.Constant(vty, ir.Undefined)
-    v = b.insert_element(undef, val, ir.Constant(_I32, 0))
-    return b.shuffle_vector(v, undef, ir.Constant(ir.VectorType(_I32, vty.count),
-                                                  [0] * vty.count))
-
-
 def _vi(v):
     return ir.Constant(_V8I, [ir.Constant(_I32, int(v))] * 8)
 
@@ -236,12 +233,6 @@ def _gather_f32(b, table, idx):
     return out
 
 
-def _fma(b, a, x, c):
-    fn = cgutils.get_or_insert_function(
-        b.module, ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
-    return b.call(fn, [a, x, c])
-
-
 def _steps_codegen(R):
     """Steps ``0 .. n - 1`` from the lane fields ``lanes`` (see
     :func:`lane_setup`): with ``R = 0`` the decoded weights of step ``s``
@@ -260,10 +251,11 @@ def _steps_codegen(R):
          ds, acc) = args
         t = sig.args
         b = builder
-        pdata = _data(context, b, t[0], data)
-        plan = b.bitcast(_data(context, b, t[1], lanes), _V8I.as_pointer())
-        ptab = _data(context, b, t[2], table)
-        pdst = _data(context, b, t[10], dst)
+        em = Emit(b)
+        pdata = array_data(context, b, t[0], data)
+        plan = b.bitcast(array_data(context, b, t[1], lanes), _V8I.as_pointer())
+        ptab = array_data(context, b, t[2], table)
+        pdst = array_data(context, b, t[10], dst)
 
         def lane_field(k):
             return b.load(b.gep(plan, [ir.Constant(_I32, k)]), align=4)
@@ -280,18 +272,18 @@ def _steps_codegen(R):
                   ir.Constant(_I64, 1))
         v4q = ir.VectorType(_I64, 4)
         top64 = b.sub(ir.Constant(_I64, 64), L)
-        top = _splat(b, top64, v4q)
-        Tv = _splat(b, b.trunc(T, _I32), _V8I)
-        multv = _splat(b, b.trunc(mult, _I32), _V8I)
-        shiftv = _splat(b, b.trunc(shift, _I32), _V8I)
-        qshift = _splat(b, b.trunc(b.sub(ir.Constant(_I64, 32), qbits), _I32), _V8I)
-        betav = _splat(b, beta, _V8F)
+        top = em.splat(top64, v4q)
+        Tv = em.splat(b.trunc(T, _I32), _V8I)
+        multv = em.splat(b.trunc(mult, _I32), _V8I)
+        shiftv = em.splat(b.trunc(shift, _I32), _V8I)
+        qshift = em.splat(b.trunc(b.sub(ir.Constant(_I64, 32), qbits), _I32), _V8I)
+        betav = em.splat(beta, _V8F)
         bswap = cgutils.get_or_insert_function(
             b.module, ir.FunctionType(v4q, [v4q]), "llvm.bswap.v4i64")
         rel_slot = cgutils.alloca_once_value(b, lane_field(LANE_REL))
         e_slot = cgutils.alloca_once_value(b, lane_field(LANE_E))
         if R:
-            pacc = b.bitcast(_data(context, b, t[13], acc), _V8F.as_pointer())
+            pacc = b.bitcast(array_data(context, b, t[13], acc), _V8F.as_pointer())
             acc_slots = [cgutils.alloca_once_value(
                 b, b.load(b.gep(pacc, [ir.Constant(_I32, r)]), align=4))
                 for r in range(R)]
@@ -330,8 +322,8 @@ def _steps_codegen(R):
                 b.store(b.add(rel, b.add(qv, b.zext(carry, _V8I))), rel_slot)
                 if R:
                     for r in range(R):
-                        xv = _splat(b, b.load(b.gep(rows[r], [s])), _V8F)
-                        b.store(_fma(b, val, xv, b.load(acc_slots[r])),
+                        xv = em.splat(b.load(b.gep(rows[r], [s])), _V8F)
+                        b.store(em.fma(val, xv, b.load(acc_slots[r])),
                                 acc_slots[r])
                 else:
                     at = b.add(d0, b.mul(s, ds))
