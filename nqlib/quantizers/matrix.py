@@ -530,9 +530,10 @@ rotate, sketch, group_size, state_bits, backend
         :data:`~nqlib.quantizers.format.STREAM_CALL_BYTES`).
         :attr:`QuantizedMatrix.stream_bits_per_entry` is then at most the
         rate (plus ``RATE_TOLERANCE`` in the fixed mode), and a single
-        column gets as fine a code as a large batch's: without it, the file
-        of one token of 576 entries spends about 40% of a 4-bit rate on
-        its header. The file itself is complete and reads like any other.
+        column gets as fine a code as a large batch's: without it, a
+        one-column file pays its whole header out of the column's bits (at
+        576 entries and 4 bits its codes then get 2.35 bits per entry). The
+        file itself is complete and reads like any other.
         The rtn baselines' code does not depend on it (their rate is a bit
         width); :attr:`QuantizedMatrix.stream_nbytes` counts them all the
         same.
@@ -684,11 +685,11 @@ class FixedRowsRun(NamedTuple):
 class FixedRowsQuantizer:
     """``quantize_columns(X.T, rate, seed=seed, mode="fixed",
     keep_decoded=True, center=center, normalize=normalize, rotate=rotate,
-    sketch=sketch, stream=stream)`` for rows ``X`` (a, n), without dither and with the
-    MMSE estimator: the same :class:`QuantizedMatrix`, bit for bit, with
-    what depends only on ``n`` and ``a`` (the rotation, the mean direction,
-    the payload plan, the codes) worked out once. Its compiled passes are
-    the ones :func:`quantize_columns` itself runs in that case.
+    sketch=sketch, stream=stream)`` for rows ``X`` (a, n), without dither
+    and with the MMSE estimator: the same :class:`QuantizedMatrix`, bit for
+    bit, with what depends only on ``n`` and ``a`` (the rotation, the mean
+    direction, the payload plan, the codes) worked out once. Its compiled
+    passes are the ones :func:`quantize_columns` itself runs in that case.
 
     For activations quantized on every call of a layer
     (:class:`nqlib.nn.ActivationCache`), where a small batch would spend
