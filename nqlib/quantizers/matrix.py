@@ -735,7 +735,6 @@ class FixedRowsQuantizer:
                       | FLAG_ROTATE * self.rotate | FLAG_MMSE)
         self._by_n = {}      # n -> (rotation, mean direction)
         self._plans = {}     # (n, a) -> (h, L_hi, L_lo)
-        self._sizes = {}     # (n, a) -> bytes of the file
         self._domains = {}   # n -> what same_domain compares
         self._kernel = None  # the compiled pass, imported on first use
         self._lock = threading.Lock()   # a layer may be called from threads
@@ -871,27 +870,6 @@ code_fixed_rows`) for float32 or float64 rows ``X`` (a, n), ``n`` a
         the matrix."""
         return fmt.stream_side_information_bits(
             run.shape, self.flags, run.packed_hi.size + run.packed_lo.size) // 8
-
-    def run_nbytes(self, run: FixedRowsRun) -> int:
-        """The file length of the matrix of ``run`` (:meth:`nbytes`), which
-        the first run of a shape builds to measure."""
-        size = self._sizes.get(run.shape)
-        return size if size is not None else self.nbytes(self.matrix(run))
-
-    def nbytes(self, qm) -> int:
-        """``qm.nbytes`` (the length of its file) for a matrix this
-        quantizer returned: in the fixed mode a function of the shape alone
-        (the header, one mean and one norm per vector, fixed-length words,
-        the padding), so a shape's first matrix is serialised and the
-        others are not."""
-        size = self._sizes.get(qm.shape)
-        if size is None:
-            size = qm.nbytes
-            with self._lock:
-                if len(self._sizes) >= self.MAX_PLANS:
-                    self._sizes.pop(next(iter(self._sizes)))
-                self._sizes[qm.shape] = size
-        return size
 
     def takes(self, X) -> bool:
         """Whether the lean path may code ``X``: the default options allow
