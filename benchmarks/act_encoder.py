@@ -34,10 +34,9 @@ import argparse
 import functools
 import json
 import os
-import time
 
 import numpy as np
-from _harness import machine_line, print_table
+from _harness import best_time, machine_line, print_table
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
@@ -126,22 +125,12 @@ def callables(w4, w4a4, x, parts, rng):
 
 
 def timed(fns, rounds):
-    """Best per-call seconds of each callable, interleaved rounds."""
+    """Best per-call seconds of each callable over ``rounds`` interleaved
+    rounds (each round one :func:`_harness.best_time` measurement)."""
     best = dict.fromkeys(fns, np.inf)
-    for f in fns.values():
-        f()                                         # compile, warm up
     for _ in range(rounds):
         for name, f in fns.items():
-            calls = 1
-            while True:
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    f()
-                dt = time.perf_counter() - t0
-                if dt > 0.02 or calls >= 1 << 14:
-                    break
-                calls *= 2
-            best[name] = min(best[name], dt / calls)
+            best[name] = min(best[name], best_time(f, repeat=1, min_time=0.02))
     return best
 
 
